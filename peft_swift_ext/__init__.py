@@ -1,0 +1,21 @@
+"""ModelScope SWIFT's tuners as native PEFT methods, and SWIFT's ``Swift`` / ``SwiftModel`` API.
+
+Importing the package registers every tuner into PEFT's registry, so ``get_peft_model``,
+``PeftModel.from_pretrained`` and friends accept this package's configs.
+"""
+
+from .registry import TUNERS, register_tuner
+from .swift import Swift, SwiftModel
+from .tuners import LoraPlusConfig, LoraPlusModel, create_lora_plus_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TUNERS",
+    "LoraPlusConfig",
+    "LoraPlusModel",
+    "Swift",
+    "SwiftModel",
+    "create_lora_plus_optimizer",
+    "register_tuner",
+]

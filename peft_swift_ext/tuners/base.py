@@ -1,0 +1,164 @@
+"""Shared machinery of the plugin tuners: a wrapping tuner layer and a ``BaseTuner`` with SWIFT semantics.
+
+A plugin tuner wraps each targeted module in a :class:`SwiftTunerLayer` subclass that keeps one
+``nn.ModuleDict`` (or ``nn.ParameterDict``) per sub-layer, keyed by adapter name, with attribute names
+starting with the tuner's prefix. That layout puts the adapter name right after the prefixed attribute
+(``...output.adapter_down.<adapter>.weight``), which is what PEFT's save/load key rewriting expects on
+every supported version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+
+class SwiftTunerLayer(nn.Module, BaseTunerLayer):
+    """Base of the modules a plugin tuner puts in place of a targeted module.
+
+    Subclasses declare ``adapter_layer_names`` (their per-adapter ``ModuleDict``/``ParameterDict``
+    attributes, first one decides which adapters exist here), create entries in ``update_layer`` and
+    implement ``forward``. Attribute look-ups that miss fall through to the wrapped module, because model
+    code often reads attributes of the layers it owns (e.g. ``layer.attention_type``).
+
+    Args:
+        base_layer: the module being wrapped.
+    """
+
+    tuner_name = "tuner"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def adapters_to_apply(self) -> Iterator[str]:
+        """Names of the active adapters that have weights in this layer, in activation order."""
+        if self.disable_adapters:
+            return
+        owned = getattr(self, self.adapter_layer_names[0])
+        for name in self.active_adapters:
+            if name in owned:
+                yield name
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(
+            f"{self.tuner_name} adapters change activations, not weights, so they cannot be merged into the base "
+            "model; use unload() to remove them instead"
+        )
+
+    def unmerge(self) -> None:
+        # Nothing was ever merged (merge refuses), so there is nothing to undo.
+        return None
+
+
+def adapter_parameters(layer: SwiftTunerLayer, adapter_name: str) -> Iterator[nn.Parameter]:
+    """The parameters that belong to ``adapter_name`` inside one tuner layer."""
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr)
+        if adapter_name not in container:
+            continue
+        entry = container[adapter_name]
+        if isinstance(entry, nn.Parameter):
+            yield entry
+        else:
+            yield from entry.parameters()
+
+
+def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
+    """Names of the modules of ``model`` that ``config.target_modules`` selects.
+
+    Matching follows PEFT (and SWIFT): a string is a regex that must match the whole module name, a list
+    matches names equal to an entry or ending in ``.entry``. Raises ``ValueError`` naming the pattern and
+    a few module names when nothing matches.
+
+    Args:
+        model: the model to search; modules inside existing tuner layers (other than the wrapped
+            ``base_layer``) are skipped.
+        config: any config with ``target_modules`` (and optionally ``exclude_modules``).
+    """
+    names = base_module_names(model)
+    matched = [name for name in names if check_target_module_exists(config, name)]
+    if not matched:
+        sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(
+            f"{type(config).__name__}.target_modules={config.target_modules!r} matches no module of "
+            f"{type(model).__name__}; module names look like: {sample}"
+        )
+    return matched
+
+
+def base_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules of the base model, leaving out the adapters' own sub-modules."""
+    tuner_layers: list[str] = []
+    names = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        owner = max((t for t in tuner_layers if name.startswith(t + ".")), key=len, default=None)
+        if owner is not None and not name[len(owner) + 1 :].startswith("base_layer"):
+            continue
+        names.append(name)
+        if isinstance(module, BaseTunerLayer):
+            tuner_layers.append(name)
+    return names
+
+
+class SwiftBaseTuner(BaseTuner):
+    """``BaseTuner`` for the plugin tuners: clear target errors and a clear refusal to merge.
+
+    Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``.
+    ``mergeable`` stays False for tuners that change activations rather than weights.
+    """
+
+    mergeable = False
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if getattr(peft_config, "target_modules", None) is None:
+            raise ValueError(f"{type(peft_config).__name__}.target_modules must be set")
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        for name in find_target_modules(model, config):
+            self._validate_target(model.get_submodule(name), name, config)
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _validate_target(self, module: nn.Module, name: str, config: PeftConfig) -> None:
+        """Raise a clear error if ``module`` cannot take this tuner; runs before anything is injected."""
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            raise ValueError(
+                f"{type(config).__name__}.target_modules selects '{name}', a {type(module).__name__}; "
+                "target the blocks inside it instead"
+            )
+
+    def _check_merge_allowed(self) -> None:
+        if not self.mergeable:
+            raise ValueError(
+                f"{self.tuner_layer_cls.tuner_name} adapters cannot be merged into the base model; "
+                "use unload() to remove them instead"
+            )
+        super()._check_merge_allowed()
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            param.requires_grad = False
+        for module in model.modules():
+            if isinstance(module, self.tuner_layer_cls):
+                for name in module.active_adapters:
+                    for param in adapter_parameters(module, name):
+                        param.requires_grad = True

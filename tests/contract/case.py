@@ -1,0 +1,35 @@
+"""What the contract suite needs to know about one tuner: a tiny model, inputs and a config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import PeftConfig
+from torch import nn
+
+from ..tiny_models import main_output
+
+
+@dataclass
+class ContractCase:
+    """One tuner on one tiny model.
+
+    Args:
+        id: test id, e.g. ``"adapter-bert"``.
+        make_model: returns a fresh seeded model in eval mode (same weights on every call).
+        make_inputs: returns the keyword inputs of one forward.
+        make_config: returns a fresh config of the tuner.
+        mergeable: whether ``merge_and_unload`` must work (else it must raise a clear error).
+        output: picks the compared tensor from the model output.
+        half_precision: whether fp16/bf16 forward is checked.
+    """
+
+    id: str
+    make_model: Callable[[], nn.Module]
+    make_inputs: Callable[[], dict]
+    make_config: Callable[[], PeftConfig]
+    mergeable: bool = False
+    output: Callable[[object], torch.Tensor] = main_output
+    half_precision: bool = True
