@@ -85,7 +85,9 @@ class ActiveAdapterView(Sequence):
         return len(self._names())
 
     def __getitem__(self, index):
-        return self._names()[index]
+        names = self._names()[index]
+        # PEFT copies the list with [:] and then mutates the copy
+        return list(names) if isinstance(index, slice) else names
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()

@@ -1,0 +1,48 @@
+"""Small utilities shared by the tests."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from peft_swift_ext import SwiftModel
+from peft_swift_ext.swift.keys import adapter_tensors
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The model that holds the tuner layers: inside a PeftModel, a SwiftModel, or the model itself."""
+    if isinstance(model, PeftModel):
+        return model.base_model.model
+    if isinstance(model, SwiftModel):
+        return model.base_model
+    return model
+
+
+def randomize_adapter(model: nn.Module, adapter_name: str, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to every floating tensor of an adapter, so zero-initialised tuners stop being identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, tensor in adapter_tensors(base_of(model), adapter_name).values():
+            if tensor.is_floating_point() and tensor.device.type != "meta":
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * scale
+                tensor.add_(noise.to(tensor.dtype))
+
+
+def state_hash(model: nn.Module) -> str:
+    """A digest of every key, shape, dtype and value of a model's state dict."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        if tensor.device.type != "meta":
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run(model: nn.Module, inputs: dict, pick) -> torch.Tensor:
+    """One forward without gradients, returning the compared tensor in float32."""
+    with torch.no_grad():
+        return pick(model(**inputs)).float()
