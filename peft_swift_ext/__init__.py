@@ -6,12 +6,30 @@ Importing the package registers every tuner into PEFT's registry, so ``get_peft_
 
 from .registry import TUNERS, register_tuner
 from .swift import Swift, SwiftModel
-from .tuners import LoraPlusConfig, LoraPlusModel, create_lora_plus_optimizer
+from .tuners import (
+    AdapterConfig,
+    LlamaProConfig,
+    LlamaProModel,
+    LoraPlusConfig,
+    LoraPlusModel,
+    NEFTuneConfig,
+    NEFTuneModel,
+    PromptConfig,
+    SideConfig,
+    create_lora_plus_optimizer,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TUNERS",
+    "AdapterConfig",
+    "PromptConfig",
+    "SideConfig",
+    "LlamaProConfig",
+    "LlamaProModel",
+    "NEFTuneConfig",
+    "NEFTuneModel",
     "LoraPlusConfig",
     "LoraPlusModel",
     "Swift",

@@ -1,5 +1,24 @@
 """The plugin tuners; importing this package registers each of them into PEFT."""
 
+from .adapter import AdapterConfig, AdapterModel
+from .llamapro import LlamaProConfig, LlamaProModel
 from .lora_plus import LoraPlusConfig, LoraPlusModel, create_lora_plus_optimizer
+from .neftune import NEFTuneConfig, NEFTuneModel
+from .prompt import PromptConfig, PromptModel
+from .side import SideConfig, SideModel
 
-__all__ = ["LoraPlusConfig", "LoraPlusModel", "create_lora_plus_optimizer"]
+__all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "PromptConfig",
+    "PromptModel",
+    "SideConfig",
+    "SideModel",
+    "LlamaProConfig",
+    "LlamaProModel",
+    "NEFTuneConfig",
+    "NEFTuneModel",
+    "LoraPlusConfig",
+    "LoraPlusModel",
+    "create_lora_plus_optimizer",
+]

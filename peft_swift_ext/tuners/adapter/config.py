@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+from peft.utils import PeftType
+from transformers.activations import ACT2CLS
+
+
+@dataclass
+class AdapterConfig(PeftConfig):
+    """Houlsby-style bottleneck adapters (Houlsby et al., 2019), with SWIFT's field names and defaults.
+
+    The hidden state a targeted module returns becomes ``h + W2·act(W1·h)`` (``dim -> adapter_length ->
+    dim``). Not mergeable: it changes activations, not weights.
+    """
+
+    dim: int | None = field(default=None, metadata={"help": "size of the hidden state the adapter transforms"})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "modules whose output is adapted: a regex matching the whole module name, or a list of names "
+            "matched by suffix"
+        },
+    )
+    hidden_pos: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "which part of the module's output is the hidden state: an index (tuple output) or a key "
+            "(dict / ModelOutput); ignored when the output is a single tensor"
+        },
+    )
+    method_name: str = field(
+        default="forward",
+        metadata={
+            "help": "the method of the target whose return value is adapted; 'forward' or another method the "
+            "module's forward calls on itself (e.g. BERT's 'feed_forward_chunk')"
+        },
+    )
+    adapter_length: int = field(default=128, metadata={"help": "bottleneck width (the intermediate size)"})
+    act_layer: str = field(
+        default="gelu", metadata={"help": "activation between the two projections; a name in transformers' ACT2CLS"}
+    )
+
+    def __post_init__(self) -> None:
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        self.peft_type = PeftType.ADAPTER
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"AdapterConfig.dim must be a positive int (the hidden size), got {self.dim!r}")
+        if self.target_modules is None:
+            raise ValueError("AdapterConfig.target_modules must be set (a regex or a list of module names)")
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        length = self.adapter_length
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise ValueError(f"AdapterConfig.adapter_length must be a positive int, got {length!r}")
+        if isinstance(self.hidden_pos, bool) or not isinstance(self.hidden_pos, (int, str, type(None))):
+            raise ValueError(f"AdapterConfig.hidden_pos must be an int, a str or None, got {self.hidden_pos!r}")
+        if not isinstance(self.method_name, str) or not self.method_name.isidentifier():
+            raise ValueError(f"AdapterConfig.method_name must be a method name, got {self.method_name!r}")
+        if self.act_layer not in ACT2CLS:
+            raise ValueError(
+                f"AdapterConfig.act_layer={self.act_layer!r} is unknown; choose one of {', '.join(sorted(ACT2CLS))}"
+            )
+
+    @classmethod
+    def from_swift_dict(cls, config: dict) -> tuple[type[AdapterConfig], dict]:
+        """The fields of an ms-swift ``AdapterConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        return cls, swift_fields(config, "AdapterConfig")
+
+
+def swift_fields(config: dict, config_name: str) -> dict:
+    """An ms-swift config dict without ``swift_type`` / ``peft_type`` and the unused ``model_key_mapping``."""
+    if config.get("model_key_mapping") is not None:
+        raise ValueError(f"{config_name}: SWIFT's model_key_mapping is not supported; set target_modules instead")
+    return {k: v for k, v in config.items() if k not in ("swift_type", "peft_type", "model_key_mapping")}

@@ -1,0 +1,124 @@
+"""The Adapter tuner layer: ``h -> h + W2·act(W1·h)`` on a module's output."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.activations import ACT2CLS
+
+from ..base import SwiftTunerLayer
+from .positions import Position, output_value, replace_output_value
+
+
+class AdapterLayer(SwiftTunerLayer):
+    """Wraps a module and adds bottleneck adapters to the hidden state it (or one of its methods) returns.
+
+    Args:
+        base_layer: the wrapped module.
+        module_name: its name in the model, for error messages.
+    """
+
+    adapter_layer_names = ("adapter_down", "adapter_up")
+    other_param_names = ("adapter_act",)
+    tuner_name = "Adapter"
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__(base_layer)
+        self.module_name = module_name
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_act = nn.ModuleDict()
+        self.hidden_pos: dict[str, Position | None] = {}
+        self.method_name: dict[str, str] = {}
+        # Methods other than forward are intercepted only while this layer runs; concurrent calls share it.
+        self._shadow_lock = threading.Lock()
+        self._shadow_users = 0
+
+    def update_layer(
+        self, adapter_name: str, dim: int, adapter_length: int, act_layer: str, hidden_pos, method_name: str
+    ) -> None:
+        """Create adapter ``adapter_name`` (SWIFT's init: Xavier-uniform weights, N(0, 1e-6²) biases)."""
+        down, up = nn.Linear(dim, adapter_length), nn.Linear(adapter_length, dim)
+        for linear in (down, up):
+            if linear.weight.device.type != "meta":
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.normal_(linear.bias, std=1e-6)
+        self.adapter_down[adapter_name] = down
+        self.adapter_up[adapter_name] = up
+        self.adapter_act[adapter_name] = ACT2CLS[act_layer]()
+        self.hidden_pos[adapter_name] = hidden_pos
+        self.method_name[adapter_name] = method_name
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # Targets are often blocks without a ``weight``; follow their first parameter's device and keep the
+        # adapter's own dtype (forward casts), so fp16/bf16 bases train fp32 adapters.
+        param = next(base_layer.parameters(), None)
+        return (None if param is None else param.device), None
+
+    def adapt(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden + up(act(down(hidden)))`` computed in the adapter's dtype, returned in ``hidden``'s dtype."""
+        down, up = self.adapter_down[adapter_name], self.adapter_up[adapter_name]
+        if hidden.shape[-1] != down.in_features:
+            raise ValueError(
+                f"AdapterConfig.dim={down.in_features} does not fit {self.module_name}: its hidden state has size "
+                f"{hidden.shape[-1]} in the last dimension"
+            )
+        x = hidden.to(down.weight.dtype)
+        return (x + up(self.adapter_act[adapter_name](down(x)))).to(hidden.dtype)
+
+    def adapt_output(self, output, adapter_names: list[str]):
+        """Apply the given adapters, in order, to the selected hidden state of ``output``."""
+        for name in adapter_names:
+            position = self.hidden_pos[name]
+            hidden = output_value(output, position, "AdapterConfig.hidden_pos", self.module_name)
+            output = replace_output_value(
+                output, position, self.adapt(name, hidden), "AdapterConfig.hidden_pos", self.module_name
+            )
+        return output
+
+    def forward(self, *args, **kwargs):
+        active = list(self.adapters_to_apply())
+        with self._methods_intercepted():
+            output = self.base_layer(*args, **kwargs)
+        return self.adapt_output(output, [name for name in active if self.method_name[name] == "forward"])
+
+    @contextmanager
+    def _methods_intercepted(self) -> Iterator[None]:
+        """While the base layer runs, route its own calls of adapted methods through the adapters.
+
+        The interceptor is an instance attribute of the base layer only during the call (the class and
+        ``forward`` are never touched), and it reads the active adapters when called.
+        """
+        methods = sorted({self.method_name[name] for name in self.adapter_down} - {"forward"})
+        if not methods:
+            yield
+            return
+        base = self.base_layer
+        with self._shadow_lock:
+            if self._shadow_users == 0:
+                for method in methods:
+                    vars(base)[method] = self._interceptor(getattr(base, method), method)
+            self._shadow_users += 1
+        try:
+            yield
+        finally:
+            with self._shadow_lock:
+                self._shadow_users -= 1
+                if self._shadow_users == 0:
+                    for method in methods:
+                        vars(base).pop(method, None)
+
+    def _interceptor(self, original, method: str):
+        def adapted_method(*args, **kwargs):
+            names = [name for name in self.adapters_to_apply() if self.method_name[name] == method]
+            return self.adapt_output(original(*args, **kwargs), names)
+
+        # Callers may inspect the method (transformers' apply_chunking_to_forward counts its parameters).
+        adapted_method.__signature__ = inspect.signature(original)
+        return adapted_method

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import SwiftBaseTuner
+from .config import AdapterConfig
+from .layer import AdapterLayer
+
+# Modules whose output size is known without running them; others are checked on the first forward.
+_OUTPUT_SIZE = {
+    nn.Linear: lambda m: m.out_features,
+    nn.Embedding: lambda m: m.embedding_dim,
+    nn.LayerNorm: lambda m: m.normalized_shape[-1],
+}
+
+
+class AdapterModel(SwiftBaseTuner):
+    """Puts an :class:`AdapterLayer` around every module ``AdapterConfig.target_modules`` selects."""
+
+    prefix = "adapter_"
+    tuner_layer_cls = AdapterLayer
+
+    def _validate_target(self, module: nn.Module, name: str, config: AdapterConfig) -> None:
+        super()._validate_target(module, name, config)
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        if not callable(getattr(base, config.method_name, None)):
+            raise ValueError(
+                f"AdapterConfig.method_name={config.method_name!r}: {name} ({type(base).__name__}) has no such method"
+            )
+        size_of = _OUTPUT_SIZE.get(type(base))
+        if config.method_name == "forward" and size_of is not None and size_of(base) != config.dim:
+            raise ValueError(
+                f"AdapterConfig.dim={config.dim} does not fit {name}: "
+                f"{type(base).__name__} outputs size {size_of(base)}"
+            )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies ``child.weight`` onto unwrapped modules; blocks have none. The layer already
+        # placed its adapter on the base layer's device.
+        setattr(parent, child_name, new_module)
+
+    def _create_and_replace(
+        self, peft_config: AdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
+    ) -> None:
+        options = {
+            "dim": peft_config.dim,
+            "adapter_length": peft_config.adapter_length,
+            "act_layer": peft_config.act_layer,
+            "hidden_pos": peft_config.hidden_pos,
+            "method_name": peft_config.method_name,
+        }
+        if isinstance(target, AdapterLayer):
+            target.update_layer(adapter_name, **options)
+            return
+        new_module = AdapterLayer(target, current_key)
+        new_module.update_layer(adapter_name, **options)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Rewrite ms-swift keys into ours: ``<path>.adapter_<name>.linear1.*`` -> ``<path>.adapter_down.<name>.*``.
+
+        Args:
+            weights: the tensors of an ms-swift Adapter checkpoint.
+            adapter_name: the adapter name it was saved under.
+        """
+        containers = {"linear1": "adapter_down", "linear2": "adapter_up"}
+        return rename_swift_keys(weights, f"adapter_{adapter_name}", adapter_name, containers)
+
+
+def rename_swift_keys(
+    weights: dict[str, torch.Tensor], swift_attr: str, adapter_name: str, containers: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Turn ``<path>.<swift_attr>.<sub>.<rest>`` keys into ``<path>.<containers[sub]>.<adapter_name>.<rest>``.
+
+    Keys that do not have this form are kept as they are (the load then reports them as unexpected).
+    A sub-name mapped from ``""`` matches every remaining sub-path (``<swift_attr>.<rest>``).
+    """
+    renamed = {}
+    for key, tensor in weights.items():
+        parts = key.split(".")
+        if swift_attr not in parts:
+            renamed[key] = tensor
+            continue
+        at = parts.index(swift_attr)
+        path, rest = parts[:at], parts[at + 1 :]
+        if rest and rest[0] in containers:
+            new = [*path, containers[rest[0]], adapter_name, *rest[1:]]
+        elif "" in containers:
+            new = [*path, containers[""], adapter_name, *rest]
+        else:
+            new = parts
+        renamed[".".join(new)] = tensor
+    return renamed

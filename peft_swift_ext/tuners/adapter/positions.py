@@ -1,0 +1,130 @@
+"""Finding SWIFT's ``*_pos`` values in a module's call arguments and in its output.
+
+SWIFT names a tensor either by an int (a positional argument / an output index) or by a str (a keyword
+argument / an output key). Model code does not always pass arguments the way a config assumes (BERT's
+layers get the mask positionally, Llama's by keyword), so arguments are resolved through the forward
+signature: an int also finds the keyword of that parameter, a str also finds its positional slot.
+The Adapter, Prompt and Side tuners share these helpers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+Position = int | str
+
+
+class ArgumentSlot:
+    """One parameter of ``module.forward``, addressed by SWIFT's int-or-str position.
+
+    Args:
+        module: the module whose ``forward`` is called.
+        position: an int (positional index) or a str (parameter name).
+    """
+
+    def __init__(self, module: nn.Module, position: Position) -> None:
+        params = list(inspect.signature(module.forward).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.position = position
+        if isinstance(position, int):
+            self.index: int | None = position
+            self.name = positional[position].name if 0 <= position < len(positional) else None
+        else:
+            self.name = position
+            names = [p.name for p in positional]
+            self.index = names.index(position) if position in names else None
+
+    @staticmethod
+    def problem(module: nn.Module, position: Position) -> str | None:
+        """Why ``module.forward`` cannot receive an argument at ``position``, or None when it can."""
+        params = list(inspect.signature(module.forward).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        var_args = any(p.kind == p.VAR_POSITIONAL for p in params)
+        var_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+        if isinstance(position, bool) or not isinstance(position, (int, str)):
+            return f"must be an int (positional argument) or a str (keyword argument), got {position!r}"
+        if isinstance(position, int) and (position < 0 or (position >= len(positional) and not var_args)):
+            return f"{position} is not a positional argument of {_forward_name(module, params)}"
+        if isinstance(position, str) and position not in {p.name for p in params} and not var_kwargs:
+            return f"{position!r} is not an argument of {_forward_name(module, params)}"
+        return None
+
+    def get(self, args: tuple, kwargs: dict):
+        """The argument's value in this call, or None when the caller did not pass it."""
+        if self.index is not None and self.index < len(args):
+            return args[self.index]
+        if self.name is not None:
+            return kwargs.get(self.name)
+        return None
+
+    def replace(self, args: tuple, kwargs: dict, value) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with the argument set to ``value``, where the caller put it (else by keyword)."""
+        if self.index is not None and self.index < len(args):
+            return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
+        if self.name is None:
+            raise ValueError(f"cannot pass a value at position {self.position!r}: the call has too few arguments")
+        return args, {**kwargs, self.name: value}
+
+
+def _forward_name(module: nn.Module, params: list[inspect.Parameter]) -> str:
+    return f"{type(module).__name__}.forward({', '.join(p.name for p in params)})"
+
+
+def output_value(output, position: Position | None, field: str, module_name: str) -> torch.Tensor:
+    """The tensor at ``position`` of a module output; a bare tensor output is used whole (as in SWIFT).
+
+    Args:
+        output: what the module returned: a tensor, a tuple/list, or a mapping such as ``ModelOutput``.
+        position: an index, or a key of a mapping output (an index into its non-None values also works).
+        field: ``Config.field`` for the error message.
+        module_name: the module's name for the error message.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    key = _output_key(output, position, field, module_name)
+    value = output[key]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{field}={position!r} selects a {type(value).__name__} in the output of {module_name}")
+    return value
+
+
+def replace_output_value(output, position: Position | None, value: torch.Tensor, field: str, module_name: str):
+    """A module output with the tensor at ``position`` replaced by ``value`` (mappings are updated in place)."""
+    if isinstance(output, torch.Tensor):
+        return value
+    key = _output_key(output, position, field, module_name)
+    if isinstance(output, tuple):
+        items = list(output)
+        items[key] = value
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    if isinstance(output, list):
+        return [value if index == key else item for index, item in enumerate(output)]
+    output[key] = value
+    return output
+
+
+def _output_key(output, position: Position | None, field: str, module_name: str):
+    if isinstance(output, (tuple, list)):
+        if isinstance(position, int) and not isinstance(position, bool) and -len(output) <= position < len(output):
+            return position
+        raise ValueError(
+            f"{field}={position!r} does not exist in the output of {module_name}, a {type(output).__name__} of "
+            f"{len(output)} items; use an index below {len(output)}"
+        )
+    if isinstance(output, Mapping):
+        keys = [key for key, value in output.items() if value is not None]
+        if isinstance(position, str) and position in keys:
+            return position
+        if isinstance(position, int) and not isinstance(position, bool) and -len(keys) <= position < len(keys):
+            return keys[position]
+        raise ValueError(
+            f"{field}={position!r} does not exist in the output of {module_name}, a {type(output).__name__} "
+            f"with keys {keys}"
+        )
+    raise ValueError(
+        f"the output of {module_name} is a {type(output).__name__}; {field} needs a tensor, tuple or dict"
+    )

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapter.model import rename_swift_keys
+from ..adapter.positions import ArgumentSlot
+from ..base import SwiftBaseTuner, find_target_modules
+from .config import PromptConfig
+from .layer import PromptLayer, PromptSettings
+
+
+class PromptModel(SwiftBaseTuner):
+    """Puts a :class:`PromptLayer` around every layer ``PromptConfig.target_modules`` selects.
+
+    The first selected layer (in model order) adds the prompt tokens; deeper ones replace them; with
+    ``extract_embedding`` the last one removes them from its output.
+    """
+
+    prefix = "prompt_"
+    tuner_layer_cls = PromptLayer
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        targets = find_target_modules(model, config)
+        if isinstance(config.dim, list) and len(config.dim) != len(targets):
+            raise ValueError(
+                f"PromptConfig.dim lists {len(config.dim)} sizes but target_modules selects {len(targets)} layers"
+            )
+        self._targets = {**getattr(self, "_targets", {}), adapter_name: targets}
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _validate_target(self, module: nn.Module, name: str, config: PromptConfig) -> None:
+        super()._validate_target(module, name, config)
+        base = module.get_base_layer() if isinstance(module, PromptLayer) else module
+        for field in ("embedding_pos", "attention_mask_pos", "position_embeddings_pos"):
+            position = getattr(config, field)
+            problem = None if position is None else ArgumentSlot.problem(base, position)
+            if problem is not None:
+                raise ValueError(f"PromptConfig.{field} does not fit {name}: {problem}")
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies ``child.weight`` onto unwrapped modules; blocks have none. The layer already
+        # placed its adapter on the base layer's device.
+        setattr(parent, child_name, new_module)
+
+    def _create_and_replace(
+        self, peft_config: PromptConfig, adapter_name, target, target_name, parent, current_key, **kwargs
+    ) -> None:
+        targets = self._targets[adapter_name]
+        index = targets.index(current_key)
+        dim = peft_config.dim[index] if isinstance(peft_config.dim, list) else peft_config.dim
+        settings = PromptSettings(
+            concatenates=index == 0,
+            extracts=peft_config.extract_embedding and index == len(targets) - 1,
+            attach_front=peft_config.attach_front,
+            embedding_pos=peft_config.embedding_pos,
+            attention_mask_pos=peft_config.attention_mask_pos,
+            position_embeddings_pos=peft_config.position_embeddings_pos,
+            mask_value=peft_config.attention_mask_value,
+        )
+        if isinstance(target, PromptLayer):
+            target.update_layer(adapter_name, dim, peft_config.prompt_length, settings)
+            return
+        new_module = PromptLayer(target, current_key)
+        new_module.update_layer(adapter_name, dim, peft_config.prompt_length, settings)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Rewrite ms-swift keys (``<path>.prompt_<name>.prompt_token``) into ours (``<path>.prompt_token.<name>``)."""
+        return rename_swift_keys(weights, f"prompt_{adapter_name}", adapter_name, {"prompt_token": "prompt_token"})

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+from peft.utils import PeftType
+
+from ..adapter.config import swift_fields
+from .networks import SIDE_NETWORKS
+
+
+@dataclass
+class SideConfig(PeftConfig):
+    """Side-tuning (Zhang et al., 2019), with SWIFT's field names and defaults.
+
+    A targeted module's output becomes ``σ(α)·main + (1-σ(α))·side_net(input)`` with a learnable scalar
+    ``α`` (initially 0) and a small side network fed with one of the module's inputs. Not mergeable.
+    """
+
+    dim: int | None = field(default=None, metadata={"help": "output size of the side network (= the blended output)"})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "modules whose output is blended: a regex matching the whole module name (SWIFT), or a list "
+            "of names matched by suffix"
+        },
+    )
+    side_module_name: str = field(
+        default="fcn4",
+        metadata={
+            "help": "the side network: 'fcn4' (small CNN on RGB images), 'mlp' (dim -> dim -> dim) or 'alexnet' "
+            "(AlexNet features on images; randomly initialised, nothing is downloaded)"
+        },
+    )
+    source_hidden_pos: int | str = field(
+        default=0,
+        metadata={"help": "the module input fed to the side network: an index (positional) or a name (keyword)"},
+    )
+    target_hidden_pos: int | str = field(
+        default=0,
+        metadata={
+            "help": "the part of the module's output that is blended: an index (tuple) or a key (dict / "
+            "ModelOutput); ignored when the output is a single tensor"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        self.peft_type = PeftType.SIDE
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+            raise ValueError(f"SideConfig.dim must be a positive int (the blended output size), got {self.dim!r}")
+        if self.target_modules is None:
+            raise ValueError("SideConfig.target_modules must be set (a regex or a list of module names)")
+        if self.target_modules == "":
+            raise ValueError(
+                "SideConfig.target_modules='' selects the root model, which a PEFT tuner cannot wrap; target a "
+                "sub-module, or put the model inside a parent module and target it there"
+            )
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.side_module_name, str) or self.side_module_name.lower() not in SIDE_NETWORKS:
+            raise ValueError(
+                f"SideConfig.side_module_name={self.side_module_name!r} is unknown; choose one of "
+                f"{', '.join(SIDE_NETWORKS)}"
+            )
+        self.side_module_name = self.side_module_name.lower()
+        for name in ("source_hidden_pos", "target_hidden_pos"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError(f"SideConfig.{name} must be an int or a str, got {value!r}")
+
+    @classmethod
+    def from_swift_dict(cls, config: dict) -> tuple[type[SideConfig], dict]:
+        """The fields of an ms-swift ``SideConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        return cls, swift_fields(config, "SideConfig")

@@ -1,0 +1,82 @@
+"""The Side tuner layer: ``σ(α)·main + (1-σ(α))·side_net(input)`` on a module's output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapter.positions import ArgumentSlot, Position, output_value, replace_output_value
+from ..base import SwiftTunerLayer
+from .networks import SIDE_NETWORKS
+
+
+class SideLayer(SwiftTunerLayer):
+    """Wraps a module and blends its output with a side network's output; adapters apply in activation order.
+
+    Args:
+        base_layer: the wrapped module.
+        module_name: its name in the model, for error messages.
+    """
+
+    adapter_layer_names = ("side_net", "side_alpha")
+    tuner_name = "Side"
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__(base_layer)
+        self.module_name = module_name
+        self.side_net = nn.ModuleDict()
+        self.side_alpha = nn.ParameterDict()
+        self.source_hidden_pos: dict[str, Position] = {}
+        self.target_hidden_pos: dict[str, Position] = {}
+
+    def update_layer(
+        self, adapter_name: str, dim: int, side_module_name: str, source_hidden_pos, target_hidden_pos
+    ) -> None:
+        """Create a side network (PyTorch's default init) and ``α = 0`` (an even blend at the start)."""
+        self.side_net[adapter_name] = SIDE_NETWORKS[side_module_name](dim)
+        self.side_alpha[adapter_name] = nn.Parameter(torch.zeros(()))
+        self.source_hidden_pos[adapter_name] = source_hidden_pos
+        self.target_hidden_pos[adapter_name] = target_hidden_pos
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # Targets are often blocks without a ``weight``: follow their first parameter's device and keep the
+        # side network's own dtype (forward casts).
+        param = next(base_layer.parameters(), None)
+        return (None if param is None else param.device), None
+
+    def forward(self, *args, **kwargs):
+        output = self.base_layer(*args, **kwargs)
+        for name in self.adapters_to_apply():
+            source_pos, target_pos = self.source_hidden_pos[name], self.target_hidden_pos[name]
+            source = ArgumentSlot(self.base_layer, source_pos).get(args, kwargs)
+            if not isinstance(source, torch.Tensor):
+                raise ValueError(
+                    f"SideConfig.source_hidden_pos={source_pos!r} selects no tensor in the call of {self.module_name} "
+                    f"(got {type(source).__name__})"
+                )
+            main = output_value(output, target_pos, "SideConfig.target_hidden_pos", self.module_name)
+            blended = self.blend(name, source, main)
+            output = replace_output_value(
+                output, target_pos, blended, "SideConfig.target_hidden_pos", self.module_name
+            )
+        return output
+
+    def blend(self, adapter_name: str, source: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+        """``σ(α)·main + (1-σ(α))·side_net(source)`` in the side network's dtype, returned in ``main``'s dtype."""
+        alpha = self.side_alpha[adapter_name]
+        try:
+            side = self.side_net[adapter_name](source.to(alpha.dtype))
+        except RuntimeError as error:
+            raise ValueError(
+                f"the side network of {self.module_name} cannot take its input of shape {tuple(source.shape)} "
+                f"(SideConfig.source_hidden_pos={self.source_hidden_pos[adapter_name]!r}, dim, side_module_name): "
+                f"{error}"
+            ) from None
+        if side.shape != main.shape:
+            raise ValueError(
+                f"the side network of {self.module_name} outputs shape {tuple(side.shape)} but the blended output "
+                f"has shape {tuple(main.shape)}; check SideConfig.dim and target_hidden_pos"
+            )
+        weight = torch.sigmoid(alpha)
+        return (weight * main.to(alpha.dtype) + (1 - weight) * side).to(main.dtype)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapter.model import rename_swift_keys
+from ..adapter.positions import ArgumentSlot
+from ..base import SwiftBaseTuner
+from .config import SideConfig
+from .layer import SideLayer
+
+# Modules whose input and output sizes are known without running them; others are checked on the first forward.
+_MLP_SIZES = {
+    nn.Linear: lambda m: (m.in_features, m.out_features),
+    nn.LayerNorm: lambda m: (m.normalized_shape[-1],) * 2,
+}
+
+
+class SideModel(SwiftBaseTuner):
+    """Puts a :class:`SideLayer` around every module ``SideConfig.target_modules`` selects."""
+
+    prefix = "side_"
+    tuner_layer_cls = SideLayer
+
+    def _validate_target(self, module: nn.Module, name: str, config: SideConfig) -> None:
+        super()._validate_target(module, name, config)
+        base = module.get_base_layer() if isinstance(module, SideLayer) else module
+        problem = ArgumentSlot.problem(base, config.source_hidden_pos)
+        if problem is not None:
+            raise ValueError(f"SideConfig.source_hidden_pos does not fit {name}: {problem}")
+        sizes = _MLP_SIZES.get(type(base))
+        if config.side_module_name == "mlp" and sizes is not None and sizes(base) != (config.dim, config.dim):
+            raise ValueError(
+                f"SideConfig.dim={config.dim} does not fit {name}: the mlp side network maps dim -> dim, but "
+                f"{type(base).__name__} maps {sizes(base)[0]} -> {sizes(base)[1]}"
+            )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies ``child.weight`` onto unwrapped modules; blocks have none. The layer already
+        # placed its adapter on the base layer's device.
+        setattr(parent, child_name, new_module)
+
+    def _create_and_replace(
+        self, peft_config: SideConfig, adapter_name, target, target_name, parent, current_key, **kwargs
+    ) -> None:
+        options = {
+            "dim": peft_config.dim,
+            "side_module_name": peft_config.side_module_name,
+            "source_hidden_pos": peft_config.source_hidden_pos,
+            "target_hidden_pos": peft_config.target_hidden_pos,
+        }
+        if isinstance(target, SideLayer):
+            target.update_layer(adapter_name, **options)
+            return
+        new_module = SideLayer(target, current_key)
+        new_module.update_layer(adapter_name, **options)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Rewrite ms-swift keys (``<path>.side_<name>.side_net.*``, ``.alpha``) into ours (``side_net.<name>.*``,
+        ``side_alpha.<name>``)."""
+        containers = {"side_net": "side_net", "alpha": "side_alpha"}
+        return rename_swift_keys(weights, f"side_{adapter_name}", adapter_name, containers)
