@@ -1,0 +1,173 @@
+"""GaLore (gradient low-rank projection) optimizers from `galore-torch`, set up for a model in one call."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import torch
+from torch import nn
+
+from ._unwrap import get_input_embeddings, get_output_embeddings, unwrap_model
+
+_OPTIMIZERS = {"adamw": "GaLoreAdamW", "adafactor": "GaLoreAdafactor", "adamw8bit": "GaLoreAdamW8bit"}
+PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+
+
+def select_galore_parameters(
+    model: nn.Module, target_modules: str | list[str] | None = None, include_embeddings: bool = False
+) -> list[nn.Parameter]:
+    """The trainable matrices GaLore projects.
+
+    Args:
+        model: a plain model, `PeftModel` or `SwiftModel`.
+        target_modules: a regex matched in full against module names, or a list of names matched by suffix
+            (PEFT's convention). None: every `nn.Linear` except the output head.
+        include_embeddings: also project the input embeddings and the output head.
+    """
+    base = unwrap_model(model)
+    head, embeddings = get_output_embeddings(base), get_input_embeddings(base)
+    selected = []
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and _matches(name, target_modules):
+            selected.append(module.weight)
+    if include_embeddings:
+        selected += [m.weight for m in (embeddings, head) if m is not None]
+    unique = {id(p): p for p in selected if p.requires_grad and p.dim() == 2}
+    if not unique:
+        raise ValueError(f"target_modules={target_modules!r} selects no trainable 2-D weight in {type(base).__name__}")
+    return list(unique.values())
+
+
+def _matches(name: str, target_modules: str | list[str] | None) -> bool:
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _galore_module():
+    try:
+        return importlib.import_module("galore_torch")
+    except ImportError as err:
+        raise ImportError("create_galore_optimizer needs galore-torch: pip install 'peft-swift-ext[galore]'") from err
+
+
+def create_galore_optimizer(
+    model: nn.Module,
+    target_modules: str | list[str] | None = None,
+    rank: int = 128,
+    update_proj_gap: int = 50,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    optim: str = "adamw",
+    per_layer: bool = False,
+    include_embeddings: bool = False,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    lr_scheduler_type: str = "constant",
+    num_training_steps: int | None = None,
+    num_warmup_steps: int = 0,
+    **optim_kwargs,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Build a GaLore optimizer over all trainable parameters of `model`.
+
+    Returns `(optimizer, scheduler)`, ready for `Trainer(optimizers=...)`. `scheduler` is None (the Trainer
+    makes one) unless `per_layer`, where each parameter has its own optimizer stepped by a hook as soon as its
+    gradient is ready (gradients of the whole model never coexist) and a no-op optimizer and scheduler stand
+    in for them; per-layer updates cannot accumulate gradients over several batches.
+
+    Args:
+        model: a plain model, `PeftModel` or `SwiftModel`.
+        target_modules, include_embeddings: which matrices are projected; see `select_galore_parameters`.
+            Other trainable parameters get the same optimizer without projection.
+        rank: rank of the gradient projection.
+        update_proj_gap: steps between two SVDs refreshing the projection.
+        scale: factor applied to the projected-back update.
+        proj_type: `'std'`, `'reverse_std'`, `'right'`, `'left'` or `'full'`, as in galore-torch.
+        optim: `'adamw'`, `'adafactor'` or `'adamw8bit'` (bitsandbytes, CUDA only).
+        per_layer: one optimizer per parameter, stepped during backward.
+        lr, weight_decay, optim_kwargs: passed to the optimizer.
+        lr_scheduler_type, num_training_steps, num_warmup_steps: the per-layer learning-rate schedule, as in
+            `transformers.get_scheduler`.
+    """
+    if optim not in _OPTIMIZERS:
+        raise ValueError(f"optim must be one of {sorted(_OPTIMIZERS)}, got {optim!r}")
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    if rank < 1 or update_proj_gap < 1:
+        raise ValueError(f"rank and update_proj_gap must be positive, got {rank} and {update_proj_gap}")
+    galore_params = select_galore_parameters(model, target_modules, include_embeddings)
+    if optim == "adamw8bit" and not all(p.is_cuda for p in galore_params):
+        raise RuntimeError(
+            "optim='adamw8bit' runs bitsandbytes' 8-bit kernels, which need the model on a CUDA GPU; "
+            "use optim='adamw' or 'adafactor' here, or QGaLoreAdamW for low-memory states on any device"
+        )
+    optimizer_cls = getattr(_galore_module(), _OPTIMIZERS[optim])
+    if optim == "adafactor":
+        # A given lr means a fixed schedule, not Adafactor's relative step size.
+        optim_kwargs = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **optim_kwargs}
+    galore_options = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type}
+    galore_ids = {id(p) for p in galore_params}
+    other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in galore_ids]
+    groups = [{"params": galore_params, **galore_options}]
+    if other_params:
+        groups.insert(0, {"params": other_params})
+    if not per_layer:
+        return optimizer_cls(groups, lr=lr, weight_decay=weight_decay, **optim_kwargs), None
+    return _per_layer_optimizer(
+        optimizer_cls, groups, lr, weight_decay, optim_kwargs, lr_scheduler_type, num_training_steps, num_warmup_steps
+    )
+
+
+def _per_layer_optimizer(optimizer_cls, groups, lr, weight_decay, optim_kwargs, schedule, total_steps, warmup):
+    from transformers.optimization import get_scheduler
+
+    optimizers, schedulers = {}, {}
+    for group in groups:
+        options = {k: v for k, v in group.items() if k != "params"}
+        for param in group["params"]:
+            optimizer = optimizer_cls(
+                [{"params": [param], **options}], lr=lr, weight_decay=weight_decay, **optim_kwargs
+            )
+            optimizers[param] = optimizer
+            schedulers[param] = get_scheduler(
+                schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+            )
+
+    def step_and_free(param):
+        optimizers[param].step()
+        optimizers[param].zero_grad(set_to_none=True)
+        schedulers[param].step()
+
+    for param in optimizers:
+        param.register_post_accumulate_grad_hook(step_and_free)
+    stand_in = LayerwiseStandIn(optimizers, lr)
+    return stand_in, LayerwiseStandInScheduler(stand_in, next(iter(schedulers.values())))
+
+
+class LayerwiseStandIn(torch.optim.Optimizer):
+    """What the Trainer sees when each parameter has its own optimizer: `step()` and `zero_grad()` do nothing,
+    the work is done by gradient hooks. `optimizers` maps each parameter to its optimizer."""
+
+    def __init__(self, optimizers: dict[nn.Parameter, torch.optim.Optimizer], lr: float):
+        super().__init__([torch.zeros(1)], {"lr": lr})
+        self.optimizers = optimizers
+
+    def step(self, closure=None) -> None:
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+
+class LayerwiseStandInScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler that only reports the learning rate of one per-parameter schedule (for logging)."""
+
+    def __init__(self, stand_in: LayerwiseStandIn, representative: torch.optim.lr_scheduler.LRScheduler):
+        self.representative = representative
+        super().__init__(stand_in)
+
+    def get_lr(self) -> list[float]:
+        return self.representative.get_last_lr()[:1]

@@ -1,0 +1,161 @@
+"""Liger Kernel (Triton kernels for transformers models), applied to a model and undone again.
+
+liger-kernel patches transformers at module level (classes and functions of `modeling_<arch>`, even
+`torch.nn.functional.cross_entropy`) and rebinds methods on module instances. `apply_liger_kernel` records
+everything those patches can touch first, so `LigerPatch.undo()` restores it exactly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+
+import torch
+from torch import nn
+
+from ._unwrap import unwrap_model
+
+# Kernels that run under Triton's CPU interpreter (TRITON_INTERPRET=1); the others fail there.
+INTERPRETER_KERNELS = ("rope", "cross_entropy", "fused_linear_cross_entropy")
+
+
+class _AttributeSnapshot:
+    """The attributes of one object (module, class or instance) as they were, to put back later."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.saved = dict(vars(owner))
+
+    def restore(self) -> None:
+        current = vars(self.owner)
+        for name in [n for n in current if n not in self.saved]:
+            self._delete(name)
+        for name, value in self.saved.items():
+            if current.get(name, _MISSING) is not value:
+                self._set(name, value)
+
+    def _delete(self, name):
+        if isinstance(self.owner, nn.Module):
+            del self.owner.__dict__[name]  # plain dict entry, bypassing nn.Module's attribute routing
+        else:
+            delattr(self.owner, name)
+
+    def _set(self, name, value):
+        if isinstance(self.owner, nn.Module):
+            self.owner.__dict__[name] = value
+        else:
+            setattr(self.owner, name, value)
+
+
+_MISSING = object()
+
+
+class LigerPatch:
+    """Liger kernels applied to a model; `undo()` (or leaving the `with` block) removes them.
+
+    Attributes:
+        model: the plain model that was patched.
+        options: the kernel switches passed to liger-kernel.
+    """
+
+    def __init__(self, model: nn.Module, options: dict, snapshots: list[_AttributeSnapshot]):
+        self.model, self.options, self._snapshots = model, options, snapshots
+        self.active = True
+
+    def undo(self) -> None:
+        """Restore every transformers module, class and model instance liger-kernel changed."""
+        if self.active:
+            for snapshot in reversed(self._snapshots):
+                snapshot.restore()
+            self.active = False
+
+    def __enter__(self) -> LigerPatch:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.undo()
+
+
+def _liger_functions() -> dict:
+    try:
+        monkey_patch = importlib.import_module("liger_kernel.transformers.monkey_patch")
+    except ImportError as err:
+        raise ImportError("apply_liger_kernel needs liger-kernel: pip install 'peft-swift-ext[liger]'") from err
+    return monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def _on_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_options(apply_fn, options: dict, on_gpu: bool) -> dict:
+    accepted = {name for name in inspect.signature(apply_fn).parameters if name != "model"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{apply_fn.__name__} has no options {unknown}; it accepts {sorted(accepted)}")
+    if on_gpu:
+        return options
+    # On the interpreter, kernels that cannot run there default to off, and asking for them is an error.
+    unsupported = sorted(k for k, v in options.items() if v is True and k not in INTERPRETER_KERNELS)
+    if unsupported:
+        raise ValueError(
+            f"kernels {unsupported} do not run under TRITON_INTERPRET=1; only {list(INTERPRETER_KERNELS)} do"
+        )
+    defaults = {
+        name: False
+        for name, parameter in inspect.signature(apply_fn).parameters.items()
+        if parameter.default is True and name not in INTERPRETER_KERNELS
+    }
+    return {**defaults, **options}
+
+
+def _snapshots(model: nn.Module) -> list[_AttributeSnapshot]:
+    owners = [torch.nn.functional]
+    for name, module in list(sys.modules.items()):
+        if module is None:
+            continue
+        if (name.startswith("transformers.") and ".modeling_" in name) or name == "transformers.loss.loss_utils":
+            owners.append(module)
+            owners += [v for v in vars(module).values() if inspect.isclass(v) and v.__module__ == name]
+    owners += list(model.modules())
+    return [_AttributeSnapshot(owner) for owner in owners]
+
+
+def apply_liger_kernel(model: nn.Module, **options) -> LigerPatch:
+    """Apply liger-kernel's kernels for the model's architecture, undoably.
+
+    Needs a CUDA GPU, or Triton's CPU interpreter (`TRITON_INTERPRET=1`), where only the rope, cross-entropy and
+    fused linear cross-entropy kernels run (the others then default to off).
+
+    Args:
+        model: a transformers model, `PeftModel` or `SwiftModel`; the wrapped model is patched.
+        options: the switches of liger-kernel's `apply_liger_kernel_to_<arch>`, e.g. `rms_norm=False`,
+            `fused_linear_cross_entropy=True`.
+
+    Returns:
+        A `LigerPatch`; call `undo()` or use it as a context manager.
+    """
+    base = unwrap_model(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    functions = _liger_functions()
+    if model_type not in functions:
+        raise ValueError(f"liger-kernel has no kernels for model type {model_type!r}; it covers {sorted(functions)}")
+    on_gpu = torch.cuda.is_available() and any(p.is_cuda for p in base.parameters())
+    if not on_gpu and not _on_interpreter():
+        raise RuntimeError(
+            "liger-kernel's Triton kernels need the model on a CUDA GPU; on CPU set TRITON_INTERPRET=1 (slow, "
+            f"kernels {list(INTERPRETER_KERNELS)} only) or use causal_lm_chunked_loss for a memory-light loss"
+        )
+    apply_fn = functions[model_type]
+    options = _resolve_options(apply_fn, options, on_gpu)
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    snapshots = _snapshots(base)
+    try:
+        apply_fn(model=base, **options)
+    except BaseException:
+        for snapshot in reversed(snapshots):
+            snapshot.restore()
+        raise
+    return LigerPatch(base, options, snapshots)
