@@ -1,0 +1,105 @@
+"""LLaMA-PRO's new blocks: zero-initialised copies of a decoder layer run right after it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from ..base import SwiftTunerLayer
+
+
+class LlamaProLayer(SwiftTunerLayer):
+    """A decoder layer followed by each active adapter's new blocks.
+
+    ``llamapro_blocks[adapter]`` is an ``nn.ModuleList`` of copies of the wrapped layer; every block takes the
+    previous output as its hidden states and the same masks, position embeddings and cache as the wrapped layer.
+    Merging keeps the blocks running (they cannot be folded into weights); unloading after a merge turns them
+    into ordinary decoder layers (see ``LlamaProModel``).
+
+    Args:
+        base_layer: the decoder layer ending a group.
+    """
+
+    adapter_layer_names = ("llamapro_blocks",)
+    tuner_name = "LLaMA-PRO"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.llamapro_blocks = nn.ModuleDict()
+        self.train(base_layer.training)
+
+    def update_layer(self, adapter_name: str, num_blocks: int, output_projections: list[str]) -> None:
+        """Add ``num_blocks`` identity-initialised copies of the wrapped layer for ``adapter_name``."""
+        blocks = nn.ModuleList(new_block(self.base_layer, output_projections) for _ in range(num_blocks))
+        self.llamapro_blocks[adapter_name] = blocks
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.llamapro_blocks and name not in self.merged_adapters:
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        self.merged_adapters.clear()
+
+    def forward(self, hidden_states, *args, **kwargs):
+        output = self.base_layer(hidden_states, *args, **kwargs)
+        for name in self.adapters_to_apply():
+            for block in self.llamapro_blocks[name]:
+                output = _run_block(block, output, args, kwargs)
+        return output
+
+
+def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):
+    # Transformers 5 decoder layers return the hidden states; older ones a tuple starting with them.
+    if isinstance(previous, tuple):
+        result = block(previous[0], *args, **kwargs)
+        return (result[0] if isinstance(result, tuple) else result, *previous[1:])
+    return block(previous, *args, **kwargs)
+
+
+def new_block(layer: nn.Module, output_projections: list[str]) -> nn.Module:
+    """A trainable copy of ``layer`` without other tuners' modules, its output projections zeroed."""
+    block = plain_copy(layer)
+    with torch.no_grad():
+        for name, module in block.named_modules():
+            if name.rpartition(".")[2] in output_projections:
+                for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
+                    if tensor is not None:
+                        tensor.zero_()
+    return block
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in which every tuner layer or wrapper is replaced by a copy of what it wraps.
+
+    Copying the adapters of other tuners into a new block would duplicate their weights under keys nobody saves,
+    so each wrapper is pre-seeded in ``deepcopy``'s memo with a copy of its original module.
+    """
+    memo: dict[int, nn.Module] = {}
+    for sub in module.modules():
+        if sub is not module and id(sub) not in memo and isinstance(sub, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            memo[id(sub)] = plain_copy(_original_of(sub))
+    return copy.deepcopy(module, memo)
+
+
+def _original_of(wrapper: nn.Module) -> nn.Module:
+    if isinstance(wrapper, BaseTunerLayer):
+        return wrapper.get_base_layer()
+    return wrapper.original_module
+
+
+def output_projection_names(layer: nn.Module, output_projections: list[str]) -> list[str]:
+    """Names of the modules inside ``layer`` that a new block zeroes."""
+    return [name for name, _ in layer.named_modules() if name.rpartition(".")[2] in output_projections]
+
+
+def set_layer_index(block: nn.Module, index: int) -> None:
+    """Point every ``layer_idx`` inside ``block`` (attention's KV-cache slot, the layer's own index) at ``index``."""
+    for module in block.modules():
+        value = module.__dict__.get("layer_idx")
+        if isinstance(value, int) and not isinstance(value, bool):
+            module.layer_idx = index

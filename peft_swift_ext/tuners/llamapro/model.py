@@ -1,0 +1,265 @@
+"""LLaMA-PRO as a PEFT tuner: new blocks per adapter, switchable, with their own KV-cache slots."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..base import SwiftBaseTuner
+from .config import LlamaProConfig
+from .layer import LlamaProLayer, output_projection_names, set_layer_index
+
+# Where Llama, Mistral, Qwen2/3, Gemma and Phi-3 style models (bare, causal-LM head, or inside a VLM) keep them.
+_LAYER_LIST_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.model.layers")
+_SWIFT_LAYER_KEY = re.compile(r"^(?P<list>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+class LlamaProModel(SwiftBaseTuner):
+    """Wraps the last decoder layer of each group in a :class:`LlamaProLayer` holding the new blocks.
+
+    New blocks get KV-cache slots after the original layers (the original layers keep theirs), and the text
+    config's ``num_hidden_layers`` / ``layer_types`` count those slots while any block exists, so ``generate()``
+    sizes its cache right. Merging and unloading materialises the expanded ``nn.ModuleList`` in order,
+    renumbers every layer and updates the config: the result is a plain transformers model.
+    """
+
+    prefix = "llamapro_"
+    tuner_layer_cls = LlamaProLayer
+    mergeable = True
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise NotImplementedError("LlamaProModel injects its blocks in inject_adapter")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config: LlamaProConfig = self.peft_config[adapter_name]
+        path, layers = find_layer_list(model, config)
+        plan = expansion_plan(len(layers), config)
+        for index in plan:
+            check_expandable(layers[index], f"{path}.{index}", config)
+        if not hasattr(self, "_original_text_config"):
+            text_config = _text_config(model)
+            self._layers_path = path
+            self._original_text_config = {
+                "num_hidden_layers": getattr(text_config, "num_hidden_layers", None),
+                "layer_types": list(getattr(text_config, "layer_types", None) or []) or None,
+            }
+        elif path != self._layers_path:
+            raise ValueError(
+                f"LlamaProConfig.layers_path={path!r} differs from the list earlier adapters expanded "
+                f"({self._layers_path!r})"
+            )
+        for index, count in plan.items():
+            layer = layers[index]
+            if not isinstance(layer, LlamaProLayer):
+                layer = LlamaProLayer(layer)
+                layers[index] = layer
+            layer.update_layer(adapter_name, count, config.output_projections)
+        self._renumber_blocks(model)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts half-precision adapter weights to float32; new blocks are whole decoder layers that take the
+        # base model's hidden states, masks and cache, and become ordinary layers on merge, so they keep its dtype.
+        return None
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # The adapter name sits in the middle of block keys (llamapro_blocks.<adapter>.0.self_attn...), where PEFT's
+        # default (which removes it only before the last segment) would miss it and break loading under a new name.
+        marker = f".{LlamaProLayer.adapter_layer_names[0]}.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f".{LlamaProLayer.adapter_layer_names[0]}.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # --- cache slots and config ----------------------------------------------------------------------------------
+
+    def _renumber_blocks(self, model: nn.Module) -> None:
+        """Give every new block a KV-cache slot after the original layers and make the config count them."""
+        layers = model.get_submodule(self._layers_path)
+        original_types = self._original_text_config["layer_types"]
+        slot = len(layers)
+        extra_types = []
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, LlamaProLayer):
+                continue
+            for blocks in layer.llamapro_blocks.values():
+                for block in blocks:
+                    set_layer_index(block, slot)
+                    slot += 1
+                    extra_types.append(original_types[index] if original_types else None)
+        text_config = _text_config(model)
+        if slot == len(layers):
+            self._restore_text_config(model)
+            return
+        text_config.num_hidden_layers = slot
+        if original_types:
+            text_config.layer_types = original_types + extra_types
+
+    def _restore_text_config(self, model: nn.Module) -> None:
+        text_config = _text_config(model)
+        for key, value in self._original_text_config.items():
+            if value is not None:
+                setattr(text_config, key, list(value) if isinstance(value, list) else value)
+
+    # --- hooks SwiftModel calls, and PEFT's own removal paths ------------------------------------------------------
+
+    def remove_adapter_structures(self, adapter_name: str) -> None:
+        """Called after the adapter's blocks were deleted from the layers: compact the cache slots and config."""
+        self._renumber_blocks(self.model)
+
+    def finalize_unload(self, merged: bool) -> None:
+        """Before the wrappers go: with ``merged`` make the merged blocks ordinary layers, else restore the model."""
+        layers = self.model.get_submodule(self._layers_path)
+        if not merged:
+            for index, layer in enumerate(layers):
+                if isinstance(layer, LlamaProLayer):
+                    layers[index] = layer.base_layer
+            self._restore_text_config(self.model)
+            return
+        original_types = self._original_text_config["layer_types"]
+        expanded, types = [], []
+        for index, layer in enumerate(layers):
+            layer_type = original_types[index] if original_types else None
+            expanded.append(layer.base_layer if isinstance(layer, LlamaProLayer) else layer)
+            types.append(layer_type)
+            if isinstance(layer, LlamaProLayer):
+                for name in layer.merged_adapters:
+                    expanded.extend(layer.llamapro_blocks[name])
+                    types.extend([layer_type] * len(layer.llamapro_blocks[name]))
+        for index, layer in enumerate(expanded):
+            set_layer_index(layer, index)
+        parent_path, _, attr = self._layers_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, attr, nn.ModuleList(expanded))
+        text_config = _text_config(self.model)
+        text_config.num_hidden_layers = len(expanded)
+        if original_types:
+            text_config.layer_types = types
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.remove_adapter_structures(adapter_name)
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        layers = self.model.get_submodule(self._layers_path)
+        for layer in layers:
+            if isinstance(layer, LlamaProLayer) and merge:
+                layer.merge(adapter_names=adapter_names)
+        self.finalize_unload(merged=merge)
+        return self.model
+
+    # --- ms-swift checkpoints --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_swift_state_dict(cls, weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+        """Rename an ms-swift LLaMA-PRO checkpoint (new blocks under their expanded-model indices) to our keys.
+
+        ms-swift puts one block after each group, so the k-th saved index ``e`` (in order) is the block after
+        original layer ``e - k - 1``. The saved indices must be evenly spaced: ms-swift selects blocks by
+        substring (layer ``1`` also matches ``10``), and a checkpoint carrying such extra layers is refused.
+        """
+        by_list: dict[str, set[int]] = {}
+        for key in weights:
+            match = _SWIFT_LAYER_KEY.match(key)
+            if match is None:
+                raise ValueError(f"ms-swift LLaMA-PRO key {key!r} is not of the form '<layer list>.<index>.<name>'")
+            by_list.setdefault(match["list"], set()).add(int(match["index"]))
+        if len(by_list) != 1:
+            raise ValueError(f"ms-swift LLaMA-PRO checkpoint spans several layer lists: {sorted(by_list)}")
+        indices = sorted(next(iter(by_list.values())))
+        spacing = indices[0] + 1
+        if any(index != (k + 1) * spacing - 1 for k, index in enumerate(indices)):
+            raise ValueError(
+                f"ms-swift LLaMA-PRO checkpoint holds layers {indices}, which are not evenly spaced new blocks; "
+                "ms-swift's substring selection may have saved original layers too (e.g. layer 10 with block 1)"
+            )
+        renamed = {}
+        for key, tensor in weights.items():
+            match = _SWIFT_LAYER_KEY.match(key)
+            k = indices.index(int(match["index"]))
+            original = int(match["index"]) - k - 1
+            renamed[f"{match['list']}.{original}.llamapro_blocks.{adapter_name}.0.{match['rest']}"] = tensor
+        return renamed
+
+
+def find_layer_list(model: nn.Module, config: LlamaProConfig) -> tuple[str, nn.ModuleList]:
+    """``(path, list)`` of the decoder layers: ``config.layers_path`` or the first known path that fits."""
+    if config.layers_path is not None:
+        try:
+            layers = model.get_submodule(config.layers_path)
+        except AttributeError:
+            raise ValueError(
+                f"LlamaProConfig.layers_path={config.layers_path!r} is not a module of {type(model).__name__}"
+            ) from None
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise ValueError(
+                f"LlamaProConfig.layers_path={config.layers_path!r} is a {type(layers).__name__}, not a non-empty "
+                "nn.ModuleList of decoder layers"
+            )
+        return config.layers_path, layers
+    for path in _LAYER_LIST_PATHS:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if (
+            isinstance(layers, nn.ModuleList)
+            and len(layers)
+            and output_projection_names(layers[-1], config.output_projections)
+        ):
+            return path, layers
+    raise ValueError(
+        "LlamaProConfig.layers_path is None and no decoder-layer list whose layers hold "
+        f"LlamaProConfig.output_projections={config.output_projections} was found in "
+        f"{type(model).__name__} (looked at {', '.join(_LAYER_LIST_PATHS)}); set layers_path to the nn.ModuleList "
+        "of decoder layers"
+    )
+
+
+def expansion_plan(num_layers: int, config: LlamaProConfig) -> dict[int, int]:
+    """Index of each group's last layer -> how many blocks follow it."""
+    if num_layers % config.num_new_blocks:
+        raise ValueError(
+            f"LlamaProConfig.num_new_blocks={config.num_new_blocks} must divide the number of decoder layers "
+            f"({num_layers})"
+        )
+    group_size = num_layers // config.num_groups
+    per_group = config.num_new_blocks // config.num_groups
+    return {(group + 1) * group_size - 1: per_group for group in range(config.num_groups)}
+
+
+def check_expandable(layer: nn.Module, name: str, config: LlamaProConfig) -> None:
+    """Raise before any change if ``layer`` cannot be copied into an identity block."""
+    base = layer.base_layer if isinstance(layer, LlamaProLayer) else layer
+    if not output_projection_names(base, config.output_projections):
+        raise ValueError(
+            f"LlamaProConfig.output_projections={config.output_projections} names no module of '{name}' "
+            f"({type(base).__name__}); a new block would not start as the identity"
+        )
+    merged = [type(m).__name__ for m in base.modules() if isinstance(m, BaseTunerLayer) and m.merged]
+    if merged:
+        raise ValueError(f"'{name}' holds merged adapters ({', '.join(merged)}); unmerge them before adding LLaMA-PRO")
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        return _NoConfig()
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if get_text_config is not None else config
+
+
+class _NoConfig:
+    """Stands in for the config of a model that has none (plain nn.Module stacks), absorbing updates."""

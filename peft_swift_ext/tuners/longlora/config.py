@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+from peft.utils import PeftType
+
+from ..lora_plus.config import LoraPlusConfig
+
+# ms-swift LongLoRA fields with no effect here: the model family is detected from the attention interface, and
+# LoRA+ learning rates are not part of LongLoRA (build LoRA+ groups separately if wanted).
+_SWIFT_IGNORED = ("model_type", "lorap_lr_ratio", "lorap_emb_lr")
+
+
+@dataclass
+class LongLoraConfig(LoraConfig):
+    """LongLoRA (Chen et al., 2024): LoRA, trainable embeddings and norms, and shifted sparse attention in training.
+
+    In training mode attention runs within groups of ``g`` tokens, and for half of the heads the groups are shifted
+    by ``g / 2`` so information flows between neighbouring groups. Eval mode uses full attention, so the trained
+    adapter is an ordinary LoRA (plus the embedding and norm weights) and merges like one.
+    """
+
+    embedder_and_normalizer: str | list[str] = field(
+        default_factory=lambda: ["embed", "norm"],
+        metadata={
+            "help": "parameters trained in full besides LoRA: a regex full-matched against parameter names, or a "
+            "list of substrings of parameter names (SWIFT's rule); their modules become modules_to_save"
+        },
+    )
+    group_size_ratio: float = field(
+        default=0.25, metadata={"help": "group size as a fraction of the sequence length: g = int(L * ratio)"}
+    )
+    group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "a fixed group size in tokens, used instead of group_size_ratio; keeps attention memory linear "
+            "in the sequence length"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LONGLORA
+        ratio = self.group_size_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"LongLoraConfig.group_size_ratio must be in (0, 1], got {ratio!r}")
+        size = self.group_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+            raise ValueError(f"LongLoraConfig.group_size must be None or an integer >= 2, got {size!r}")
+        names = self.embedder_and_normalizer
+        if isinstance(names, (list, tuple)):
+            self.embedder_and_normalizer = names = list(names)
+        if not (isinstance(names, str) or all(isinstance(name, str) and name for name in names)):
+            raise ValueError(
+                f"LongLoraConfig.embedder_and_normalizer must be a regex or a list of names, got {names!r}"
+            )
+
+    @classmethod
+    def from_swift_dict(cls, config: dict) -> tuple[type[LongLoraConfig], dict]:
+        """Map an ms-swift ``LongLoRAConfig`` dict to this config's fields (SWIFT-only LoRA options raise)."""
+        _, fields = LoraPlusConfig.from_swift_dict({k: v for k, v in config.items() if k not in _SWIFT_IGNORED})
+        return cls, fields

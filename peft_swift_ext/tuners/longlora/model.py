@@ -1,0 +1,138 @@
+"""LongLoRA as a PEFT tuner: LoRA's layers, embeddings and norms as modules_to_save, S²-Attn while active."""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from torch import nn
+
+from . import attention
+from .config import LongLoraConfig
+
+
+class LongLoraModel(LoraModel):
+    """LoRA whose model switches to shifted sparse attention in training while one of its adapters is active.
+
+    Injection resolves ``embedder_and_normalizer`` to module names added to ``modules_to_save`` and sets the model
+    config's ``_attn_implementation`` to the S² variant of its sdpa / eager attention; removing the last LongLoRA
+    adapter (delete, unload, merge_and_unload) restores the original implementation.
+    """
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config: LongLoraConfig = self.peft_config[adapter_name]
+        model_config = getattr(model, "config", None)
+        original = self.__dict__.get("_original_attention") or getattr(model_config, "_attn_implementation", None)
+        if original not in attention.S2_IMPLEMENTATIONS and original not in attention.S2_IMPLEMENTATIONS.values():
+            raise ValueError(
+                f"LongLoRA's shifted sparse attention works with attn_implementation 'sdpa' or 'eager'; "
+                f"{type(model).__name__} uses {original!r}. Load the model with attn_implementation='sdpa'"
+            )
+        trained = trainable_module_names(model, config.embedder_and_normalizer)
+        if not trained:
+            raise ValueError(
+                f"LongLoraConfig.embedder_and_normalizer={config.embedder_and_normalizer!r} matches no parameter of "
+                f"{type(model).__name__}"
+            )
+        config.modules_to_save = sorted(set(config.modules_to_save or ()) | set(trained))
+        super().inject_adapter(model, adapter_name, **kwargs)
+        if "_original_attention" not in self.__dict__:
+            self.__dict__["_original_attention"] = original
+            model_config._attn_implementation = attention.S2_IMPLEMENTATIONS[original]
+            attention.register_switch(model_config, self.active_group_rule)
+
+    def active_group_rule(self) -> tuple[float, int | None] | None:
+        """``(group_size_ratio, group_size)`` of the first active LongLoRA adapter, or None when none is active.
+
+        Activity is read from the LoRA layers themselves, so PEFT's disable_adapter and SwiftModel's
+        (per-thread) activation switch S²-Attn together with the LoRA weights.
+        """
+        layer = self._probe_layer()
+        if layer is None or layer.disable_adapters:
+            return None
+        for name in layer.active_adapters:
+            config = self.peft_config.get(name)
+            if isinstance(config, LongLoraConfig):
+                return config.group_size_ratio, config.group_size
+        return None
+
+    def _probe_layer(self) -> LoraLayer | None:
+        # Any LoRA layer holding one of our adapters tells which are active; found once, not on every attention call.
+        probe = self.__dict__.get("_probe")
+        if probe is None or not any(name in probe.lora_A for name in self.peft_config):
+            probe = next(
+                (
+                    m
+                    for m in self.model.modules()
+                    if isinstance(m, LoraLayer) and set(m.lora_A) & set(self.peft_config)
+                ),
+                None,
+            )
+            self.__dict__["_probe"] = probe  # a plain attribute, not a registered submodule
+        return probe
+
+    def remove_adapter_structures(self, adapter_name: str) -> None:
+        """Restore the original attention once no LongLoRA adapter is left (SwiftModel calls this on delete)."""
+        if not self.peft_config:
+            self._restore_attention()
+
+    def finalize_unload(self, merged: bool) -> None:
+        """SwiftModel's unload hook: the model goes back to its original attention."""
+        self._restore_attention()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.remove_adapter_structures(adapter_name)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> nn.Module:
+        if not merge:
+            # PEFT's unload keeps the trained modules_to_save copies; unloading LongLoRA must give the base model
+            # back, embeddings and norms included.
+            for path, module in list(self.model.named_modules()):
+                if isinstance(module, ModulesToSaveWrapper):
+                    parent_path, _, child = path.rpartition(".")
+                    setattr(self.model.get_submodule(parent_path), child, module.original_module)
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        self._restore_attention()
+        return model
+
+    def _restore_attention(self) -> None:
+        original = self.__dict__.pop("_original_attention", None)
+        if original is not None:
+            attention.unregister_switch(self.model.config)
+            self.model.config._attn_implementation = original
+
+
+def trainable_module_names(model: nn.Module, selector: str | list[str]) -> list[str]:
+    """Names of the base-model modules owning a parameter that ``selector`` picks (SWIFT's rule).
+
+    Args:
+        selector: a regex full-matched against parameter names, or substrings any of which a name contains.
+    """
+    names = []
+    for module_name, module in _base_modules(model):
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            picked = re.fullmatch(selector, full) if isinstance(selector, str) else any(s in full for s in selector)
+            if picked and module_name:
+                names.append(module_name)
+                break
+    return names
+
+
+def _base_modules(model: nn.Module):
+    """``(name, module)`` of the base model: a tuner layer or wrapper stands for the module it wraps."""
+    wrappers: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrappers):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            wrappers.append(name + ".")
+            module = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            wrappers.append(name + ".")
+            module = module.original_module
+        yield name, module

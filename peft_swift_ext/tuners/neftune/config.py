@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+from peft.utils import PeftType
+
+
+@dataclass
+class NEFTuneConfig(PeftConfig):
+    """NEFTune (Jain et al., 2023): uniform noise on the input embeddings while training.
+
+    The noise is Uniform(-m, m) with m = noise_alpha / sqrt(L * d) (L: sequence length, d: embedding width),
+    added only in training mode; eval outputs are untouched. The adapter has no weights.
+    """
+
+    noise_alpha: float = field(default=5.0, metadata={"help": "the noise scale alpha; m = alpha / sqrt(L * d)"})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "the embedding module to add noise to (regex full match or list of name suffixes); None picks "
+            "the model's input embeddings (get_input_embeddings()), and the resolved name is stored here"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.NEFTUNE
+        alpha = self.noise_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"NEFTuneConfig.noise_alpha must be a positive number, got {alpha!r}")
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = list(self.target_modules)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from peft import PeftConfig
+from torch import nn
+
+from ..base import SwiftBaseTuner
+from .config import NEFTuneConfig
+from .layer import NEFTuneEmbedding
+
+
+class NEFTuneModel(SwiftBaseTuner):
+    """Wraps the input embeddings in a :class:`NEFTuneEmbedding`; merging only removes the (training-time) noise."""
+
+    prefix = "neftune_"
+    tuner_layer_cls = NEFTuneEmbedding
+    mergeable = True
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        if config.target_modules is None:
+            config.target_modules = [_input_embeddings_name(model)]
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config
+
+    def _validate_target(self, module: nn.Module, name: str, config: NEFTuneConfig) -> None:
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if not isinstance(base, nn.Embedding):
+            raise ValueError(
+                f"NEFTuneConfig.target_modules selects '{name}', a {type(base).__name__}; NEFTune adds noise to "
+                "embedding layers (nn.Embedding) only"
+            )
+
+    def _create_and_replace(
+        self,
+        config: NEFTuneConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        **kwargs,
+    ) -> None:
+        if not isinstance(target, NEFTuneEmbedding):
+            target = NEFTuneEmbedding(target)
+            setattr(parent, target_name, target)
+        target.update_layer(adapter_name, config.noise_alpha)
+
+
+def _input_embeddings_name(model: nn.Module) -> str:
+    """The module path of ``model.get_input_embeddings()``, with a clear error when there is none."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if getter is not None else None
+    for name, module in model.named_modules():
+        if embeddings is not None and module is embeddings:
+            return name
+    raise ValueError(
+        f"NEFTuneConfig.target_modules is None and {type(model).__name__} has no get_input_embeddings(); "
+        "set target_modules to the name of the embedding module"
+    )

@@ -1,0 +1,117 @@
+"""NEFTune: noise statistics, training-only, switching, mixing with other tuners, trainer double-noise guard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from peft_swift_ext import LlamaProConfig, NEFTuneConfig, Swift
+
+from ..helpers import randomize_adapter, state_hash
+from ..tiny_models import llama_inputs, tiny_llama
+
+
+def llama_of_width(hidden: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def embedding_noise(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Training-mode output of the wrapped embeddings minus the plain embedding output."""
+    embeddings = model.get_input_embeddings()
+    embeddings.train()
+    with torch.no_grad():
+        return embeddings(input_ids) - embeddings.get_base_layer()(input_ids)
+
+
+@pytest.mark.parametrize(("alpha", "length", "hidden"), [(5.0, 64, 32), (1.0, 64, 32), (5.0, 16, 32), (5.0, 64, 64)])
+def test_noise_is_uniform_with_the_neftune_magnitude(alpha, length, hidden):
+    model = get_peft_model(llama_of_width(hidden), NEFTuneConfig(noise_alpha=alpha))
+    torch.manual_seed(0)
+    noise = embedding_noise(model, llama_inputs(batch=8, length=length)["input_ids"])
+    m = alpha / math.sqrt(length * hidden)
+    assert noise.abs().max() <= m * (1 + 1e-5)
+    assert noise.abs().max() >= 0.98 * m  # thousands of draws reach close to the bound
+    standard_error = m / math.sqrt(3 * noise.numel())
+    assert noise.mean().abs() <= 5 * standard_error
+    assert noise.std().item() == pytest.approx(m / math.sqrt(3), rel=0.05)  # std of Uniform(-m, m)
+
+
+def test_eval_outputs_are_untouched():
+    inputs = llama_inputs()
+    base = tiny_llama()(**inputs).logits
+    model = get_peft_model(tiny_llama(), NEFTuneConfig()).eval()
+    assert torch.equal(model(**inputs).logits, base)
+
+
+def test_training_outputs_equal_lora_fed_with_the_same_noise():
+    inputs = llama_inputs()
+    lora = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = Swift.prepare_model(tiny_llama(), {"lora": lora, "noise": NEFTuneConfig(noise_alpha=3.0)}).train()
+    reference = Swift.prepare_model(tiny_llama(), {"lora": LoraConfig(r=2, target_modules=["q_proj"])}).train()
+    reference.load_adapter_weights("lora", model.adapter_state_dict("lora"), "test", "lora")
+    torch.manual_seed(5)
+    actual = model(**inputs).logits
+    embeds = reference.get_input_embeddings()(inputs["input_ids"])
+    torch.manual_seed(5)  # the embedding is the model's first draw from the generator
+    m = 3.0 / math.sqrt(embeds.shape[1] * embeds.shape[2])
+    noisy = embeds + torch.empty_like(embeds).uniform_(-m, m)
+    torch.testing.assert_close(actual, reference(inputs_embeds=noisy).logits, atol=1e-6, rtol=0)
+
+
+def test_deactivate_removes_the_noise_and_other_tuners_keep_working():
+    inputs = llama_inputs()
+    configs = {"pro": LlamaProConfig(num_new_blocks=2), "noise": NEFTuneConfig()}
+    model = Swift.prepare_model(tiny_llama(num_layers=4), configs).train()
+    randomize_adapter(model, "pro", seed=0)
+    model.deactivate_adapter("noise")
+    quiet = model(**inputs).logits
+    assert torch.equal(model(**inputs).logits, quiet)
+    model.activate_adapter("noise")
+    assert (model(**inputs).logits - quiet).abs().max() > 1e-4
+    model.eval()
+    assert torch.equal(model(**inputs).logits, quiet)
+
+
+def test_neftune_only_checkpoint_is_the_config_and_restores(tmp_path):
+    model = Swift.prepare_model(tiny_llama(), {"noise": NEFTuneConfig(noise_alpha=2.0)})
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "noise" / "adapter_config.json").read_text())
+    assert saved["noise_alpha"] == 2.0 and saved["target_modules"] == ["model.embed_tokens"]
+    loaded = Swift.from_pretrained(tiny_llama(), tmp_path)
+    torch.manual_seed(0)
+    noise = embedding_noise(loaded, llama_inputs(batch=8, length=64)["input_ids"])
+    assert noise.abs().max() == pytest.approx(2.0 / math.sqrt(64 * 32), rel=0.02)
+
+
+def test_trainer_noise_on_top_is_refused(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(), NEFTuneConfig())
+    ids = llama_inputs(batch=4)["input_ids"]
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, neftune_noise_alpha=5.0, report_to=[], use_cpu=True
+    )
+    with pytest.raises(ValueError, match="neftune_noise_alpha=5.0 would add it a second time"):
+        Trainer(model=model, args=args, train_dataset=data).train()
+
+
+def test_bad_settings_raise_before_the_model_changes():
+    with pytest.raises(ValueError, match="NEFTuneConfig.noise_alpha"):
+        NEFTuneConfig(noise_alpha=0)
+    model = tiny_llama()
+    before = state_hash(model)
+    with pytest.raises(ValueError, match="NEFTuneConfig.target_modules selects 'lm_head'"):
+        get_peft_model(model, NEFTuneConfig(target_modules=["lm_head"]))
+    assert state_hash(model) == before and type(model.lm_head) is torch.nn.Linear
