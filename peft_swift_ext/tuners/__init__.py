@@ -2,6 +2,7 @@
 
 from .adapter import AdapterConfig, AdapterModel
 from .llamapro import LlamaProConfig, LlamaProModel
+from .longlora import LongLoraConfig, LongLoraModel
 from .lora_plus import LoraPlusConfig, LoraPlusModel, create_lora_plus_optimizer
 from .neftune import NEFTuneConfig, NEFTuneModel
 from .prompt import PromptConfig, PromptModel
@@ -18,6 +19,8 @@ __all__ = [
     "LlamaProModel",
     "NEFTuneConfig",
     "NEFTuneModel",
+    "LongLoraConfig",
+    "LongLoraModel",
     "LoraPlusConfig",
     "LoraPlusModel",
     "create_lora_plus_optimizer",
