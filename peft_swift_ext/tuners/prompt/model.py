@@ -22,7 +22,8 @@ class PromptModel(SwiftBaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         config = self.peft_config[adapter_name]
-        targets = find_target_modules(model, config)
+        # A layer already wrapped by this tuner is listed twice (wrapper and its base_layer): count it once.
+        targets = list(dict.fromkeys(_without_base_layer(name) for name in find_target_modules(model, config)))
         if isinstance(config.dim, list) and len(config.dim) != len(targets):
             raise ValueError(
                 f"PromptConfig.dim lists {len(config.dim)} sizes but target_modules selects {len(targets)} layers"
@@ -48,7 +49,7 @@ class PromptModel(SwiftBaseTuner):
         self, peft_config: PromptConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
         targets = self._targets[adapter_name]
-        index = targets.index(current_key)
+        index = targets.index(_without_base_layer(current_key))
         dim = peft_config.dim[index] if isinstance(peft_config.dim, list) else peft_config.dim
         settings = PromptSettings(
             concatenates=index == 0,
@@ -70,3 +71,7 @@ class PromptModel(SwiftBaseTuner):
     def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
         """Rewrite ms-swift keys (``<path>.prompt_<name>.prompt_token``) into ours (``<path>.prompt_token.<name>``)."""
         return rename_swift_keys(weights, f"prompt_{adapter_name}", adapter_name, {"prompt_token": "prompt_token"})
+
+
+def _without_base_layer(path: str) -> str:
+    return ".".join(part for part in path.split(".") if part != "base_layer")

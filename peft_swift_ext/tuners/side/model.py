@@ -40,6 +40,15 @@ class SideModel(SwiftBaseTuner):
         # placed its adapter on the base layer's device.
         setattr(parent, child_name, new_module)
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # PEFT (0.21) expects the adapter name second to last; side networks nest deeper (side_net.<name>.fc1.weight).
+        marker = f".side_net.{adapter_name}."
+        if marker in key:
+            head, _, tail = key.rpartition(marker)
+            return f"{head}.side_net.{tail}"
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     def _create_and_replace(
         self, peft_config: SideConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
