@@ -22,11 +22,12 @@ def base_of(model: nn.Module) -> nn.Module:
 
 
 def randomize_adapter(model: nn.Module, adapter_name: str, seed: int, scale: float = 0.05) -> None:
-    """Add seeded noise to every floating tensor of an adapter, so zero-initialised tuners stop being identity."""
+    """Add seeded noise to every floating weight of an adapter, so zero-initialised tuners stop being identity."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, tensor in adapter_tensors(base_of(model), adapter_name).values():
-            if tensor.is_floating_point() and tensor.device.type != "meta":
+        for slot, (_, tensor) in adapter_tensors(base_of(model), adapter_name).items():
+            # only the weights a checkpoint holds; bookkeeping tensors (AdaLoRA's ranknum) stay as built
+            if slot.required and tensor.is_floating_point() and tensor.device.type != "meta":
                 noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * scale
                 tensor.add_(noise.to(tensor.dtype))
 
@@ -38,7 +39,7 @@ def state_hash(model: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
         if tensor.device.type != "meta":
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

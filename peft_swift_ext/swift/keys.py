@@ -18,6 +18,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from ..tuners.base import canonical_path
+
 PEFT_KEY_PREFIX = "base_model.model."
 
 
@@ -56,11 +58,6 @@ class Slot:
 
 def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
-
-
-def canonical_path(path: str) -> str:
-    """Drop the ``base_layer`` segments that tuner wrappers add to module paths."""
-    return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
 def adapter_containers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module, str, object, bool]]:

@@ -35,7 +35,10 @@ def discover_adapters(root: Path) -> dict[str, Path]:
         found[name] = checkpoint.adapter_subfolder(root, name)
     if not found:
         raise ValueError(f"{root} holds no adapter ({checkpoint.CONFIG_NAME} at its root or in sub-folders)")
-    return found
+    marker = root / checkpoint.ROOT_MARKER
+    order = checkpoint.read_json(marker).get("adapter_order", []) if marker.is_file() else []
+    rank = {name: index for index, name in enumerate(order) if isinstance(name, str)}
+    return dict(sorted(found.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 def select_adapters(found: dict[str, Path], adapter_name) -> dict[str, str]:

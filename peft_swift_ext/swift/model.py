@@ -10,6 +10,7 @@ here once for every type, through the per-adapter containers that all tuner laye
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -107,18 +108,21 @@ class SwiftModel(nn.Module):
         peft_type = PeftType(config.peft_type)
         if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
             raise ValueError(f"{type(config).__name__} ({peft_type.value}) is not an injectable tuner type")
-        targets = getattr(config, "target_modules", None)
-        if isinstance(targets, (list, tuple, set)) or (isinstance(targets, str) and targets != "all-linear"):
-            find_target_modules(self.base_model, config)
+        tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
         had_peft_config = hasattr(self.base_model, "peft_config")
         try:
-            tuner = self._tuners.get(peft_type)
-            if tuner is None:
-                tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
-                self._tuners[peft_type] = tuner_cls(self.base_model, config, adapter_name, low_cpu_mem_usage)
-            else:
-                tuner.peft_config[adapter_name] = config
-                tuner.inject_adapter(self.base_model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            with self._other_tuners_hidden(tuner_cls.tuner_layer_cls):
+                targets = getattr(config, "target_modules", None)
+                if isinstance(targets, (list, tuple, set)) or (isinstance(targets, str) and targets != "all-linear"):
+                    find_target_modules(self.base_model, config)
+                tuner = self._tuners.get(peft_type)
+                if tuner is None:
+                    self._tuners[peft_type] = tuner_cls(
+                        self.base_model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+                    )
+                else:
+                    tuner.peft_config[adapter_name] = config
+                    tuner.inject_adapter(self.base_model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             self._remove_layers_of(adapter_name, peft_type)
             raise
@@ -131,6 +135,38 @@ class SwiftModel(nn.Module):
         install_view(self.base_model, self.activation)
         self.activation.activate(adapter_name)
         self._refresh_trainable()
+
+    @contextlib.contextmanager
+    def _other_tuners_hidden(self, keep: type) -> Iterator[None]:
+        """Take other tuner types' wrappers out of the module tree for the duration of an injection.
+
+        PEFT never injects below an existing tuner layer, and names below a wrapper gain a ``base_layer``
+        segment; with the wrappers out, every module sits at its original path. On exit each wrapper goes
+        back around whatever now occupies its place (possibly the new tuner's own layer).
+        """
+        hidden: list[tuple[str, str, BaseTunerLayer]] = []
+        while True:
+            found = next(
+                (
+                    (path, module)
+                    for path, module in self.base_model.named_modules()
+                    if isinstance(module, BaseTunerLayer) and not isinstance(module, keep)
+                ),
+                None,
+            )
+            if found is None:
+                break
+            path, wrapper = found
+            parent, child = _parent_of(self.base_model, path)
+            setattr(parent, child, wrapper.base_layer)
+            hidden.append((path, child, wrapper))
+        try:
+            yield
+        finally:
+            for path, child, wrapper in reversed(hidden):
+                parent, _ = _parent_of(self.base_model, path)
+                wrapper.base_layer = getattr(parent, child)
+                setattr(parent, child, wrapper)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its layers; modules left without adapters get their original module back."""
@@ -401,7 +437,12 @@ class SwiftModel(nn.Module):
             root.mkdir(parents=True, exist_ok=True)
             for name in names:
                 checkpoint.replace_directory(staging / name, root / name)
-            (root / checkpoint.ROOT_MARKER).write_text("{}")
+            # the order matters where adapters share a layer (DoRA normalises what precedes it)
+            (root / checkpoint.ROOT_MARKER).write_text(json.dumps({"adapter_order": self._save_order(names)}))
+
+    def _save_order(self, names: list[str]) -> list[str]:
+        active = [name for name in self.active_adapters if name in names]
+        return active + [name for name in names if name not in active]
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """One adapter's tensors under SWIFT-layout keys (the adapter name kept)."""

@@ -82,8 +82,9 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
     """Names of the modules of ``model`` that ``config.target_modules`` selects.
 
     Matching follows PEFT (and SWIFT): a string is a regex that must match the whole module name, a list
-    matches names equal to an entry or ending in ``.entry``. Raises ``ValueError`` naming the pattern and
-    a few module names when nothing matches.
+    matches names equal to an entry or ending in ``.entry``; ``base_layer`` segments of wrapped modules
+    are ignored. Returns the actual module names. Raises ``ValueError`` naming the pattern and a few
+    module names when nothing matches.
 
     Args:
         model: the model to search; modules inside existing tuner layers (other than the wrapped
@@ -91,14 +92,24 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
         config: any config with ``target_modules`` (and optionally ``exclude_modules``).
     """
     names = base_module_names(model)
-    matched = [name for name in names if check_target_module_exists(config, name)]
+    # Match on names without the "base_layer" segments other tuners' wrappers add, so targets keep
+    # meaning the same modules however many tuners are stacked.
+    matched = [name for name in names if check_target_module_exists(config, canonical_path(name))]
     if not matched:
-        sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        canonical = list(dict.fromkeys(canonical_path(name) for name in names))
+        sample = ", ".join(canonical[:8]) + (", ..." if len(canonical) > 8 else "")
+        targets = config.target_modules
+        shown = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
         raise ValueError(
-            f"{type(config).__name__}.target_modules={config.target_modules!r} matches no module of "
+            f"{type(config).__name__}.target_modules={shown!r} matches no module of "
             f"{type(model).__name__}; module names look like: {sample}"
         )
     return matched
+
+
+def canonical_path(path: str) -> str:
+    """Drop the ``base_layer`` segments that tuner wrappers add to module paths."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
 def base_module_names(model: nn.Module) -> list[str]:
