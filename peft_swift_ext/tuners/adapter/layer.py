@@ -14,6 +14,10 @@ from transformers.activations import ACT2CLS
 from ..base import SwiftTunerLayer
 from .positions import Position, output_value, replace_output_value
 
+# One lock for all layers (a lock attribute would make the model impossible to deepcopy); it guards only
+# the install/remove bookkeeping of intercepted methods, never a forward.
+_INTERCEPTION_LOCK = threading.Lock()
+
 
 class AdapterLayer(SwiftTunerLayer):
     """Wraps a module and adds bottleneck adapters to the hidden state it (or one of its methods) returns.
@@ -36,7 +40,6 @@ class AdapterLayer(SwiftTunerLayer):
         self.hidden_pos: dict[str, Position | None] = {}
         self.method_name: dict[str, str] = {}
         # Methods other than forward are intercepted only while this layer runs; concurrent calls share it.
-        self._shadow_lock = threading.Lock()
         self._shadow_users = 0
 
     def update_layer(
@@ -100,7 +103,7 @@ class AdapterLayer(SwiftTunerLayer):
             yield
             return
         base = self.base_layer
-        with self._shadow_lock:
+        with _INTERCEPTION_LOCK:
             if self._shadow_users == 0:
                 for method in methods:
                     vars(base)[method] = self._interceptor(getattr(base, method), method)
@@ -108,7 +111,7 @@ class AdapterLayer(SwiftTunerLayer):
         try:
             yield
         finally:
-            with self._shadow_lock:
+            with _INTERCEPTION_LOCK:
                 self._shadow_users -= 1
                 if self._shadow_users == 0:
                     for method in methods:
