@@ -10,6 +10,7 @@ here once for every type, through the per-adapter containers that all tuner laye
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -56,6 +57,8 @@ class SwiftModel(nn.Module):
         self._configs: dict[str, PeftConfig] = {}
         self._trainable: set[str] = set()
         self._offload = OffloadStore()
+        # The HF Trainer and TRL choose dataset columns from forward's signature: expose the wrapped model's.
+        self.forward = functools.update_wrapper(functools.partial(SwiftModel.forward, self), model.forward)
 
     # --- pass-through ------------------------------------------------------------------------------------------
 

@@ -468,3 +468,47 @@ def test_adapter_folder_symlinked_outside_the_checkpoint_is_refused(tmp_path):
     (tmp_path / "ckpt" / "evil").symlink_to(tmp_path / "elsewhere" / "a")
     with pytest.raises(ValueError, match="outside the checkpoint directory"):
         Swift.from_pretrained(tiny_llama(), tmp_path / "ckpt")
+
+
+def test_unknown_swift_type_is_named(tmp_path):
+    Swift.prepare_model(tiny_llama(), {"a": lora()}).save_pretrained(tmp_path)
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "swift_type": "MYSTERY"}))
+    with pytest.raises(ValueError, match="unknown swift_type 'MYSTERY'"):
+        Swift.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_low_cpu_mem_usage_load_gives_same_outputs(tmp_path):
+    model = two_lora_model()
+    model.save_pretrained(tmp_path)
+    loaded = Swift.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("wrapper", ["peft", "swift"])
+def test_lora_plus_optimizer_trains_with_the_hf_trainer(wrapper, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    config = LoraPlusConfig(r=4, target_modules=["q_proj", "v_proj"], loraplus_lr_ratio=16.0)
+    model = (
+        get_peft_model(tiny_llama(), config) if wrapper == "peft" else Swift.prepare_model(tiny_llama(), {"p": config})
+    )
+    optimizer = create_lora_plus_optimizer(model, lr=1e-2)
+    ids = torch.arange(16).repeat(8, 1)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(optimizer, None))
+    b_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, b_before[n]) for n, p in model.named_parameters() if n in b_before)
