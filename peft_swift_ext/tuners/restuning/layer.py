@@ -1,0 +1,342 @@
+"""Res-Tuning's bypass network and the layer that feeds its output to the target module.
+
+Math (ms-swift's, per bypass block ``i`` with stem feature ``s_i`` and bypass state ``b``; ``b_0`` is the
+root feature, all backbone features detached):
+    b_{i+1} = aux_i(lateral_i(s_i) + vertical_i(b_i))
+    res_adapter(x)       = x + w * W2 GELU(W1 x + c1) + c2        (on the channel / last dimension)
+    res_group_adapter(x) = the same per channel group of ``dim / head`` channels (4-D features only)
+    upsample(x)          = conv3x3(nearest-resize(x, size of the next stem feature))   (conv optional)
+    zero(x) = 0, identity(x) = x
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import SwiftTunerLayer
+from .probes import FeatureProbes, ProbeSource
+from .spec import BlockSpec, OpSpec
+
+
+def make_scaling(kind: str | None, dim: int) -> nn.Module | nn.Parameter | None:
+    """The learned part of SWIFT's ``adapter_weight``: a gate ``Linear(dim, 1)`` or a scale (init 1), if any."""
+    if kind == "gate":
+        return nn.Linear(dim, 1)
+    if kind in ("scale", "scale_channel"):
+        return nn.Parameter(torch.ones(1 if kind == "scale" else dim))
+    return None
+
+
+def apply_scaling(out: torch.Tensor, kind: str | None, scaling) -> torch.Tensor:
+    """Weight an adapter output ``out`` of shape (batch, tokens, channels) as ``adapter_weight`` says.
+
+    ``gate``: times the token mean of sigmoid(Linear(out)); ``scale``/``scale_channel``: times the learned
+    factor; ``scalar_<v>``: times ``v``; None: unchanged.
+    """
+    if kind is None:
+        return out
+    if kind == "gate":
+        return out * torch.sigmoid(scaling(out)).mean(dim=1).view(-1, 1, 1)
+    if kind in ("scale", "scale_channel"):
+        return out * scaling
+    return out * float(kind.rsplit("_", 1)[-1])
+
+
+def _as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); token tensors (B, N, C) pass through."""
+    return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+
+
+def _like(tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`_as_tokens` for a result of ``x``'s shape."""
+    if x.dim() != 4:
+        return tokens
+    batch, _, height, width = x.shape
+    return tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], height, width)
+
+
+def _init_linear(linear: nn.Linear, scheme: str, zero: bool) -> None:
+    if zero:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+    elif scheme == "xavier":
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.normal_(linear.bias, std=1e-6)
+    else:
+        nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+        nn.init.normal_(linear.bias)
+
+
+class ResAdapter(nn.Module):
+    """``x + weight(W2 GELU(W1 x))`` over the channels; keys ``ln1``, ``ln2``, ``scaling`` as in ms-swift."""
+
+    def __init__(self, dim: int, adapter_length: int, adapter_weight: str | None, zero_init: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.Linear(dim, adapter_length)
+        self.ln2 = nn.Linear(adapter_length, dim)
+        _init_linear(self.ln1, "xavier", zero=False)
+        _init_linear(self.ln2, "xavier", zero=zero_init)
+        self.adapter_weight = adapter_weight
+        self.scaling = make_scaling(adapter_weight, dim)
+
+    def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
+        tokens = _as_tokens(x.to(self.ln1.weight.dtype))
+        out = apply_scaling(self.ln2(F.gelu(self.ln1(tokens))), self.adapter_weight, self.scaling)
+        return (x.to(out.dtype) + _like(out, x)).to(x.dtype)
+
+
+class ResGroupAdapter(nn.Module):
+    """:class:`ResAdapter` applied to each of ``head`` channel groups, with shared weights (4-D features)."""
+
+    def __init__(
+        self,
+        dim: int,
+        group_dim: int | None,
+        head: int,
+        scale_factor: int,
+        adapter_weight: str | None,
+        zero_init: bool,
+    ) -> None:
+        super().__init__()
+        group_dim = group_dim or dim
+        if group_dim != dim or dim % head:
+            raise ValueError(
+                f"res_group_adapter needs its dim ({group_dim}) equal to the block's dims ({dim}) and divisible by "
+                f"head={head}"
+            )
+        self.head = head
+        width = dim // head
+        self.ln1 = nn.Linear(width, width * scale_factor)
+        self.ln2 = nn.Linear(width * scale_factor, width)
+        _init_linear(self.ln1, "kaiming", zero=False)
+        _init_linear(self.ln2, "kaiming", zero=zero_init)
+        self.adapter_weight = adapter_weight
+        self.scaling = make_scaling(adapter_weight, dim)
+
+    def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"res_group_adapter needs (batch, channels, height, width) features, got {tuple(x.shape)}"
+            )
+        tokens = _as_tokens(x.to(self.ln1.weight.dtype))
+        batch, count, channels = tokens.shape
+        # channel c * head + h belongs to group h (ms-swift's "(c h)" channel layout)
+        groups = tokens.reshape(batch, count, channels // self.head, self.head).permute(0, 3, 1, 2)
+        out = self.ln2(F.gelu(self.ln1(groups)))
+        out = out.permute(0, 2, 3, 1).reshape(batch, count, channels)
+        out = apply_scaling(out, self.adapter_weight, self.scaling)
+        return (x.to(out.dtype) + _like(out, x)).to(x.dtype)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize to ``target_size`` (or 2x), then an optional zero-initialised 3x3 convolution."""
+
+    def __init__(self, dim: int, out_channels: int | None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_channels, 3, padding=1) if out_channels else None
+        if self.conv is not None:
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
+        if target_size is None:
+            resized = F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype)
+        else:
+            resized = F.interpolate(x.float(), size=tuple(target_size), mode="nearest").to(x.dtype)
+        if self.conv is None:
+            return resized
+        return self.conv(resized.to(self.conv.weight.dtype)).to(x.dtype)
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
+        return x
+
+
+def build_op(op: OpSpec, dim: int, upsample_out_channels: int | None, zero_init: bool) -> nn.Module | None:
+    """The module of one tuner, or None for ``zero`` (which contributes nothing)."""
+    if op.kind == "zero":
+        return None
+    if op.kind == "identity":
+        return Identity()
+    if op.kind == "upsample":
+        return Upsample(dim, upsample_out_channels)
+    options = op.options
+    if op.kind == "res_adapter":
+        return ResAdapter(dim, options["adapter_length"], options["adapter_weight"], zero_init)
+    return ResGroupAdapter(
+        dim, options["dim"], options["head"], options["scale_factor"], options["adapter_weight"], zero_init
+    )
+
+
+class ResTuningBlock(nn.Module):
+    """One bypass block: ``aux(lateral(stem) + vertical(bypass))``; absent tuners are ``zero``."""
+
+    def __init__(self, spec: BlockSpec) -> None:
+        super().__init__()
+        self.dim = spec.dim
+        self.lateral = build_op(spec.lateral, spec.dim, spec.upsample_out_channels, spec.zero_init)
+        self.vertical = build_op(spec.vertical, spec.dim, spec.upsample_out_channels, spec.zero_init)
+        self.aux = build_op(spec.aux, spec.dim, spec.upsample_out_channels, False) if spec.aux else None
+
+    def forward(self, stem: torch.Tensor, bypass: torch.Tensor, target_size=None) -> torch.Tensor:
+        terms = [op(x) for op, x in ((self.lateral, stem), (self.vertical, bypass)) if op is not None]
+        out = terms[0] + terms[1] if len(terms) == 2 else terms[0] if terms else torch.zeros_like(stem)
+        return self.aux(out, target_size) if self.aux is not None else out
+
+
+class ResTuningBypass(nn.Module):
+    """The bypass network of one adapter: a chain of :class:`ResTuningBlock`, one per stem feature."""
+
+    def __init__(self, specs: list[BlockSpec]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResTuningBlock(spec) for spec in specs)
+
+    def forward(self, root: torch.Tensor, stems: list[torch.Tensor], stem_names: list[str]) -> torch.Tensor:
+        bypass = root
+        for index, (block, stem) in enumerate(zip(self.blocks, stems)):
+            _check_width(block, stem, block.lateral, stem_names[index], f"stem feature {index}")
+            _check_width(block, bypass, block.vertical, stem_names[index], f"bypass input of block {index}")
+            target_size = stems[index + 1].shape[2:] if index + 1 < len(stems) else None
+            bypass = block(stem, bypass, target_size)
+        return bypass
+
+
+def _check_width(block: ResTuningBlock, x: torch.Tensor, op: nn.Module | None, stem: str, what: str) -> None:
+    if op is None or isinstance(op, Identity):
+        return
+    width = x.shape[1] if x.dim() == 4 else x.shape[-1]
+    if width != block.dim:
+        raise ValueError(
+            f"ResTuningConfig.dims: the {what} (at stem '{stem}') has {width} channels but the block works at "
+            f"{block.dim}; set dims to the features' widths"
+        )
+
+
+class ResTuningLayer(SwiftTunerLayer):
+    """The target module with, per adapter, the bypass network whose output replaces its input or output.
+
+    The root and stem features reach the bypass through forward hooks that this layer owns (one set per
+    adapter, removed with the adapter) and that store detached features per thread.
+
+    Args:
+        base_layer: the target module.
+    """
+
+    adapter_layer_names = ("restuning_bypass",)
+    other_param_names = ("restuning_hook", "restuning_hidden_pos")
+    tuner_name = "Res-Tuning"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.restuning_bypass = nn.ModuleDict()
+        self.restuning_hook: dict[str, str] = {}
+        self.restuning_hidden_pos: dict[str, int | str] = {}
+        self.restuning_sources: dict[str, list[str]] = {}
+        self.probes = FeatureProbes(detach=True)
+        self.layer_name = ""
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        specs: list[BlockSpec],
+        sources: list[ProbeSource],
+        hook: str,
+        hidden_pos: int | str,
+        layer_name: str,
+    ) -> None:
+        """Add one adapter.
+
+        Args:
+            adapter_name: its name.
+            specs: one block description per stem.
+            sources: the root feature first, then one per stem, in block order.
+            hook: ``"input"`` or ``"output"`` of this layer's module is replaced.
+            hidden_pos: which argument / output element is replaced.
+            layer_name: this layer's path in the model (for error messages).
+        """
+        self.restuning_bypass[adapter_name] = ResTuningBypass(specs)
+        self.restuning_hook[adapter_name] = hook
+        self.restuning_hidden_pos[adapter_name] = hidden_pos
+        self.restuning_sources[adapter_name] = [source.name for source in sources]
+        self.layer_name = layer_name
+        self.probes.attach(adapter_name, sources, self._capturing)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _capturing(self, adapter_name: str) -> bool:
+        # Capture only for adapters that will consume the features, so nothing is held otherwise.
+        return adapter_name in self.adapters_to_apply()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.probes.remove(adapter_name)
+        self.restuning_sources.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    def remove_probes(self) -> None:
+        """Unhook every adapter's root and stem modules (before this layer is unloaded)."""
+        self.probes.remove()
+
+    def _bypass_output(self, adapter_name: str, original: torch.Tensor) -> torch.Tensor:
+        features = self.probes.take(adapter_name, self.layer_name)
+        names = self.restuning_sources[adapter_name]
+        out = self.restuning_bypass[adapter_name](features[0], features[1:], names[1:])
+        return out.to(original.dtype)
+
+    def forward(self, *args, **kwargs):
+        active = list(self.adapters_to_apply())
+        for name in active:
+            if self.restuning_hook[name] == "input":
+                args, kwargs = _replace_argument(
+                    self.base_layer,
+                    args,
+                    kwargs,
+                    self.restuning_hidden_pos[name],
+                    lambda x, name=name: self._bypass_output(name, x),
+                )
+        output = self.base_layer(*args, **kwargs)
+        for name in active:
+            if self.restuning_hook[name] == "output":
+                output = _replace_output(
+                    output, self.restuning_hidden_pos[name], lambda x, name=name: self._bypass_output(name, x)
+                )
+        return output
+
+
+def _replace_argument(module: nn.Module, args: tuple, kwargs: dict, position: int | str, replace):
+    """``(args, kwargs)`` with the argument at ``position`` (index or keyword) passed through ``replace``."""
+    if isinstance(position, int) and position < len(args):
+        args = list(args)
+        args[position] = replace(args[position])
+        return tuple(args), kwargs
+    name = position
+    if isinstance(position, int):
+        parameters = list(inspect.signature(module.forward).parameters)
+        name = parameters[position] if position < len(parameters) else None
+    if name not in kwargs:
+        raise ValueError(
+            f"ResTuningConfig.target_hidden_pos={position!r}: {type(module).__name__} was called without that argument"
+        )
+    return args, {**kwargs, name: replace(kwargs[name])}
+
+
+def _replace_output(output, position: int | str, replace):
+    """``output`` with its hidden states (the tensor itself, or element / key ``position``) replaced."""
+    if isinstance(output, torch.Tensor):
+        return replace(output)
+    if isinstance(output, (tuple, list)) and isinstance(position, int):
+        items = list(output)
+        items[position] = replace(items[position])
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+    if isinstance(output, dict):
+        key = position if isinstance(position, str) else list(output.keys())[position]
+        copied = output.copy() if not hasattr(output, "to_tuple") else type(output)(**output)
+        copied[key] = replace(output[key])
+        return copied
+    raise ValueError(
+        f"ResTuningConfig.target_hidden_pos={position!r} does not select a tensor in a {type(output).__name__} output"
+    )

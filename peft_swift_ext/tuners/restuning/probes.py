@@ -1,0 +1,160 @@
+"""Forward hooks that hand other modules' features to a tuner layer, per adapter and per thread.
+
+Res-Tuning reads features of its root and stem modules, and SCEdit's controllable variant reads hint
+features, in the same forward in which the tuner layer runs. The hooks are owned by the tuner layer
+(one set per adapter) and removed with the adapter; captured tensors live in a thread-local store and
+are dropped as soon as the layer takes them, so concurrent forwards never see each other's features
+and nothing is kept alive between forwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass(frozen=True)
+class ProbeSource:
+    """One feature to capture.
+
+    Args:
+        name: the module's path in the model (for error messages).
+        module: the module to hook.
+        where: ``"input"`` (first argument of its forward) or ``"output"`` (its output, or the first element).
+    """
+
+    name: str
+    module: nn.Module
+    where: str
+
+
+def first_tensor(value: object) -> torch.Tensor:
+    """The tensor that carries the hidden states: ``value`` itself, or the first element of a tuple/list/dict."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return first_tensor(value[0])
+    if isinstance(value, dict) and value:  # includes transformers' ModelOutput
+        return first_tensor(next(iter(value.values())))
+    raise TypeError(f"expected a tensor, or a tuple/list/dict starting with one, got {type(value).__name__}")
+
+
+def first_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
+    """The first argument of a call ``module(*args, **kwargs)``, passed by position or by keyword."""
+    if args:
+        return args[0]
+    parameters = list(inspect.signature(module.forward).parameters)
+    if parameters and parameters[0] in kwargs:
+        return kwargs[parameters[0]]
+    raise TypeError(f"{type(module).__name__} was called without a first argument to capture")
+
+
+class FeatureProbes:
+    """Hooks capturing features of some modules for the adapters of one tuner layer.
+
+    Args:
+        detach: cut captured features from the autograd graph (Res-Tuning's bypass) or keep them
+            attached (hint features, which may come from a trainable hint encoder).
+    """
+
+    def __init__(self, detach: bool) -> None:
+        self.detach = detach
+        # hook ids rather than handles: a deep copy of the model keeps the ids, in the copied modules
+        self._hook_ids: dict[str, list[int]] = {}
+        self._sources: dict[str, list[ProbeSource]] = {}
+        self._local = threading.local()
+
+    def attach(self, adapter_name: str, sources: list[ProbeSource], wanted: Callable[[str], bool]) -> None:
+        """Hook ``sources`` for ``adapter_name``; features are captured only while ``wanted(adapter_name)``.
+
+        ``wanted`` should be a bound method of the tuner layer, so that a deep copy of the model gets hooks
+        bound to the copied layer.
+        """
+        self.remove(adapter_name)
+        hook_ids = []
+        for slot, source in enumerate(sources):
+            hook = _CaptureHook(self, adapter_name, slot, wanted)
+            if source.where == "input":
+                hook_ids.append(source.module.register_forward_pre_hook(hook.before, with_kwargs=True).id)
+            else:
+                hook_ids.append(source.module.register_forward_hook(hook.after).id)
+        self._hook_ids[adapter_name] = hook_ids
+        self._sources[adapter_name] = list(sources)
+
+    def _store(self, adapter_name: str, slot: int, tensor: torch.Tensor) -> None:
+        store = self._local.__dict__.setdefault("features", {})
+        store.setdefault(adapter_name, {})[slot] = tensor.detach() if self.detach else tensor
+
+    def take(self, adapter_name: str, consumer: str) -> list[torch.Tensor]:
+        """Remove and return this thread's captured features of ``adapter_name``, in source order.
+
+        Raises ``RuntimeError`` naming the source that has not run in this forward yet.
+
+        Args:
+            adapter_name: the adapter.
+            consumer: the module that needs them (for the error message).
+        """
+        captured = self._local.__dict__.get("features", {}).pop(adapter_name, {})
+        sources = self._sources.get(adapter_name, [])
+        missing = [source.name for slot, source in enumerate(sources) if slot not in captured]
+        if missing:
+            raise RuntimeError(
+                f"adapter {adapter_name!r} at '{consumer}' needs the features of {missing}, but they did not run "
+                "before it in this forward; the modules it reads from must run before it"
+            )
+        return [captured[slot] for slot in range(len(sources))]
+
+    def remove(self, adapter_name: str | None = None) -> None:
+        """Remove the hooks of one adapter, or of all adapters."""
+        names = list(self._hook_ids) if adapter_name is None else [adapter_name]
+        for name in names:
+            for source, hook_id in zip(self._sources.pop(name, []), self._hook_ids.pop(name, [])):
+                _handle(source, hook_id).remove()
+
+    def __deepcopy__(self, memo: dict) -> FeatureProbes:
+        # The copied modules hold deep copies of the hooks, under the same ids, bound to the copied probes
+        # through ``memo``; only the per-thread store (which cannot be copied) starts empty.
+        copied = FeatureProbes(self.detach)
+        memo[id(self)] = copied
+        for name, sources in self._sources.items():
+            copied._sources[name] = [ProbeSource(s.name, copy.deepcopy(s.module, memo), s.where) for s in sources]
+            copied._hook_ids[name] = list(self._hook_ids[name])
+        return copied
+
+
+class _CaptureHook:
+    """The hook callables of one source; a class (not a closure) so that deep copies rebind to the copy."""
+
+    def __init__(self, probes: FeatureProbes, adapter_name: str, slot: int, wanted: Callable[[str], bool]) -> None:
+        self.probes = probes
+        self.adapter_name = adapter_name
+        self.slot = slot
+        self.wanted = wanted
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.wanted(self.adapter_name):
+            self.probes._store(self.adapter_name, self.slot, first_tensor(first_argument(module, args, kwargs)))
+
+    def after(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.wanted(self.adapter_name):
+            self.probes._store(self.adapter_name, self.slot, first_tensor(output))
+
+
+def _handle(source: ProbeSource, hook_id: int) -> RemovableHandle:
+    """A handle that removes hook ``hook_id`` from the module of ``source`` (the dicts torch registered it in)."""
+    module = source.module
+    if source.where == "input":
+        handle = RemovableHandle(module._forward_pre_hooks, extra_dict=module._forward_pre_hooks_with_kwargs)
+    else:
+        handle = RemovableHandle(
+            module._forward_hooks, extra_dict=[module._forward_hooks_with_kwargs, module._forward_hooks_always_called]
+        )
+    handle.id = hook_id
+    return handle

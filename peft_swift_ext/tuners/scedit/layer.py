@@ -1,0 +1,157 @@
+"""SCEdit's SC-Tuner on one skip connection (or module output), in plain torch.
+
+Math (ms-swift's SCEAdapter, per pixel over the C edited channels; ``W2``/``c2`` start at zero, so the
+tuner starts as the identity):
+    T(x)    = W2 GELU(W1 x + c1) + c2
+    decoder: input [h, s] (channel split, s = the last ``dims`` channels) -> [h, s + T(s + hint)]
+    encoder / identity: output o -> o + T(o + hint)
+``hint`` is the hint module's output for the controllable variant (CSC-Tuner), zero otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import SwiftTunerLayer
+from ..restuning.probes import FeatureProbes, ProbeSource, first_argument, first_tensor
+
+
+class SCEditLayer(SwiftTunerLayer):
+    """A target module with, per adapter, an SC-Tuner on its skip input (decoder) or its output (encoder).
+
+    Args:
+        base_layer: the target module (a UNet up-block resnet in decoder mode).
+    """
+
+    adapter_layer_names = ("scedit_ln1", "scedit_ln2")
+    other_param_names = ("scedit_mode", "scedit_dim")
+    tuner_name = "SCEdit"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.scedit_ln1 = nn.ModuleDict()
+        self.scedit_ln2 = nn.ModuleDict()
+        self.scedit_mode: dict[str, str] = {}
+        self.scedit_dim: dict[str, int] = {}
+        self.hinted: set[str] = set()
+        self.probes = FeatureProbes(detach=False)
+        self.layer_name = ""
+
+    def update_layer(
+        self, adapter_name: str, dim: int, hidden: int, mode: str, hint: ProbeSource | None, layer_name: str
+    ) -> None:
+        """Add one adapter.
+
+        Args:
+            adapter_name: its name.
+            dim: the number of edited channels.
+            hidden: the tuner's hidden width.
+            mode: ``"decoder"``, ``"encoder"`` or ``"identity"``.
+            hint: the module whose output is this target's hint, or None.
+            layer_name: this layer's path in the model (for error messages).
+        """
+        down, up = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        self.scedit_ln1[adapter_name] = down
+        self.scedit_ln2[adapter_name] = up
+        self.scedit_mode[adapter_name] = mode
+        self.scedit_dim[adapter_name] = dim
+        self.layer_name = layer_name
+        if hint is not None:
+            self.hinted.add(adapter_name)
+            self.probes.attach(adapter_name, [hint], self._capturing)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def _capturing(self, adapter_name: str) -> bool:
+        return adapter_name in self.adapters_to_apply()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.probes.remove(adapter_name)
+        self.hinted.discard(adapter_name)
+        super().delete_adapter(adapter_name)
+
+    def remove_probes(self) -> None:
+        """Unhook every adapter's hint module (before this layer is unloaded)."""
+        self.probes.remove()
+
+    def sc_tune(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x + T(x + hint)`` for one adapter; ``x`` is (B, C, H, W) or (B, tokens, C)."""
+        down, up = self.scedit_ln1[adapter_name], self.scedit_ln2[adapter_name]
+        tuner_input = x
+        if adapter_name in self.hinted:
+            hint = self.probes.take(adapter_name, self.layer_name)[0]
+            if hint.shape != x.shape:
+                raise ValueError(
+                    f"SCEditConfig.hint_modules: the hint for '{self.layer_name}' has shape {tuple(hint.shape)} but "
+                    f"the features it conditions have shape {tuple(x.shape)}"
+                )
+            tuner_input = x + hint.to(x.dtype)
+        tokens = tuner_input.to(down.weight.dtype)
+        if x.dim() == 4:
+            tokens = tokens.flatten(2).transpose(1, 2)
+        out = up(F.gelu(down(tokens)))
+        if x.dim() == 4:
+            out = out.transpose(1, 2).reshape(x.shape)
+        return (x.to(out.dtype) + out).to(x.dtype)
+
+    def _edit_skip(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        dim = self.scedit_dim[adapter_name]
+        if x.dim() != 4 or x.shape[1] <= dim:
+            raise ValueError(
+                f"SCEditConfig.dims: '{self.layer_name}' got input {tuple(x.shape)}, which has no {dim} skip channels "
+                "after the hidden ones; decoder mode needs (batch, hidden + skip channels, height, width)"
+            )
+        hidden, skip = x.split([x.shape[1] - dim, dim], dim=1)
+        return torch.cat([hidden, self.sc_tune(adapter_name, skip)], dim=1)
+
+    def _edit_output(self, adapter_name: str, output):
+        features = first_tensor(output)
+        dim = self.scedit_dim[adapter_name]
+        width = features.shape[1] if features.dim() == 4 else features.shape[-1]
+        if width != dim:
+            raise ValueError(
+                f"SCEditConfig.dims: '{self.layer_name}' outputs {width} channels but the tuner was built for {dim}"
+            )
+        return _with_first_tensor(output, self.sc_tune(adapter_name, features))
+
+    def forward(self, *args, **kwargs):
+        active = list(self.adapters_to_apply())
+        decoder = [name for name in active if self.scedit_mode[name] == "decoder"]
+        if decoder:
+            x = first_argument(self.base_layer, args, kwargs)
+            for name in decoder:
+                x = self._edit_skip(name, x)
+            args, kwargs = _with_first_argument(self.base_layer, args, kwargs, x)
+        output = self.base_layer(*args, **kwargs)
+        for name in active:
+            if self.scedit_mode[name] != "decoder":
+                output = self._edit_output(name, output)
+        return output
+
+
+def _with_first_argument(module: nn.Module, args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    first = next(iter(inspect.signature(module.forward).parameters))
+    return args, {**kwargs, first: value}
+
+
+def _with_first_tensor(output, tensor: torch.Tensor):
+    """``output`` with its hidden states (itself, or its first element / value) replaced by ``tensor``."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, (tuple, list)):
+        # keep the other elements (ms-swift drops them, which breaks blocks returning several values)
+        items = [_with_first_tensor(output[0], tensor), *output[1:]]
+        return tuple(items) if isinstance(output, tuple) else items
+    key = next(iter(output.keys()))
+    copied = type(output)(**output) if hasattr(output, "to_tuple") else output.copy()
+    copied[key] = tensor
+    return copied

@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..base import SwiftBaseTuner, base_module_names
+from ..restuning.probes import ProbeSource
+from ..restuning.widths import feature_width
+from .config import SCEditConfig
+from .layer import SCEditLayer
+
+_SWIFT_KEY = re.compile(
+    r"^(?P<path>.+)\.scetuner_(?P<adapter>.+?)\.tuner_op\.(?P<linear>ln1|ln2)\.(?P<rest>weight|bias)$"
+)
+
+
+@dataclass
+class SCEditTarget:
+    """One resolved target: where it is, how many channels its tuner edits, and its hint module."""
+
+    name: str
+    dim: int
+    hint: ProbeSource | None
+
+
+class SCEditModel(SwiftBaseTuner):
+    """Injects SCEdit: wraps each target module in an :class:`SCEditLayer`."""
+
+    prefix = "scedit_"
+    tuner_layer_cls = SCEditLayer
+    _plan: dict[str, SCEditTarget] | None = None
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        plan = {target.name: target for target in plan_adapter(model, config)}
+        targets = config.target_modules
+        self._plan = plan
+        try:
+            BaseTuner.inject_adapter(self, model, adapter_name, **kwargs)
+        finally:
+            self._plan = None
+            config.target_modules = targets  # PEFT may rewrite long target lists; keep the user's
+
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
+        return self._plan is not None and key in self._plan
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies ``child.weight`` onto unwrapped modules, which blocks do not have; the layer
+        # already put its adapter on the base layer's device.
+        setattr(parent, child_name, new_module)
+
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ) -> None:
+        planned = self._plan[current_key]
+        layer = target if isinstance(target, SCEditLayer) else SCEditLayer(target)
+        hidden = int(planned.dim * peft_config.down_ratio)
+        layer.update_layer(adapter_name, planned.dim, hidden, peft_config.tuner_mode, planned.hint, current_key)
+        if layer is not target:
+            self._replace_module(parent, target_name, layer, target)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        if merge:
+            self._check_merge_allowed()
+        self.finalize_unload(merge)
+        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+
+    def finalize_unload(self, merged: bool) -> None:
+        """Unhook the hint modules of every adapter (the layers are about to be removed)."""
+        for module in self.model.modules():
+            if isinstance(module, SCEditLayer):
+                module.remove_probes()
+
+    @classmethod
+    def from_swift_state_dict(
+        cls, weights: dict[str, torch.Tensor], adapter_name: str, **_
+    ) -> dict[str, torch.Tensor]:
+        """Rewrite ms-swift's keys into ours.
+
+        ``<target>.scetuner_<a>.tuner_op.ln1.weight`` becomes ``<target>.scedit_ln1.<a>.weight``.
+        """
+        translated = {}
+        for key, value in weights.items():
+            match = _SWIFT_KEY.match(key)
+            if match is None:
+                translated[key] = value
+            else:
+                translated[f"{match['path']}.scedit_{match['linear']}.{match['adapter']}.{match['rest']}"] = value
+        return translated
+
+
+def plan_adapter(model: nn.Module, config: SCEditConfig) -> list[SCEditTarget]:
+    """Resolve and check the targets, dims and hints of ``config`` on ``model``; ``ValueError`` names the field."""
+    names = [name for name in base_module_names(model) if "base_layer" not in name.split(".")]
+    targets = [_last_module(model, name) for name in _select(names, config.target_modules, "target_modules")]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"SCEditConfig.target_modules selects a module twice: {targets}")
+    dims = config.dims if isinstance(config.dims, list) else [config.dims] * len(targets)
+    if len(dims) != len(targets):
+        raise ValueError(
+            f"SCEditConfig.dims has {len(dims)} entries but target_modules selects {len(targets)} modules: {targets}"
+        )
+    hints: list[ProbeSource | None] = [None] * len(targets)
+    if config.hint_modules:
+        hint_names = _select(names, config.hint_modules, "hint_modules")
+        if len(hint_names) != len(targets):
+            raise ValueError(
+                f"SCEditConfig.hint_modules selects {len(hint_names)} modules but target_modules selects "
+                f"{len(targets)}; give one hint module per target"
+            )
+        hints = [ProbeSource(name, model.get_submodule(name), "output") for name in hint_names]
+    skips = unet_skip_channels(model)
+    for index, (name, dim) in enumerate(zip(targets, dims)):
+        _check_dim(config.tuner_mode, model.get_submodule(name), name, index, dim, skips.get(name))
+    return [SCEditTarget(name, dim, hint) for name, dim, hint in zip(targets, dims, hints)]
+
+
+def _select(names: list[str], pattern: str | list[str], field_name: str) -> list[str]:
+    """ms-swift's matching: a regex (full match, model order) or a list of exact names (list order)."""
+    if isinstance(pattern, str):
+        selected = [name for name in names if re.fullmatch(pattern, name)]
+        if not selected:
+            sample = ", ".join(names[:8])
+            raise ValueError(
+                f"SCEditConfig.{field_name}={pattern!r} matches no module; names look like: {sample}, ..."
+            )
+        return selected
+    missing = [name for name in pattern if name not in names]
+    if missing:
+        raise ValueError(f"SCEditConfig.{field_name} names modules the model does not have: {missing}")
+    return list(pattern)
+
+
+def _last_module(model: nn.Module, name: str) -> str:
+    """A ModuleList stands for its last module (recursively), as in ms-swift."""
+    module = model.get_submodule(name)
+    while isinstance(module, nn.ModuleList):
+        if not len(module):
+            raise ValueError(f"SCEditConfig.target_modules selects '{name}', an empty ModuleList")
+        name, module = f"{name}.{len(module) - 1}", module[-1]
+    if isinstance(module, nn.ModuleDict):
+        raise ValueError(f"SCEditConfig.target_modules selects '{name}', a ModuleDict; select a module that runs")
+    return name
+
+
+def _check_dim(mode: str, module: nn.Module, name: str, index: int, dim: int, skip: int | None) -> None:
+    if mode == "decoder":
+        if skip is not None and skip != dim:
+            raise ValueError(
+                f"SCEditConfig.dims[{index}]={dim} does not fit the skip connection into '{name}', which carries "
+                f"{skip} channels"
+            )
+        width = feature_width(module, "input")
+        if width is not None and width <= dim:
+            raise ValueError(
+                f"SCEditConfig.dims[{index}]={dim} does not fit '{name}': its input has {width} channels, which must "
+                "hold the hidden channels and then the skip channels"
+            )
+    else:
+        width = feature_width(module, "output")
+        if width is not None and width != dim:
+            raise ValueError(f"SCEditConfig.dims[{index}]={dim} does not fit '{name}', which outputs {width} channels")
+
+
+def unet_skip_channels(model: nn.Module) -> dict[str, int]:
+    """Skip-connection channels into each up-block resnet of the diffusers UNets inside ``model``.
+
+    A diffusers UNet pushes ``conv_in``'s output, every down-block resnet's and every downsampler's output on a
+    stack, and each up-block resnet pops one and concatenates it after its hidden input.
+    """
+    found: dict[str, int] = {}
+    for path, unet in model.named_modules():
+        down_blocks, up_blocks = unet._modules.get("down_blocks"), unet._modules.get("up_blocks")
+        conv_in = unet._modules.get("conv_in")
+        if not (isinstance(down_blocks, nn.ModuleList) and isinstance(up_blocks, nn.ModuleList) and conv_in):
+            continue
+        stack = [feature_width(conv_in, "output")]
+        for block in down_blocks:
+            stack += [feature_width(resnet, "output") for resnet in getattr(block, "resnets", [])]
+            stack += [feature_width(sampler, "output") for sampler in getattr(block, "downsamplers", None) or []]
+        prefix = f"{path}." if path else ""
+        skips = {}
+        for b, block in enumerate(up_blocks):
+            for r, _ in enumerate(getattr(block, "resnets", [])):
+                skips[f"{prefix}up_blocks.{b}.resnets.{r}"] = stack.pop() if stack else None
+        if not stack and None not in skips.values():  # the structure is the one described above
+            found.update(skips)
+    return found

@@ -1,0 +1,50 @@
+"""ms-swift 4.6.0 SCEdit checkpoints load through Swift.from_pretrained with ms-swift's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_swift_ext import SCEditConfig, Swift
+
+CASE = Path(__file__).parents[1] / "fixtures" / "swift" / "unet_scedit"
+
+pytestmark = pytest.mark.skipif(not (CASE / "case.json").is_file(), reason="ms-swift fixture unet_scedit missing")
+
+
+def load_case():
+    from diffusers import UNet2DConditionModel
+
+    case = json.loads((CASE / "case.json").read_text())
+    base = UNet2DConditionModel.from_pretrained(CASE / case["base_dir"], torch_dtype=torch.float32)
+    return case, base.eval(), load_file(str(CASE / "io.safetensors"))
+
+
+def run(model, io, case) -> torch.Tensor:
+    inputs = {name: io[spec["io_key"]] for name, spec in case["inputs"].items()}
+    with torch.no_grad():
+        return model(**inputs, **case["call_kwargs"]).sample
+
+
+def test_swift_checkpoint_gives_swift_outputs():
+    case, base, io = load_case()
+    torch.testing.assert_close(run(base, io, case), io["base_output.sample"], atol=1e-5, rtol=0)
+    model = Swift.from_pretrained(base, CASE / "ckpt").eval()
+    assert isinstance(model.peft_config["default"], SCEditConfig)
+    torch.testing.assert_close(run(model, io, case), io["output.sample"], atol=1e-5, rtol=0)
+
+
+def test_swift_checkpoint_weights_land_in_the_tuners():
+    _, base, _ = load_case()
+    model = Swift.from_pretrained(base, CASE / "ckpt")
+    saved = load_file(str(CASE / "ckpt" / "default" / "adapter_model.safetensors"))
+    ours = model.adapter_state_dict("default")
+    assert len(ours) == len(saved)
+    for key, tensor in saved.items():
+        path, rest = key.split(".scetuner_default.tuner_op.")
+        linear, field = rest.split(".")
+        assert torch.equal(ours[f"{path}.scedit_{linear}.default.{field}"], tensor)
