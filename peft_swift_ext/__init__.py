@@ -17,6 +17,8 @@ from .tuners import (
     NEFTuneConfig,
     NEFTuneModel,
     PromptConfig,
+    ResTuningConfig,
+    SCEditConfig,
     SideConfig,
     create_lora_plus_optimizer,
 )
@@ -40,4 +42,6 @@ __all__ = [
     "SwiftModel",
     "create_lora_plus_optimizer",
     "register_tuner",
+    "ResTuningConfig",
+    "SCEditConfig",
 ]

@@ -6,6 +6,8 @@ from .longlora import LongLoraConfig, LongLoraModel
 from .lora_plus import LoraPlusConfig, LoraPlusModel, create_lora_plus_optimizer
 from .neftune import NEFTuneConfig, NEFTuneModel
 from .prompt import PromptConfig, PromptModel
+from .restuning import ResTuningConfig, ResTuningModel
+from .scedit import SCEditConfig, SCEditModel
 from .side import SideConfig, SideModel
 
 __all__ = [
@@ -24,4 +26,8 @@ __all__ = [
     "LoraPlusConfig",
     "LoraPlusModel",
     "create_lora_plus_optimizer",
+    "ResTuningConfig",
+    "ResTuningModel",
+    "SCEditConfig",
+    "SCEditModel",
 ]
