@@ -9,10 +9,12 @@ The Adapter, Prompt and Side tuners share these helpers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 Position = int | str
@@ -27,7 +29,7 @@ class ArgumentSlot:
     """
 
     def __init__(self, module: nn.Module, position: Position) -> None:
-        params = list(inspect.signature(module.forward).parameters.values())
+        params = forward_parameters(module)
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.position = position
         if isinstance(position, int):
@@ -41,7 +43,7 @@ class ArgumentSlot:
     @staticmethod
     def problem(module: nn.Module, position: Position) -> str | None:
         """Why ``module.forward`` cannot receive an argument at ``position``, or None when it can."""
-        params = list(inspect.signature(module.forward).parameters.values())
+        params = forward_parameters(module)
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         var_args = any(p.kind == p.VAR_POSITIONAL for p in params)
         var_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
@@ -70,7 +72,24 @@ class ArgumentSlot:
         return args, {**kwargs, self.name: value}
 
 
-def _forward_name(module: nn.Module, params: list[inspect.Parameter]) -> str:
+def forward_parameters(module: nn.Module) -> tuple[inspect.Parameter, ...]:
+    """The parameters of ``module.forward`` without ``self`` (cached per class: layers resolve them every call).
+
+    Tuner wrappers forward ``*args, **kwargs`` unchanged, so the wrapped module's signature is the one that counts.
+    """
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    if "forward" in vars(module):
+        return tuple(inspect.signature(module.forward).parameters.values())
+    return _unbound_parameters(type(module).forward)[1:]
+
+
+@functools.cache
+def _unbound_parameters(function) -> tuple[inspect.Parameter, ...]:
+    return tuple(inspect.signature(function).parameters.values())
+
+
+def _forward_name(module: nn.Module, params: tuple[inspect.Parameter, ...]) -> str:
     return f"{type(module).__name__}.forward({', '.join(p.name for p in params)})"
 
 
