@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -84,18 +84,22 @@ class PromptLayer(SwiftTunerLayer):
             )
         hidden = self._insert_tokens(names, hidden, first)
         args, kwargs = embedding.replace(args, kwargs, hidden)
-        args, kwargs = self._extend_argument(args, kwargs, first.attention_mask_pos, hidden.shape[1], first)
-        args, kwargs = self._extend_argument(args, kwargs, first.position_embeddings_pos, hidden.shape[1], first)
+        length, front = hidden.shape[1], first.attach_front
+        args, kwargs = self._replace_argument(
+            args, kwargs, first.attention_mask_pos, lambda m: extend_attention_mask(m, length, front, first.mask_value)
+        )
+        args, kwargs = self._replace_argument(
+            args, kwargs, first.position_embeddings_pos, lambda t: tuple(extend_positions(x, length, front) for x in t)
+        )
         output = self.base_layer(*args, **kwargs)
         extracted = [name for name, setting in zip(names, settings) if setting.extracts]
         return self._remove_tokens(output, names, extracted, first.attach_front) if extracted else output
 
     def _check_compatible(self, names: list[str], settings: list[PromptSettings]) -> None:
-        parts = {(s.concatenates, s.attach_front, s.embedding_pos) for s in settings}
-        if len(parts) > 1:
+        if len({replace(s, extracts=False) for s in settings}) > 1:
             raise ValueError(
                 f"prompt adapters {names} are active together in {self.module_name} but differ in whether this is "
-                "their first layer, in attach_front or in embedding_pos; activate them one at a time"
+                "their first layer, in attach_front or in argument positions / mask value; activate them one at a time"
             )
 
     def _spans(self, names: list[str], total: int, front: bool) -> dict[str, tuple[int, int]]:
@@ -141,19 +145,13 @@ class PromptLayer(SwiftTunerLayer):
         pieces.append(hidden[:, cursor:])
         return torch.cat(pieces, dim=1)
 
-    def _extend_argument(self, args: tuple, kwargs: dict, position, length: int, first: PromptSettings):
-        """Make the mask / rotary argument cover ``length`` positions, as the prompt tokens were added."""
+    def _replace_argument(self, args: tuple, kwargs: dict, position, extend) -> tuple[tuple, dict]:
+        """Pass ``extend(value)`` instead of the argument at ``position`` (mask / rotary table), if it was given."""
         if position is None:
             return args, kwargs
         slot = ArgumentSlot(self.base_layer, position)
         value = slot.get(args, kwargs)
-        if value is None:
-            return args, kwargs
-        if position == first.attention_mask_pos:
-            extended = extend_attention_mask(value, length, first.attach_front, first.mask_value)
-        else:
-            extended = tuple(extend_positions(t, length, first.attach_front) for t in value)
-        return slot.replace(args, kwargs, extended)
+        return (args, kwargs) if value is None else slot.replace(args, kwargs, extend(value))
 
     def _remove_tokens(self, output, names: list[str], extracted: list[str], front: bool):
         hidden = output if isinstance(output, torch.Tensor) else output[0]
