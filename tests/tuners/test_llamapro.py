@@ -35,7 +35,7 @@ def logits(model, inputs) -> torch.Tensor:
 
 def greedy(model, inputs, use_cache: bool = True) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=10, do_sample=False, use_cache=use_cache, pad_token_id=0)
+        return model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
 
 
 def plainly_expanded(make_model, tuned: PeftModel, group_ends: list[int]):

@@ -93,18 +93,42 @@ def test_neftune_only_checkpoint_is_the_config_and_restores(tmp_path):
     assert noise.abs().max() == pytest.approx(2.0 / math.sqrt(64 * 32), rel=0.02)
 
 
-def test_trainer_noise_on_top_is_refused(tmp_path):
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="t0", eos_token="t1")
+
+
+def make_trainer(kind: str, model, output_dir, trainer_alpha: float | None):
     from datasets import Dataset
+
+    ids = llama_inputs(batch=4)["input_ids"].tolist()
+    options = {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": [], "use_cpu": True}
+    if kind == "trl-sft":
+        trl = pytest.importorskip("trl")
+        args = trl.SFTConfig(output_dir, neftune_noise_alpha=trainer_alpha, **options)
+        data = Dataset.from_dict({"input_ids": ids})
+        return trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer())
     from transformers import Trainer, TrainingArguments
 
-    model = get_peft_model(tiny_llama(), NEFTuneConfig())
-    ids = llama_inputs(batch=4)["input_ids"]
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(
-        tmp_path, max_steps=1, per_device_train_batch_size=2, neftune_noise_alpha=5.0, report_to=[], use_cpu=True
-    )
+    args = TrainingArguments(output_dir, neftune_noise_alpha=trainer_alpha, **options)
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+
+
+@pytest.mark.parametrize("kind", ["hf-trainer", "trl-sft"])
+def test_trainer_noise_on_top_is_refused(kind, tmp_path):
+    trainer = make_trainer(kind, get_peft_model(tiny_llama(), NEFTuneConfig()), tmp_path, trainer_alpha=5.0)
     with pytest.raises(ValueError, match="neftune_noise_alpha=5.0 would add it a second time"):
-        Trainer(model=model, args=args, train_dataset=data).train()
+        trainer.train()
+
+
+def test_full_fine_tuning_with_neftune_trains_in_the_trainer(tmp_path):
+    model = get_peft_model(tiny_llama(), NEFTuneConfig())
+    for param in model.parameters():  # NEFTune has no weights: full fine-tuning with noise, as in ms-swift
+        param.requires_grad_(True)
+    assert make_trainer("hf-trainer", model, tmp_path, trainer_alpha=None).train().global_step == 1
 
 
 def test_bad_settings_raise_before_the_model_changes():

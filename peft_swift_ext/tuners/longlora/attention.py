@@ -166,11 +166,13 @@ def _make_attention(implementation: str) -> Callable:
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         settings = active_rule(module) if module.training else None
-        if settings is None or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+        length = query.shape[2]
+        group = group_size_for(length, *settings) if settings is not None and 1 < length == key.shape[2] else None
+        # One group holding every token is full causal attention (the shift only reorders it), so skip the work.
+        if group is None or group >= length:
             if inner is eager_attention_forward:
                 attention_mask = _eager_mask_from_sdpa(attention_mask, query, key)
             return inner(module, query, key, value, attention_mask, **kwargs)
-        group = group_size_for(query.shape[2], *settings)
         kwargs.pop("is_causal", None)
         return shifted_sparse_attention(inner, module, query, key, value, attention_mask, group, **kwargs)
 
