@@ -1,0 +1,200 @@
+"""MkDocs hooks of this site (named in ``mkdocs.yml``).
+
+- The "Tuners" section of the navigation lists every page of ``docs/tuners/`` (tuner pages are added by the
+  engineers of each tuner, so the section follows the tree instead of a hand-kept list), and pages that other
+  work adds (``docs/compatibility.md``) appear once they exist.
+- ``guides/benchmarks.md`` gets its figures from ``benchmarks/results/*.json``: a table per file, and a chart
+  (SVG, generated at build time) where one reads better than the table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARK_MARKER = "<!-- benchmark-figures -->"
+
+# Reading order of the tuner pages; pages not named here follow alphabetically.
+TUNER_ORDER = ["loraplus", "adapter", "prompt", "side", "restuning", "scedit", "llamapro", "longlora", "neftune"]
+# Pages kept outside docs/tuners/ until a tuner page exists: (tuner page names that replace it, page).
+FALLBACK_TUNER_PAGES = [(("loraplus", "lora_plus"), "guides/loraplus.md")]
+OPTIONAL_PAGES = [("Compatibility", "compatibility.md")]
+
+
+def tuner_pages(docs_dir: Path) -> list[str]:
+    """Docs-relative paths of the tuner pages, in reading order."""
+    found = {p.stem: f"tuners/{p.name}" for p in sorted((docs_dir / "tuners").glob("*.md"))}
+    for stems, page in FALLBACK_TUNER_PAGES:
+        if not any(stem in found for stem in stems) and (docs_dir / page).exists():
+            found[stems[0]] = page
+    rank = {name: i for i, name in enumerate(TUNER_ORDER)}
+    return [found[stem] for stem in sorted(found, key=lambda s: (rank.get(s, len(rank)), s))]
+
+
+def on_config(config):
+    docs_dir = Path(config["docs_dir"])
+    nav = config["nav"]
+    for i, entry in enumerate(nav):
+        if isinstance(entry, dict) and "Tuners" in entry:
+            nav[i] = {"Tuners": tuner_pages(docs_dir)}
+    for title, page in OPTIONAL_PAGES:
+        if (docs_dir / page).exists():
+            nav.append({title: page})
+    return config
+
+
+# --- benchmark figures ---------------------------------------------------------------------------------------
+
+
+def _scalars(data: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _scalars(value, f"{name}.")
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            rows.append((name, value))
+        elif isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value):
+            rows.append((name, ", ".join(map(str, value))))
+    return rows
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _length_series(data: dict) -> dict[str, dict[int, dict]] | None:
+    """``results: {variant: {length: {metric: value}}}`` (the LongLoRA schema), else None."""
+    results = data.get("results")
+    if not isinstance(results, dict) or not results:
+        return None
+    series = {}
+    for variant, by_length in results.items():
+        if not isinstance(by_length, dict) or not all(re.fullmatch(r"\d+", k) for k in by_length):
+            return None
+        series[variant] = {int(k): v for k, v in by_length.items() if isinstance(v, dict)}
+    return series
+
+
+def _svg(figure) -> str:
+    import matplotlib
+
+    matplotlib.rcParams["svg.hashsalt"] = "peft-swift-ext"
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _length_chart(name: str, series: dict[str, dict[int, dict]]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("peak_mib", "step_seconds") if any(m in v for s in series.values() for v in s.values())]
+    if not metrics:
+        return None
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for variant, by_length in series.items():
+            points = sorted((length, v[metric]) for length, v in by_length.items() if metric in v)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=variant)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel(metric)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(name)
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
+def _peak_bar_chart(name: str, data: dict) -> str | None:
+    """A bar per ``*_peak_mib`` figure at the top level (e.g. full logits vs chunked)."""
+    peaks = {k.removesuffix("_peak_mib"): v for k, v in data.items() if k.endswith("_peak_mib")}
+    if len(peaks) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 2.6))
+    axis.barh(list(peaks), list(peaks.values()))
+    axis.set_xlabel("peak memory (MiB)")
+    axis.set_title(name)
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
+def benchmark_sections(results_dir: Path = RESULTS) -> tuple[str, dict[str, str]]:
+    """Markdown for every results file, and the charts it refers to (``{docs path: svg}``)."""
+    charts: dict[str, str] = {}
+    parts: list[str] = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            parts.append(f"## `{path.name}`\n\nUnreadable: {error}\n")
+            continue
+        if not isinstance(data, dict):
+            continue
+        lines = [f"## `{path.stem}`", "", f"From `benchmarks/results/{path.name}`.", ""]
+        if "command" in data:
+            lines += [f"Command: `{data['command']}`", ""]
+        series = _length_series(data)
+        svg = _length_chart(path.stem, series) if series else _peak_bar_chart(path.stem, data)
+        if svg:
+            chart = f"guides/charts/{path.stem}.svg"
+            charts[chart] = svg
+            lines += [f"![{path.stem} chart](charts/{path.stem}.svg)", ""]
+        scalar_data = {k: v for k, v in data.items() if k not in ("results", "command")}
+        rows = _scalars(scalar_data)
+        if rows:
+            lines += ["| figure | value |", "| --- | --- |"]
+            lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
+            lines.append("")
+        if series:
+            metrics = sorted({m for s in series.values() for v in s.values() for m in v})
+            lengths = sorted({n for s in series.values() for n in s})
+            lines += ["| variant | length | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+            for variant, by_length in series.items():
+                for n in lengths:
+                    if n in by_length:
+                        cells = " | ".join(_fmt(by_length[n].get(m, "")) for m in metrics)
+                        lines.append(f"| {variant} | {n} | {cells} |")
+            lines.append("")
+        parts.append("\n".join(lines))
+    if not parts:
+        parts.append("No results yet: `benchmarks/results/` is empty.\n")
+    return "\n".join(parts), charts
+
+
+_generated: dict[str, str] = {}
+
+
+def on_files(files, config):
+    markdown, charts = benchmark_sections()
+    _generated.clear()
+    _generated["markdown"] = markdown
+    for src_uri, svg in charts.items():
+        files.append(File.generated(config, src_uri, content=svg))
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    if BENCHMARK_MARKER in markdown:
+        return markdown.replace(BENCHMARK_MARKER, _generated.get("markdown", ""))
+    return markdown
