@@ -3,8 +3,9 @@ PYTHON ?= python
 
 .PHONY: docs docs-install docs-serve docs-test test lint
 
+# torch is pinned first (as in the README) so that installing the package never pulls a CUDA build.
 docs-install:
-	$(PYTHON) -m pip install -e '.[docs]'
+	$(PYTHON) -m pip install torch==2.13.0 && $(PYTHON) -m pip install -e '.[docs]'
 
 docs:
 	@$(PYTHON) -c "import mkdocs, mkdocstrings, material" 2>/dev/null || $(MAKE) docs-install
