@@ -259,6 +259,32 @@ def test_concurrent_forwards_use_their_own_features():
             torch.testing.assert_close(output, expected[index], atol=0, rtol=0)
 
 
+def test_per_thread_activation_feeds_each_thread_its_own_adapter():
+    model = Swift.prepare_model(tiny_vit(), {"a": vit_config(), "b": vit_config()}, per_thread=True).eval()
+    randomize_adapter(model, "a", seed=1, scale=0.1)
+    randomize_adapter(model, "b", seed=2, scale=0.1)
+    inputs = vit_inputs()
+    expected = {}
+    for name in ("a", "b"):
+        model.set_active_adapters([name])
+        expected[name] = run(model, inputs, pick_hidden)
+    assert (expected["a"] - expected["b"]).abs().max() > 1e-3
+    failures = []
+
+    def work(name: str) -> None:
+        model.set_active_adapters([name])  # per thread
+        for _ in range(10):
+            if not torch.equal(run(model, inputs, pick_hidden), expected[name]):
+                failures.append(name)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in ("a", "b", "a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
 def test_deep_copy_hooks_the_copy_and_not_the_original():
     import copy
 
