@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARK_MARKER = "<!-- benchmark-figures -->"
+# An unfilled placeholder such as MEASURED_TABLE left in prose (code and HTML comments are not checked).
+PLACEHOLDER = re.compile(r"\b[A-Z]{2,}(?:_[A-Z]{2,})+\b")
+log = logging.getLogger("mkdocs.hooks.peft_swift_ext")
 
 # Reading order of the tuner pages; pages not named here follow alphabetically.
 TUNER_ORDER = ["loraplus", "adapter", "prompt", "side", "restuning", "scedit", "llamapro", "longlora", "neftune"]
@@ -194,7 +198,17 @@ def on_files(files, config):
     return files
 
 
+def placeholders(markdown: str) -> list[str]:
+    """Upper-case placeholders (``SOME_FIGURE``) in the prose of a page."""
+    prose = re.sub(r"^[ \t]*(```+|~~~+).*?^[ \t]*\1[ \t]*$", "", markdown, flags=re.S | re.M)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    prose = re.sub(r"<!--.*?-->", "", prose, flags=re.S)
+    return PLACEHOLDER.findall(prose)
+
+
 def on_page_markdown(markdown, page, config, files):
+    for name in placeholders(markdown):
+        log.warning("%s: unfilled placeholder %s", page.file.src_uri, name)
     if BENCHMARK_MARKER in markdown:
         return markdown.replace(BENCHMARK_MARKER, _generated.get("markdown", ""))
     return markdown
