@@ -143,6 +143,26 @@ def _peak_bar_chart(name: str, data: dict) -> str | None:
     return svg
 
 
+def _ratio_bar_chart(name: str, data: dict) -> str | None:
+    """A bar per top-level ``a_vs_b`` ratio, with 1.0 (no change) marked."""
+    ratios = {k: v for k, v in data.items() if "_vs_" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if len(ratios) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 0.5 + 0.45 * len(ratios)))
+    axis.barh(list(ratios), list(ratios.values()))
+    axis.axvline(1.0, color="black", linewidth=0.8)
+    axis.set_xlabel("ratio (1 = no change)")
+    axis.set_title(name)
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
 def benchmark_sections(results_dir: Path = RESULTS) -> tuple[str, dict[str, str]]:
     """Markdown for every results file, and the charts it refers to (``{docs path: svg}``)."""
     charts: dict[str, str] = {}
@@ -159,7 +179,10 @@ def benchmark_sections(results_dir: Path = RESULTS) -> tuple[str, dict[str, str]
         if "command" in data:
             lines += [f"Command: `{data['command']}`", ""]
         series = _length_series(data)
-        svg = _length_chart(path.stem, series) if series else _peak_bar_chart(path.stem, data)
+        if series:
+            svg = _length_chart(path.stem, series)
+        else:
+            svg = _peak_bar_chart(path.stem, data) or _ratio_bar_chart(path.stem, data)
         if svg:
             chart = f"guides/charts/{path.stem}.svg"
             charts[chart] = svg
