@@ -185,6 +185,7 @@ def load_tiny(log: Callable[[str], None] = print, seed: int = 0) -> LoadedModel:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,  # as in SmolLM2, so tuners that touch the embeddings meet the same sharing
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -26,6 +26,8 @@ from .. import (
 )
 
 DEFAULT_TUNER = "loraplus"
+# Tuners that change training but hold no weights, so they cannot be fine-tuned alone.
+WEIGHTLESS_TUNERS = {"neftune"}
 _LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -73,6 +75,10 @@ def parse_tuner_spec(spec: str) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"--tuner {spec!r} names {repeated} more than once")
+    if set(names) <= WEIGHTLESS_TUNERS:
+        raise ValueError(
+            f"--tuner {spec!r} has no trainable weights; combine it with a tuner that has some, e.g. lora+{names[0]}"
+        )
     return names
 
 
