@@ -24,17 +24,21 @@ def random_batch(batch_size: int = 2, seq_len: int = 12, vocab_size: int = 128, 
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-def save_tiny_llama_with_tokenizer(path) -> LlamaForCausalLM:
-    """A tiny Llama and a word-level tokenizer saved to `path`, for loaders that need a model directory."""
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("t0" ... "t127"), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = tiny_llama()
-    model.save_pretrained(path)
     backend = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(128)}, unk_token="t0"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3"
     )
-    tokenizer.save_pretrained(path)
+
+
+def save_tiny_llama_with_tokenizer(path) -> LlamaForCausalLM:
+    """A tiny Llama and its tokenizer saved to `path`, for loaders that need a model directory."""
+    model = tiny_llama()
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return model

@@ -165,8 +165,15 @@ def test_lisa_equals_adamw_restarted_on_each_drawn_layer():
         torch.testing.assert_close(a, b)
 
 
-def test_lisa_with_peft_samples_which_layers_adapters_train():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+@pytest.mark.parametrize("wrapper", ["peft", "swift"])
+def test_lisa_with_adapters_samples_which_layers_adapters_train(wrapper):
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    if wrapper == "peft":
+        model = get_peft_model(tiny_llama(), config)
+    else:
+        from peft_swift_ext.swift import Swift
+
+        model = Swift.prepare_model(tiny_llama(), {"default": config})
     scheduler = LisaScheduler(model, LisaConfig(n_layers=1, interval=1))
     scheduler.step()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -210,3 +217,26 @@ def test_trainer_callback_updates_layers_drawn_later(tmp_path):
     changed = {i for i, (a, b) in enumerate(zip(before, _layer_weights(model))) if not torch.equal(a, b)}
     assert len(drawn) == 3
     assert changed == set(drawn)
+
+
+def test_sft_trainer_callback_updates_only_drawn_layers(tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset as HFDataset
+    from technique_helpers import tiny_tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    model = tiny_llama()
+    before = _layer_weights(model)
+    rows = [{"input_ids": random_batch(batch_size=1, seed=i)["input_ids"][0].tolist()} for i in range(4)]
+    callback = LisaCallback(LisaConfig(n_layers=1, interval=2, seed=3))
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+        save_strategy="no", use_cpu=True, logging_strategy="no",
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=HFDataset.from_list(rows), processing_class=tiny_tokenizer(),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    changed = [i for i, (a, b) in enumerate(zip(before, _layer_weights(model))) if not torch.equal(a, b)]
+    assert changed == callback.scheduler.active_layers
