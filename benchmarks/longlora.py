@@ -122,10 +122,18 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     results = measure(args.variants, args.lengths, args.repeats)
+    if set(args.variants) != set(VARIANTS) and RESULT.is_file():
+        # a partial run updates its variants and keeps the others' earlier figures
+        earlier = {
+            name: {int(k): v for k, v in rows.items()}
+            for name, rows in json.loads(RESULT.read_text())["results"].items()
+        }
+        results = {**earlier, **results}
     longest = max(args.lengths)
     summary = {}
     for name, rows in results.items():
         implementation, s2 = VARIANTS[name]
+        rows = {length: rows[length] for length in args.lengths}
         entry = {"memory_loglog_slope": round(slope(rows, "peak_mib"), 3)}
         baseline = results.get(f"full-{implementation}")
         if s2 is not None and baseline is not None:

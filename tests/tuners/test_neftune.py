@@ -102,7 +102,7 @@ def tiny_tokenizer():
 
 
 def make_trainer(kind: str, model, output_dir, trainer_alpha: float | None):
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset
 
     ids = llama_inputs(batch=4)["input_ids"].tolist()
     options = {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": [], "use_cpu": True}

@@ -31,6 +31,7 @@ class LlamaProLayer(SwiftTunerLayer):
         super().__init__(base_layer)
         self.llamapro_blocks = nn.ModuleDict()
         self.train(base_layer.training)
+        self._register_load_state_dict_pre_hook(_drop_repeated_adapter_name)
 
     def update_layer(self, adapter_name: str, num_blocks: int, output_projections: list[str]) -> None:
         """Add ``num_blocks`` identity-initialised copies of the wrapped layer for ``adapter_name``."""
@@ -51,6 +52,19 @@ class LlamaProLayer(SwiftTunerLayer):
             for block in self.llamapro_blocks[name]:
                 output = _run_block(block, output, args, kwargs)
         return output
+
+
+def _drop_repeated_adapter_name(state_dict: dict, prefix: str, *args) -> None:
+    """Undo PEFT <= 0.20's key rewriting for blocks: ``llamapro_blocks.<new>.<saved>.<i>.`` -> ``...<new>.<i>.``.
+
+    Those versions save block keys with the adapter name still inside (they only strip it before the last
+    segment) and insert the loading name after the container, so the name appears twice; block indices are digits.
+    """
+    head = f"{prefix}{LlamaProLayer.adapter_layer_names[0]}."
+    for key in [k for k in state_dict if k.startswith(head)]:
+        parts = key[len(head) :].split(".")
+        if len(parts) > 3 and not parts[1].isdigit() and parts[2].isdigit():
+            state_dict[head + ".".join([parts[0], *parts[2:]])] = state_dict.pop(key)
 
 
 def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):

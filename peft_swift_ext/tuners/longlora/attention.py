@@ -86,19 +86,44 @@ def shifted_sparse_attention(
     padded = math.ceil(length / group) * group
     plain = torch.arange(padded, device=query.device)
     shifted = (plain + group // 2) % padded
+    # Without padding, sdpa can use its causal (flash) kernel for every group except the wrapping one.
+    causal_kernel = inner is sdpa_attention_forward and allowed is None and padded == length
     outputs = []
     for order, q_heads, kv in (
         (plain, slice(0, heads // 2), slice(0, kv_heads // 2)),
         (shifted, slice(heads // 2, heads), slice(kv_heads // 2, kv_heads)),
     ):
-        mask = _group_mask(order, length, group, allowed, batch)
-        if inner is eager_attention_forward:
-            mask = _additive(mask, query.dtype)
         grouped = [_to_groups(t, order, length, group) for t in (query[:, q_heads], key[:, kv], value[:, kv])]
-        out, _ = inner(module, *grouped, mask, **kwargs)  # (B*G, g, h, D)
+        if causal_kernel:
+            out = _causal_groups(inner, module, grouped, order, batch, group, kwargs)
+        else:
+            mask = _group_mask(order, length, group, allowed, batch)
+            if inner is eager_attention_forward:
+                mask = _additive(mask, query.dtype)
+            out, _ = inner(module, *grouped, mask, **kwargs)  # (B*G, g, h, D)
         out = out.reshape(batch, padded, out.shape[-2], out.shape[-1])
         outputs.append(out.index_select(1, torch.argsort(order))[:, :length])
     return torch.cat(outputs, dim=2), None
+
+
+def _causal_groups(inner, module, grouped: list, order: torch.Tensor, batch: int, group: int, kwargs: dict):
+    """Attention of unpadded groups: causal by position, except a group wrapping round the sequence's end.
+
+    In the wrapping group the tokens from the start come last but are the earliest, so it gets an explicit mask.
+    """
+    wraps = order[-1] < order[-group]
+    if not wraps:
+        return inner(module, *grouped, None, is_causal=True, **kwargs)[0]
+    per_group = [t.view(batch, -1, *t.shape[1:]) for t in grouped]  # (B, G, h, g, D)
+    position = order[-group:]
+    last_mask = (position[None, :] <= position[:, None])[None, None]
+    last = inner(module, *(t[:, -1] for t in per_group), last_mask, **kwargs)[0]  # (B, g, h, D)
+    parts = [last.unsqueeze(1)]
+    if per_group[0].shape[1] > 1:
+        rest = [t[:, :-1].reshape(-1, *t.shape[2:]) for t in per_group]
+        head = inner(module, *rest, None, is_causal=True, **kwargs)[0]
+        parts.insert(0, head.view(batch, -1, *head.shape[1:]))
+    return torch.cat(parts, dim=1).reshape(-1, *last.shape[1:])
 
 
 def _to_groups(tensor: torch.Tensor, order: torch.Tensor, length: int, group: int) -> torch.Tensor:
