@@ -163,59 +163,65 @@ def _ratio_bar_chart(name: str, data: dict) -> str | None:
     return svg
 
 
-def benchmark_sections(results_dir: Path = RESULTS) -> tuple[str, dict[str, str]]:
-    """Markdown for every results file, and the charts it refers to (``{docs path: svg}``)."""
+CHART_DIR = "guides/charts"
+
+
+def benchmark_section(path: Path, heading: str = "##") -> tuple[str, str | None]:
+    """Markdown for one results file (its chart linked as ``{chart_dir}/<name>.svg``), and the chart's SVG."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"{heading} `{path.stem}`\n\nUnreadable: {error}\n", None
+    if not isinstance(data, dict):
+        return f"{heading} `{path.stem}`\n\nNot a JSON object.\n", None
+    lines = [f"{heading} `{path.stem}`", "", f"From `benchmarks/results/{path.name}`.", ""]
+    if "command" in data:
+        lines += [f"Command: `{data['command']}`", ""]
+    series = _length_series(data)
+    if series:
+        svg = _length_chart(path.stem, series)
+    else:
+        svg = _peak_bar_chart(path.stem, data) or _ratio_bar_chart(path.stem, data)
+    if svg:
+        lines += [f"![{path.stem} chart]({{chart_dir}}/{path.stem}.svg)", ""]
+    rows = _scalars({k: v for k, v in data.items() if k not in ("results", "command")})
+    if rows:
+        lines += ["| figure | value |", "| --- | --- |"]
+        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
+        lines.append("")
+    if series:
+        metrics = sorted({m for s in series.values() for v in s.values() for m in v})
+        lengths = sorted({n for s in series.values() for n in s})
+        lines += ["| variant | length | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+        for variant, by_length in series.items():
+            for n in lengths:
+                if n in by_length:
+                    cells = " | ".join(_fmt(by_length[n].get(m, "")) for m in metrics)
+                    lines.append(f"| {variant} | {n} | {cells} |")
+        lines.append("")
+    return "\n".join(lines), svg
+
+
+def benchmark_sections(results_dir: Path = RESULTS) -> tuple[dict[str, str], dict[str, str]]:
+    """``{name: markdown}`` for every results file, and the charts they link (``{docs path: svg}``)."""
+    sections: dict[str, str] = {}
     charts: dict[str, str] = {}
-    parts: list[str] = []
     for path in sorted(results_dir.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            parts.append(f"## `{path.name}`\n\nUnreadable: {error}\n")
-            continue
-        if not isinstance(data, dict):
-            continue
-        lines = [f"## `{path.stem}`", "", f"From `benchmarks/results/{path.name}`.", ""]
-        if "command" in data:
-            lines += [f"Command: `{data['command']}`", ""]
-        series = _length_series(data)
-        if series:
-            svg = _length_chart(path.stem, series)
-        else:
-            svg = _peak_bar_chart(path.stem, data) or _ratio_bar_chart(path.stem, data)
+        sections[path.stem], svg = benchmark_section(path)
         if svg:
-            chart = f"guides/charts/{path.stem}.svg"
-            charts[chart] = svg
-            lines += [f"![{path.stem} chart](charts/{path.stem}.svg)", ""]
-        scalar_data = {k: v for k, v in data.items() if k not in ("results", "command")}
-        rows = _scalars(scalar_data)
-        if rows:
-            lines += ["| figure | value |", "| --- | --- |"]
-            lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
-            lines.append("")
-        if series:
-            metrics = sorted({m for s in series.values() for v in s.values() for m in v})
-            lengths = sorted({n for s in series.values() for n in s})
-            lines += ["| variant | length | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-            for variant, by_length in series.items():
-                for n in lengths:
-                    if n in by_length:
-                        cells = " | ".join(_fmt(by_length[n].get(m, "")) for m in metrics)
-                        lines.append(f"| {variant} | {n} | {cells} |")
-            lines.append("")
-        parts.append("\n".join(lines))
-    if not parts:
-        parts.append("No results yet: `benchmarks/results/` is empty.\n")
-    return "\n".join(parts), charts
+            charts[f"{CHART_DIR}/{path.stem}.svg"] = svg
+    return sections, charts
 
 
-_generated: dict[str, str] = {}
+_sections: dict[str, str] = {}
+# <!-- benchmark: NAME --> on any page embeds benchmarks/results/NAME.json (table, and chart where there is one).
+EMBED = re.compile(r"<!--\s*benchmark:\s*([\w.-]+)\s*-->")
 
 
 def on_files(files, config):
-    markdown, charts = benchmark_sections()
-    _generated.clear()
-    _generated["markdown"] = markdown
+    sections, charts = benchmark_sections()
+    _sections.clear()
+    _sections.update(sections)
     for src_uri, svg in charts.items():
         files.append(File.generated(config, src_uri, content=svg))
     return files
@@ -229,9 +235,26 @@ def placeholders(markdown: str) -> list[str]:
     return PLACEHOLDER.findall(prose)
 
 
+def _chart_dir_for(page_uri: str) -> str:
+    depth = page_uri.count("/")
+    return "/".join([".."] * depth + [CHART_DIR]) if depth else CHART_DIR
+
+
 def on_page_markdown(markdown, page, config, files):
+    uri = page.file.src_uri
     for name in placeholders(markdown):
-        log.warning("%s: unfilled placeholder %s", page.file.src_uri, name)
+        log.warning("%s: unfilled placeholder %s", uri, name)
+    chart_dir = _chart_dir_for(uri)
+
+    def embed(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in _sections:
+            log.warning("%s: no benchmarks/results/%s.json to embed", uri, name)
+            return ""
+        return _sections[name].replace("{chart_dir}", chart_dir).replace("## `", "#### `", 1)
+
+    markdown = EMBED.sub(embed, markdown)
     if BENCHMARK_MARKER in markdown:
-        return markdown.replace(BENCHMARK_MARKER, _generated.get("markdown", ""))
+        every = "\n".join(_sections.values()) or "No results yet: `benchmarks/results/` is empty.\n"
+        markdown = markdown.replace(BENCHMARK_MARKER, every.replace("{chart_dir}", chart_dir))
     return markdown
