@@ -60,9 +60,25 @@ def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
-def adapter_containers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module, str, object, bool]]:
-    """Yield ``(module path, owning module, container attribute, entry, required)`` for one adapter."""
-    for path, module in model.named_modules():
+def tuner_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every module that holds per-adapter containers (tuner layers, modules_to_save)."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+    ]
+
+
+def adapter_containers(
+    modules: list[tuple[str, nn.Module]], adapter_name: str
+) -> Iterator[tuple[str, nn.Module, str, object, bool]]:
+    """Yield ``(module path, owning module, container attribute, entry, required)`` for one adapter.
+
+    Args:
+        modules: the model's tuner modules, as :func:`tuner_modules` lists them.
+        adapter_name: the adapter to look for.
+    """
+    for path, module in modules:
         if isinstance(module, BaseTunerLayer):
             for attr in (*module.adapter_layer_names, *module.other_param_names):
                 container = getattr(module, attr, None)
@@ -71,7 +87,7 @@ def adapter_containers(model: nn.Module, adapter_name: str) -> Iterator[tuple[st
                     yield path, module, attr, container[adapter_name], required
                 elif _is_buffer_dict(container) and adapter_name in container:
                     yield path, module, attr, container[adapter_name], False
-        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+        elif adapter_name in module.modules_to_save:
             yield path, module, "modules_to_save", module.modules_to_save[adapter_name], True
 
 
@@ -85,7 +101,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[Slot, tuple[str
     Returns a mapping from :class:`Slot` to ``(state-dict key in model, tensor)``.
     """
     tensors: dict[Slot, tuple[str, torch.Tensor]] = {}
-    for path, _module, attr, entry, required in adapter_containers(model, adapter_name):
+    for path, _module, attr, entry, required in adapter_containers(tuner_modules(model), adapter_name):
         named = attr != "modules_to_save"
         base = canonical_path(path)
         prefix = _join(path, attr, adapter_name)

@@ -28,7 +28,7 @@ from torch import nn
 from ..tuners.base import find_target_modules
 from . import checkpoint
 from .activation import ActivationState, install_view, per_thread_from_env
-from .keys import PEFT_KEY_PREFIX, Slot, adapter_tensors
+from .keys import PEFT_KEY_PREFIX, Slot, adapter_tensors, tuner_modules
 from .offload import OffloadStore
 
 _NO_DECAY = re.compile(r"(^|\.)(bias|[^.]*norm[^.]*\.weight|[^.]*ln[^.]*\.weight)$", re.IGNORECASE)
@@ -57,6 +57,8 @@ class SwiftModel(nn.Module):
         self._configs: dict[str, PeftConfig] = {}
         self._trainable: set[str] = set()
         self._offload = OffloadStore()
+        self._layers: list[BaseTunerLayer] = []
+        self._adapter_modules: list[tuple[str, nn.Module]] = []
         # The HF Trainer and TRL choose dataset columns from forward's signature: expose the wrapped model's.
         self.forward = functools.update_wrapper(functools.partial(SwiftModel.forward, self), model.forward)
 
@@ -135,9 +137,8 @@ class SwiftModel(nn.Module):
         self._configs[adapter_name] = config
         if trainable and not config.inference_mode:
             self._trainable.add(adapter_name)
-        install_view(self.base_model, self.activation)
+        self._structure_changed()
         self.activation.activate(adapter_name)
-        self._refresh_trainable()
 
     @contextlib.contextmanager
     def _other_tuners_hidden(self, keep: type) -> Iterator[None]:
@@ -178,8 +179,7 @@ class SwiftModel(nn.Module):
         self._remove_layers_of(adapter_name, PeftType(self._configs.pop(adapter_name).peft_type))
         self._trainable.discard(adapter_name)
         self.activation.deactivate(adapter_name)
-        install_view(self.base_model, self.activation)
-        self._refresh_trainable()
+        self._structure_changed()
 
     def _remove_layers_of(self, adapter_name: str, peft_type: PeftType) -> None:
         tuner = self._tuners.get(peft_type)
@@ -202,6 +202,14 @@ class SwiftModel(nn.Module):
         unknown = [name for name in names if name not in self._configs]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this model has: {self.adapters}")
+
+    def _structure_changed(self) -> None:
+        """Re-derive everything that depends on which tuner layers exist, after adding or removing adapters."""
+        install_view(self.base_model, self.activation)
+        # cached so that switching and offloading adapters does not walk the whole module tree
+        self._adapter_modules = tuner_modules(self.base_model)
+        self._layers = [m for _, m in self._adapter_modules if isinstance(m, BaseTunerLayer)]
+        self._refresh_trainable()
 
     def _refresh_trainable(self) -> None:
         for param in self.base_model.parameters():
@@ -229,16 +237,16 @@ class SwiftModel(nn.Module):
         self._check_not_merged()
         for name in self.adapters:
             if name not in names and offload is not None:
-                self._offload.offload(self.base_model, name, offload)
+                self._offload.offload(self._adapter_modules, name, offload)
         for name in names:
-            self._offload.restore(self.base_model, name)
+            self._offload.restore(self._adapter_modules, name)
         self.activation.set(names)
 
     def activate_adapter(self, adapter_name: str) -> None:
         """Activate one adapter (restoring it if it was offloaded), keeping the others as they are."""
         self._check_known([adapter_name])
         self._check_not_merged()
-        self._offload.restore(self.base_model, adapter_name)
+        self._offload.restore(self._adapter_modules, adapter_name)
         self.activation.activate(adapter_name)
 
     def deactivate_adapter(self, adapter_name: str, offload: str | None = None) -> None:
@@ -248,7 +256,7 @@ class SwiftModel(nn.Module):
         self._check_not_merged()
         self.activation.deactivate(adapter_name)
         if offload is not None:
-            self._offload.offload(self.base_model, adapter_name, offload)
+            self._offload.offload(self._adapter_modules, adapter_name, offload)
 
     def _check_offload_allowed(self, offload: str | None) -> None:
         if offload is not None and self.activation.per_thread:
@@ -258,7 +266,7 @@ class SwiftModel(nn.Module):
             )
 
     def _check_not_merged(self) -> None:
-        merged = sorted({n for m in self._tuner_layers() for n in m.merged_adapters})
+        merged = sorted({n for m in self._layers for n in m.merged_adapters})
         if merged:
             raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge() before switching")
 
@@ -271,9 +279,6 @@ class SwiftModel(nn.Module):
             yield
         finally:
             self.activation.set(previous)
-
-    def _tuner_layers(self) -> Iterator[BaseTunerLayer]:
-        return (m for m in self.base_model.modules() if isinstance(m, BaseTunerLayer))
 
     # --- merging -----------------------------------------------------------------------------------------------
 
@@ -295,14 +300,14 @@ class SwiftModel(nn.Module):
                 )
             if self._offload.is_offloaded(name):
                 raise ValueError(f"adapter {name!r} is offloaded; activate it before merging")
-        for layer in list(self._tuner_layers()):
+        for layer in self._layers:
             owned = [name for name in names if name in layer._all_available_adapter_names()]
             if owned:
                 layer.merge(safe_merge=safe_merge, adapter_names=owned)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weights."""
-        for layer in self._tuner_layers():
+        for layer in self._layers:
             while layer.merged:
                 layer.unmerge()
 
@@ -323,6 +328,8 @@ class SwiftModel(nn.Module):
                 finalize(merged)
         _unwrap_all(self.base_model, merged)
         self._tuners.clear()
+        self._layers = []
+        self._adapter_modules = []
         self._configs.clear()
         self._trainable.clear()
         self.activation.set(())
@@ -402,9 +409,8 @@ class SwiftModel(nn.Module):
         tuner = self._tuners[PeftType.LORA]
         tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
         self._configs[adapter_name] = tuner.peft_config[adapter_name]
-        install_view(self.base_model, self.activation)
+        self._structure_changed()
         self.activation.set([adapter_name])
-        self._refresh_trainable()
 
     # --- saving and loading --------------------------------------------------------------------------------------
 
@@ -453,7 +459,7 @@ class SwiftModel(nn.Module):
         offloaded = self._offload.is_offloaded(adapter_name)
         if offloaded:
             kind = self._offload.records[adapter_name].kind
-            self._offload.restore(self.base_model, adapter_name)
+            self._offload.restore(self._adapter_modules, adapter_name)
         try:
             tensors: dict[str, torch.Tensor] = {}
             seen: set[int] = set()
@@ -465,7 +471,7 @@ class SwiftModel(nn.Module):
             return tensors
         finally:
             if offloaded:
-                self._offload.offload(self.base_model, adapter_name, kind)
+                self._offload.offload(self._adapter_modules, adapter_name, kind)
 
     def load_adapter_weights(
         self, adapter_name: str, weights: dict[str, torch.Tensor], source: str, saved_as: str, assign: bool = False
@@ -507,8 +513,7 @@ class SwiftModel(nn.Module):
         }
         self.base_model.load_state_dict(state, strict=False, assign=assign)
         if assign:
-            install_view(self.base_model, self.activation)
-            self._refresh_trainable()
+            self._structure_changed()
 
 
 def _preview(keys: list[str], limit: int = 6) -> str:

@@ -1,20 +1,21 @@
 """Moving an inactive adapter's weights off the accelerator and back, bit-exact.
 
-``'cpu'`` moves the adapter's entries to host memory. ``'meta'`` writes them to a safetensors file in a
-private temporary folder (read back memory-mapped) and leaves meta tensors in the model, so the adapter
-holds no memory at all until it is activated again.
+``'cpu'`` moves the adapter's tensors to host memory. ``'meta'`` writes them to a safetensors file in a
+private temporary folder and leaves meta tensors in the model, so the adapter holds no memory at all until
+it is activated again. Tensors are swapped in place in their modules (no ``Module.to`` walk), and the
+store is written and read in one call, which keeps a round trip for a 30-layer LoRA in milliseconds.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .keys import adapter_containers
@@ -24,7 +25,7 @@ OFFLOAD_TARGETS = ("cpu", "meta")
 
 @dataclass
 class OffloadRecord:
-    """Where one adapter's entries were and, for ``'meta'``, the file holding their values."""
+    """Where one adapter's tensors were and, for ``'meta'``, the file holding their values."""
 
     kind: str
     devices: dict[str, torch.device] = field(default_factory=dict)
@@ -41,40 +42,39 @@ class OffloadStore:
     def is_offloaded(self, adapter_name: str) -> bool:
         return adapter_name in self.records
 
-    def offload(self, model: nn.Module, adapter_name: str, target: str) -> None:
-        """Move ``adapter_name``'s entries to ``target`` (``'cpu'`` or ``'meta'``)."""
+    def offload(self, modules: list[tuple[str, nn.Module]], adapter_name: str, target: str) -> None:
+        """Move ``adapter_name``'s tensors to ``target`` (``'cpu'`` or ``'meta'``).
+
+        Args:
+            modules: the model's tuner modules (:func:`~peft_swift_ext.swift.keys.tuner_modules`).
+            adapter_name: the adapter to move.
+            target: ``'cpu'`` or ``'meta'``.
+        """
         if target not in OFFLOAD_TARGETS:
             raise ValueError(f"offload must be None, 'cpu' or 'meta', got {target!r}")
         if adapter_name in self.records:
             return
-        entries = list(_entries(model, adapter_name))
-        record = OffloadRecord(kind=target)
-        values: dict[str, torch.Tensor] = {}
-        for key, _container, _, entry in entries:
-            record.devices[key] = _device_of(entry)
-            if target == "meta":
-                for name, tensor in _tensors(entry).items():
-                    values[f"{key}/{name}"] = tensor.detach().to("cpu").contiguous()
-        if target == "meta" and values:
+        slots = list(_slots(modules, adapter_name))
+        record = OffloadRecord(kind=target, devices={key: tensor.device for key, tensor, _ in slots})
+        if target == "meta" and slots:
             record.file = self._new_file(adapter_name)
-            save_file(values, str(record.file))
-        for _, container, slot, entry in entries:
-            _move(container, slot, entry, torch.device(target))
+            save_file({key: tensor.detach().cpu().contiguous() for key, tensor, _ in slots}, str(record.file))
+            for _, tensor, put in slots:
+                put(torch.empty_like(tensor, device="meta"))
+        else:
+            for _, tensor, put in slots:
+                put(tensor.detach().to("cpu"))
         self.records[adapter_name] = record
 
-    def restore(self, model: nn.Module, adapter_name: str) -> None:
+    def restore(self, modules: list[tuple[str, nn.Module]], adapter_name: str) -> None:
         """Bring ``adapter_name`` back to the devices it was on, with identical values."""
         record = self.records.pop(adapter_name, None)
         if record is None:
             return
-        reader = safe_open(str(record.file), framework="pt") if record.file else None
-        for key, container, slot, entry in _entries(model, adapter_name):
-            device = record.devices.get(key, torch.device("cpu"))
-            if record.kind == "meta":
-                saved = {name: reader.get_tensor(f"{key}/{name}") for name in _tensors(entry)}
-                _materialise(container, slot, entry, device, saved)
-            else:
-                _move(container, slot, entry, device)
+        saved = load_file(str(record.file)) if record.file is not None else {}
+        for key, tensor, put in _slots(modules, adapter_name):
+            value = saved[key] if record.kind == "meta" else tensor.detach()
+            put(value.to(record.devices[key]))
         if record.file is not None:
             record.file.unlink(missing_ok=True)
 
@@ -94,40 +94,32 @@ class OffloadStore:
             shutil.rmtree(self._folder, ignore_errors=True)
 
 
-def _entries(model: nn.Module, adapter_name: str):
-    for path, module, attr, entry, _ in adapter_containers(model, adapter_name):
+def _slots(
+    modules: list[tuple[str, nn.Module]], adapter_name: str
+) -> Iterator[tuple[str, torch.Tensor, Callable[[torch.Tensor], None]]]:
+    """``(key, tensor, put)`` for every tensor of the adapter; ``put(value)`` installs a replacement."""
+    for path, module, attr, entry, _ in adapter_containers(modules, adapter_name):
         container = module.modules_to_save if attr == "modules_to_save" else getattr(module, attr)
-        yield f"{path}.{attr}", container, adapter_name, entry
+        prefix = f"{path}.{attr}"
+        if isinstance(entry, torch.Tensor):
+            yield prefix, entry, _setter(container, adapter_name, entry)
+            continue
+        for owner_name, owner in entry.named_modules():
+            for store in (owner._parameters, owner._buffers):
+                for name, tensor in store.items():
+                    if tensor is not None:
+                        yield f"{prefix}/{owner_name}.{name}", tensor, _setter(store, name, tensor)
 
 
-def _tensors(entry) -> dict[str, torch.Tensor]:
-    if isinstance(entry, torch.Tensor):
-        return {"": entry}
-    return dict(entry.state_dict(keep_vars=True))
+def _setter(store, name: str, old: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    if isinstance(old, nn.Parameter):
 
+        def put(value: torch.Tensor) -> None:
+            store[name] = nn.Parameter(value, requires_grad=old.requires_grad)
 
-def _device_of(entry) -> torch.device:
-    tensors = list(_tensors(entry).values())
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _move(container, slot: str, entry, device: torch.device) -> None:
-    if isinstance(entry, nn.Parameter):
-        container[slot] = nn.Parameter(entry.data.to(device), requires_grad=entry.requires_grad)
-    elif isinstance(entry, torch.Tensor):
-        container[slot] = entry.to(device)
     else:
-        entry.to(device)
 
+        def put(value: torch.Tensor) -> None:
+            store[name] = value
 
-def _materialise(container, slot: str, entry, device: torch.device, saved: dict[str, torch.Tensor]) -> None:
-    if isinstance(entry, torch.Tensor):
-        value = saved[""].to(device)
-        container[slot] = (
-            nn.Parameter(value, requires_grad=entry.requires_grad) if isinstance(entry, nn.Parameter) else value
-        )
-        return
-    entry.to_empty(device=device)
-    with torch.no_grad():
-        for name, tensor in entry.state_dict(keep_vars=True).items():
-            tensor.copy_(saved[name])
+    return put
