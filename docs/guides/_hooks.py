@@ -1,8 +1,10 @@
 """MkDocs hooks of this site (named in ``mkdocs.yml``).
 
 - The "Tuners" section of the navigation lists every page of ``docs/tuners/`` (tuner pages are added by the
-  engineers of each tuner, so the section follows the tree instead of a hand-kept list), and pages that other
-  work adds (``docs/compatibility.md``) appear once they exist.
+  engineers of each tuner, so the section follows the tree instead of a hand-kept list), and any other page not
+  named in ``mkdocs.yml`` (``docs/compatibility.md``, ...) is appended to the navigation under its title.
+- ``<!-- benchmark: NAME -->`` alone on a line embeds ``benchmarks/results/NAME.json`` (table and chart).
+- An upper-case placeholder left in prose (``MEASURED_TABLE``) is a warning, so the strict build fails.
 - ``guides/benchmarks.md`` gets its figures from ``benchmarks/results/*.json``: a table per file, and a chart
   (SVG, generated at build time) where one reads better than the table.
 """
@@ -28,7 +30,6 @@ log = logging.getLogger("mkdocs.hooks.peft_swift_ext")
 TUNER_ORDER = ["loraplus", "adapter", "prompt", "side", "restuning", "scedit", "llamapro", "longlora", "neftune"]
 # Pages kept outside docs/tuners/ until a tuner page exists: (tuner page names that replace it, page).
 FALLBACK_TUNER_PAGES = [(("loraplus", "lora_plus"), "guides/loraplus.md")]
-OPTIONAL_PAGES = [("Compatibility", "compatibility.md")]
 
 
 def tuner_pages(docs_dir: Path) -> list[str]:
@@ -41,15 +42,36 @@ def tuner_pages(docs_dir: Path) -> list[str]:
     return [found[stem] for stem in sorted(found, key=lambda s: (rank.get(s, len(rank)), s))]
 
 
+def _nav_pages(entries) -> set[str]:
+    pages: set[str] = set()
+    for entry in entries:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        if isinstance(value, list):
+            pages |= _nav_pages(value)
+        elif isinstance(value, str):
+            pages.add(value)
+    return pages
+
+
+def _title(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip().replace("`", "")
+    return path.stem.replace("_", " ").capitalize()
+
+
 def on_config(config):
+    """Tuners from docs/tuners/; pages that other work adds (e.g. compatibility.md) appended at the end."""
     docs_dir = Path(config["docs_dir"])
     nav = config["nav"]
     for i, entry in enumerate(nav):
         if isinstance(entry, dict) and "Tuners" in entry:
             nav[i] = {"Tuners": tuner_pages(docs_dir)}
-    for title, page in OPTIONAL_PAGES:
-        if (docs_dir / page).exists():
-            nav.append({title: page})
+    listed = _nav_pages(nav)
+    for path in sorted(docs_dir.rglob("*.md")):
+        page = path.relative_to(docs_dir).as_posix()
+        if page not in listed:
+            nav.append({_title(path): page})
     return config
 
 
@@ -215,7 +237,7 @@ def benchmark_sections(results_dir: Path = RESULTS) -> tuple[dict[str, str], dic
 
 _sections: dict[str, str] = {}
 # <!-- benchmark: NAME --> on any page embeds benchmarks/results/NAME.json (table, and chart where there is one).
-EMBED = re.compile(r"<!--\s*benchmark:\s*([\w.-]+)\s*-->")
+EMBED = re.compile(r"^[ \t]*<!--\s*benchmark:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
 
 
 def on_files(files, config):
