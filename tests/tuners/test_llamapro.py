@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from peft_swift_ext import LlamaProConfig, Swift
+from peft_swift_ext import LlamaProConfig, LlamaProModel, Swift
 from peft_swift_ext.tuners.llamapro.layer import LlamaProLayer
 
 from ..helpers import randomize_adapter, state_hash
@@ -158,6 +158,25 @@ def test_second_adapter_gets_its_own_cache_slots_and_delete_compacts_them():
     assert model.base_model.model.config.num_hidden_layers == 8
     model.delete_adapter("more")
     assert model.base_model.model.config.num_hidden_layers == 4
+
+
+def test_new_blocks_share_the_model_config():
+    model = get_peft_model(tiny_llama(num_layers=4), LlamaProConfig(num_new_blocks=2))
+    block = model.base_model.model.model.layers[1].llamapro_blocks["default"][0]
+    assert block.self_attn.config is model.base_model.model.config
+
+
+def test_swift_checkpoint_with_substring_selected_extra_layers_is_refused():
+    # ms-swift with 12 layers and 12 blocks saves block 1 by the substring "model.layers.1", which also matches the
+    # original layers 10, 12, ..., 18 of the 24-layer expanded model
+    blocks = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(1, 24, 2)]
+    extras = [f"model.layers.{i}.mlp.down_proj.weight" for i in (10, 12, 14, 16, 18)]
+    weights = {key: torch.zeros(1) for key in blocks + extras}
+    with pytest.raises(ValueError, match="substring"):
+        LlamaProModel.from_swift_state_dict(weights, "default")
+    renamed = LlamaProModel.from_swift_state_dict({key: torch.zeros(1) for key in blocks}, "default")
+    # expanded index 2k + 1 is the block after original layer k
+    assert set(renamed) == {f"model.layers.{k}.llamapro_blocks.default.0.mlp.down_proj.weight" for k in range(12)}
 
 
 def test_other_tuners_are_not_copied_into_new_blocks():

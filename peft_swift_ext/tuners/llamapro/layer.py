@@ -91,12 +91,18 @@ def plain_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` in which every tuner layer or wrapper is replaced by a copy of what it wraps.
 
     Copying the adapters of other tuners into a new block would duplicate their weights under keys nobody saves,
-    so each wrapper is pre-seeded in ``deepcopy``'s memo with a copy of its original module.
+    so each wrapper is pre-seeded in ``deepcopy``'s memo with a copy of its original module (and configs with
+    themselves).
     """
-    memo: dict[int, nn.Module] = {}
+    memo: dict[int, object] = {}
     for sub in module.modules():
         if sub is not module and id(sub) not in memo and isinstance(sub, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
             memo[id(sub)] = plain_copy(_original_of(sub))
+        # The model config is shared, not copied: the attention implementation and other settings read at run time
+        # must stay the model's own in the new blocks.
+        config = sub.__dict__.get("config")
+        if config is not None:
+            memo[id(config)] = config
     return copy.deepcopy(module, memo)
 
 
