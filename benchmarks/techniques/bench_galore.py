@@ -13,8 +13,8 @@ from galore_torch import GaLoreAdamW
 
 from peft_swift_ext.techniques.qgalore import QGaLoreAdamW, QGaLoreProjector
 
-SHAPES = [(1024, 1024), (2048, 2048), (4096, 1024)]
-RANK, GAP, STEPS = 64, 10, 31
+SHAPES = [(1024, 1024), (2048, 2048)]
+RANK, GAP, STEPS = 64, 5, 13
 
 
 def state_bytes(optimizer) -> int:
