@@ -36,6 +36,8 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self.register_state_dict_post_hook(_flatten_nested_adapter_keys)
+        self.register_load_state_dict_pre_hook(_unflatten_nested_adapter_keys)
 
     def __getattr__(self, name: str):
         try:
@@ -54,6 +56,13 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
             if name in owned:
                 yield name
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # PEFT reads base_layer.weight; wrapped blocks (attention layers, UNet blocks) have none of their own.
+        tensor = next(base_layer.parameters(), None)
+        if tensor is None:
+            tensor = next(base_layer.buffers(), None)
+        return (None, None) if tensor is None else (tensor.device, tensor.dtype)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             f"{self.tuner_name} adapters change activations, not weights, so they cannot be merged into the base "
@@ -63,6 +72,33 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         # Nothing was ever merged (merge refuses), so there is nothing to undo.
         return None
+
+
+# PEFT strips the adapter name from saved keys only where it is the last or second-to-last segment, and on
+# load puts it back right after the prefixed container. Adapters made of nested modules (copied decoder
+# blocks, bypass networks) would break both rules, so their state-dict keys join the nested path with "-"
+# (never part of a Python attribute name): "<attr>.<adapter>.blocks-0-weight".
+_NESTED_SEPARATOR = "-"
+
+
+def _flatten_nested_adapter_keys(module: SwiftTunerLayer, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key_prefix in _adapter_key_prefixes(module, prefix):
+        for key in [k for k in state_dict if k.startswith(key_prefix) and "." in k[len(key_prefix) :]]:
+            state_dict[key_prefix + key[len(key_prefix) :].replace(".", _NESTED_SEPARATOR)] = state_dict.pop(key)
+
+
+def _unflatten_nested_adapter_keys(module: SwiftTunerLayer, state_dict: dict, prefix: str, *args) -> None:
+    for key_prefix in _adapter_key_prefixes(module, prefix):
+        for key in [k for k in state_dict if k.startswith(key_prefix) and _NESTED_SEPARATOR in k[len(key_prefix) :]]:
+            state_dict[key_prefix + key[len(key_prefix) :].replace(_NESTED_SEPARATOR, ".")] = state_dict.pop(key)
+
+
+def _adapter_key_prefixes(module: SwiftTunerLayer, prefix: str) -> Iterator[str]:
+    for attr in module.adapter_layer_names:
+        container = getattr(module, attr)
+        if isinstance(container, nn.ModuleDict):
+            for adapter_name in container:
+                yield f"{prefix}{attr}.{adapter_name}."
 
 
 def adapter_parameters(layer: SwiftTunerLayer, adapter_name: str) -> Iterator[nn.Parameter]:
@@ -156,6 +192,11 @@ class SwiftBaseTuner(BaseTuner):
                 f"{type(config).__name__}.target_modules selects '{name}', a {type(module).__name__}; "
                 "target the blocks inside it instead"
             )
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies child.weight/bias and moves by them; wrapped blocks have neither, and
+        # update_layer already put the adapter on the base layer's device.
+        setattr(parent, child_name, new_module)
 
     def _check_merge_allowed(self) -> None:
         if not self.mergeable:
