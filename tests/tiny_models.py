@@ -15,8 +15,14 @@ def tiny_llama(num_layers: int = 2, seed: int = 0, **overrides) -> nn.Module:
 
     _seeded(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **overrides,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **overrides,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -31,7 +37,11 @@ def tiny_bert(seed: int = 0) -> nn.Module:
 
     _seeded(seed)
     config = BertConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         max_position_embeddings=64,
     )
     return BertModel(config).eval()
@@ -50,8 +60,13 @@ def tiny_vit(seed: int = 0, num_layers: int = 2) -> nn.Module:
 
     _seeded(seed)
     config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=num_layers, num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
     )
     return ViTModel(config, add_pooling_layer=False).eval()
 
@@ -66,9 +81,16 @@ def tiny_unet(seed: int = 0) -> nn.Module:
 
     _seeded(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     ).eval()
 
 

@@ -24,7 +24,6 @@ class ContractCase:
         mergeable: whether ``merge_and_unload`` must work (else it must raise a clear error).
         output: picks the compared tensor from the model output.
         half_precision: whether fp16/bf16 forward is checked.
-        eval_effect: whether the adapter changes eval-mode outputs (NEFTune only acts in training).
         one_trainable_adapter: the tuner trains one adapter at a time (AdaLoRA), so extra adapters are
             added with ``inference_mode=True``.
         changes_eval_outputs: False for tuners that act only in training mode (NEFTune's noise): the checks
@@ -38,7 +37,6 @@ class ContractCase:
     mergeable: bool = False
     output: Callable[[object], torch.Tensor] = main_output
     half_precision: bool = True
-    eval_effect: bool = True
     one_trainable_adapter: bool = False
     changes_eval_outputs: bool = True
 

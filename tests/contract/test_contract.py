@@ -41,7 +41,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL
 
 
 def assert_differs(case, actual: torch.Tensor, expected: torch.Tensor) -> None:
-    if case.eval_effect:
+    if case.changes_eval_outputs:
         assert (actual - expected).abs().max() > 1e-4, "the adapter does not change the output"
     else:
         assert_same(actual, expected)
