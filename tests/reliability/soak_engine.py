@@ -2,7 +2,7 @@
 
 What runs concurrently, and why it is sound:
 
-* a **per-thread** model (``USE_UNIQUE_THREAD=0`` semantics, ``per_thread=True``): every worker thread owns
+* a **per-thread** model (built with ``USE_UNIQUE_THREAD=0``): every worker thread owns
   some adapters of several tuner types and, before each forward, switches among them at random with
   ``set_active_adapters``, ``activate_adapter`` and ``deactivate_adapter``. Activation is thread-local, so
   no worker sees another's choice. Offload is refused in this mode by design (it would move weights that
@@ -18,7 +18,9 @@ Every output is compared bit for bit with a single-thread reference computed on 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import random
 import threading
 import time
@@ -57,11 +59,31 @@ def thread_adapters(threads: int, per_thread: int) -> list[list[str]]:
     return [[f"t{t}_{j}" for j in range(per_thread)] for t in range(threads)]
 
 
+@contextlib.contextmanager
+def _use_unique_thread(value: str):
+    """Set SWIFT's ``USE_UNIQUE_THREAD`` while a model is built, and put the previous value back."""
+    previous = os.environ.get("USE_UNIQUE_THREAD")
+    os.environ["USE_UNIQUE_THREAD"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["USE_UNIQUE_THREAD"]
+        else:
+            os.environ["USE_UNIQUE_THREAD"] = previous
+
+
 def build_per_thread_model(threads: int, per_thread: int, per_thread_mode: bool) -> SwiftModel:
-    """All threads' adapters in one model; the same seeds give the same weights on every build."""
+    """All threads' adapters in one model; the same seeds give the same weights on every build.
+
+    The mode comes from ``USE_UNIQUE_THREAD`` (``0`` for the per-thread model), as SWIFT users set it.
+    """
     names = [name for group in thread_adapters(threads, per_thread) for name in group]
     configs = {name: _configs(i + int(name.split("_")[1])) for i, name in enumerate(names)}
-    model = Swift.prepare_model(tiny_llama(), configs, per_thread=per_thread_mode)
+    with _use_unique_thread("0" if per_thread_mode else "1"):
+        model = Swift.prepare_model(tiny_llama(), configs)
+    if model.activation.per_thread != per_thread_mode:
+        raise RuntimeError(f"USE_UNIQUE_THREAD did not select per_thread={per_thread_mode}")
     for seed, name in enumerate(names):
         randomize_adapter(model, name, seed=seed)
     model.set_active_adapters([])
