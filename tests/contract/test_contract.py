@@ -23,6 +23,13 @@ pytestmark = pytest.mark.parametrize("case", ALL_CASES, ids=[case.id for case in
 ATOL = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _known_defects(request, case):
+    reason = case.known_defects.get(request.node.originalname)
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
 def adapted(case, adapter_seed: int = 0) -> PeftModel:
     model = get_peft_model(case.make_model(), case.make_config())
     randomize_adapter(model, "default", seed=adapter_seed)

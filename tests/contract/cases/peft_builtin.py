@@ -1,5 +1,7 @@
 """PEFT's own methods, which must pass through the Swift shim unchanged."""
 
+import peft
+from packaging.version import Version
 from peft import AdaLoraConfig, FourierFTConfig, LoraConfig
 
 from ...tiny_models import llama_inputs, tiny_llama
@@ -27,6 +29,11 @@ CASES = [
         lambda: AdaLoraConfig(target_r=2, init_r=4, total_step=10, target_modules=["q_proj", "v_proj"]),
         mergeable=True,
         one_trainable_adapter=True,
+        known_defects={
+            "test_low_cpu_mem_usage_load_gives_same_outputs": "peft<0.21 leaves AdaLoRA's ranknum on the meta device"
+        }
+        if Version(peft.__version__) < Version("0.21")
+        else {},
     ),
     ContractCase(
         "fourierft-llama",
