@@ -140,7 +140,7 @@ def _length_chart(name: str, series: dict[str, dict[int, dict]]) -> str | None:
         axis.set_ylabel(metric)
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    figure.suptitle(name)
+    figure.suptitle(name, y=1.04)
     svg = _svg(figure)
     plt.close(figure)
     return svg
@@ -188,6 +188,69 @@ def _ratio_bar_chart(name: str, data: dict) -> str | None:
 CHART_DIR = "guides/charts"
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _row_table(value: object) -> dict[str, dict] | None:
+    """``{row: {metric: number, ...}}`` with at least two rows and a numeric metric, else None."""
+    if not isinstance(value, dict) or len(value) < 2:
+        return None
+    if not all(isinstance(v, dict) and any(_is_number(x) for x in v.values()) for v in value.values()):
+        return None
+    return value
+
+
+def _grouped_tables(data: dict) -> dict[str, dict[str, dict]]:
+    """Tables found at the top level (``key: {row: {metric}}``) or one level down (``key: {group: {row: ...}}``)."""
+    tables: dict[str, dict[str, dict]] = {}
+    for key, value in data.items():
+        if key == "results" and _length_series(data):
+            continue
+        if _row_table(value):
+            tables[key] = value
+        elif isinstance(value, dict) and value and all(_row_table(v) for v in value.values()):
+            tables.update({f"{key}.{group}": table for group, table in value.items()})
+    return tables
+
+
+def _memory_metric(table: dict[str, dict]) -> str | None:
+    metrics = [m for row in table.values() for m, v in row.items() if "mib" in m and _is_number(v)]
+    return metrics[0] if metrics else None
+
+
+def _tables_chart(name: str, tables: dict[str, dict[str, dict]]) -> str | None:
+    """Memory per row, one panel per table, for the tables that report memory (a ``*mib*`` figure)."""
+    panels = []
+    for title, table in tables.items():
+        rows = [r for r, v in table.items() if isinstance(v, dict)]
+        metrics = [m for m in dict.fromkeys(m for r in rows for m in table[r]) if "mib" in m]
+        metrics = [m for m in metrics if all(_is_number(table[r].get(m)) for r in rows)]
+        if metrics:
+            panels.append((title, rows, metrics, table))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for axis, (title, rows, metrics, table) in zip(axes[0], panels):
+        width = 0.8 / len(metrics)
+        for j, metric in enumerate(metrics):
+            axis.bar([i + j * width for i in range(len(rows))], [table[r][metric] for r in rows], width, label=metric)
+        axis.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(rows))], rows, fontsize=7)
+        axis.set_ylabel("MiB")
+        axis.set_title(title, fontsize=8)
+        if len(metrics) > 1:
+            axis.legend(fontsize=6)
+    figure.suptitle(name, y=1.04)
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
 def benchmark_section(path: Path, heading: str = "##") -> tuple[str, str | None]:
     """Markdown for one results file (its chart linked as ``{chart_dir}/<name>.svg``), and the chart's SVG."""
     try:
@@ -200,16 +263,25 @@ def benchmark_section(path: Path, heading: str = "##") -> tuple[str, str | None]
     if "command" in data:
         lines += [f"Command: `{data['command']}`", ""]
     series = _length_series(data)
+    tables = _grouped_tables(data)
     if series:
         svg = _length_chart(path.stem, series)
     else:
-        svg = _peak_bar_chart(path.stem, data) or _ratio_bar_chart(path.stem, data)
+        svg = _tables_chart(path.stem, tables) or _peak_bar_chart(path.stem, data) or _ratio_bar_chart(path.stem, data)
     if svg:
         lines += [f"![{path.stem} chart]({{chart_dir}}/{path.stem}.svg)", ""]
-    rows = _scalars({k: v for k, v in data.items() if k not in ("results", "command")})
+    in_tables = {key.split(".")[0] for key in tables}
+    rows = _scalars({k: v for k, v in data.items() if k not in ("results", "command") and k not in in_tables})
     if rows:
         lines += ["| figure | value |", "| --- | --- |"]
         lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
+        lines.append("")
+    for title, table in tables.items():
+        metrics = list(dict.fromkeys(m for row in table.values() for m, v in row.items() if not isinstance(v, dict)))
+        lines += [f"`{title}`:", "", "| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+        for row, values in table.items():
+            cells = " | ".join(_fmt(values.get(m, "")) for m in metrics)
+            lines.append(f"| {row} | {cells} |")
         lines.append("")
     if series:
         metrics = sorted({m for s in series.values() for v in s.values() for m in v})
