@@ -92,7 +92,10 @@ def config_from_dict(config_dict: dict, source: Path | str) -> PeftConfig:
         else:
             config_cls, fields = from_swift(config_dict)
     elif "peft_type" in config_dict:
-        config_cls = config_class_for(config_dict["peft_type"])
+        try:
+            config_cls = config_class_for(config_dict["peft_type"])
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
         fields = dict(config_dict)
     else:
         raise ValueError(f"{source}: neither 'peft_type' nor 'swift_type' is set, so the tuner type is unknown")
@@ -225,24 +228,46 @@ def atomic_directory(target: str | os.PathLike):
         content = staging / "content"
         content.mkdir()
         yield content
-        replace_directory(content, Path(target))
+        replace_paths([(content, Path(target))])
 
 
-def replace_directory(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing what was there with two renames."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(retired)
-    os.replace(target, retired)
+def replace_paths(moves: list[tuple[Path, Path]]) -> None:
+    """Move each staged ``source`` onto its ``target`` (folder or file), all or nothing.
+
+    Each existing target is first renamed aside; if any move fails, the targets already replaced are put
+    back, so a checkpoint is never left half old, half new. The renamed-aside copies go once all moves
+    succeeded.
+    """
+    done: list[tuple[Path, Path | None]] = []
     try:
-        os.replace(source, target)
+        for source, target in moves:
+            retired = _aside(target) if target.exists() else None
+            if retired is not None:
+                os.replace(target, retired)
+            done.append((target, retired))
+            os.replace(source, target)
     except BaseException:
-        os.replace(retired, target)
-        shutil.rmtree(source, ignore_errors=True)
+        for target, retired in reversed(done):
+            if target.exists():  # the new content made it in (the old one, if any, is parked aside)
+                _remove(target)
+            if retired is not None:
+                os.replace(retired, target)
         raise
-    shutil.rmtree(retired, ignore_errors=True)
+    for _, retired in done:
+        if retired is not None:
+            _remove(retired)
+
+
+def _aside(target: Path) -> Path:
+    """A fresh sibling name to park ``target`` under while it is being replaced."""
+    return Path(tempfile.mktemp(prefix=f".{target.name}.old-", dir=target.parent))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def list_adapter_folders(root: Path) -> list[str]:

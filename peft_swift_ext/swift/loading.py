@@ -61,8 +61,10 @@ def select_adapters(found: dict[str, Path], adapter_name) -> dict[str, str]:
     return wanted
 
 
-def read_adapter(folder: Path, saved_name: str, new_name: str, is_trainable: bool) -> PlannedAdapter:
-    """Read one adapter folder, translating ms-swift's own formats, without touching any model."""
+def read_adapter(
+    folder: Path, saved_name: str, new_name: str, is_trainable: bool, model: torch.nn.Module
+) -> PlannedAdapter:
+    """Read one adapter folder, translating ms-swift's own formats, without changing ``model``."""
     config_file = folder / checkpoint.CONFIG_NAME
     config_dict = checkpoint.read_json(config_file)
     config = checkpoint.config_from_dict(config_dict, config_file)
@@ -72,15 +74,19 @@ def read_adapter(folder: Path, saved_name: str, new_name: str, is_trainable: boo
         spec = spec_for_swift_type(str(config_dict["swift_type"]))
         translate = getattr(spec.model_cls, "from_swift_state_dict", None)
         if translate is not None:
-            weights = translate(weights, saved_name)
+            weights = translate(weights, saved_name, config=config, model=model)
     return PlannedAdapter(saved_name, new_name, config, weights, folder)
 
 
 def read_extra_states(root: Path) -> dict[str, torch.Tensor]:
     """SWIFT's extra trainable base weights (``extra_states/``), or nothing when absent."""
-    folder = root / checkpoint.EXTRA_STATES_DIR
-    if not folder.is_dir():
+    if not (root / checkpoint.EXTRA_STATES_DIR).is_dir():
         return {}
+    folder = (root / checkpoint.EXTRA_STATES_DIR).resolve()
+    if folder.parent != root.resolve():
+        raise ValueError(
+            f"{root / checkpoint.EXTRA_STATES_DIR} resolves to {folder}, outside the checkpoint directory"
+        )
     return checkpoint.read_weights(folder)
 
 
@@ -101,7 +107,7 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     clashes = [new for new in wanted.values() if new in model.peft_config]
     if clashes:
         raise ValueError(f"adapter(s) {clashes} already exist in the model; pass a dict to load under new names")
-    plan = [read_adapter(found[saved], saved, new, is_trainable) for saved, new in wanted.items()]
+    plan = [read_adapter(found[saved], saved, new, is_trainable, model.base_model) for saved, new in wanted.items()]
     extra = read_extra_states(root)
     if extra:
         check_extra_states(model, extra, root / checkpoint.EXTRA_STATES_DIR)

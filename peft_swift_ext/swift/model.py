@@ -443,11 +443,13 @@ class SwiftModel(nn.Module):
                 folder.mkdir()
                 config = self._configs[name].to_dict()
                 checkpoint.write_adapter_files(folder, config, self.adapter_state_dict(name), safe_serialization)
-            root.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                checkpoint.replace_directory(staging / name, root / name)
             # the order matters where adapters share a layer (DoRA normalises what precedes it)
-            (root / checkpoint.ROOT_MARKER).write_text(json.dumps({"adapter_order": self._save_order(names)}))
+            marker = staging / checkpoint.ROOT_MARKER
+            marker.write_text(json.dumps({"adapter_order": self._save_order(names)}))
+            root.mkdir(parents=True, exist_ok=True)
+            checkpoint.replace_paths(
+                [(staging / name, root / name) for name in names] + [(marker, root / marker.name)]
+            )
 
     def _save_order(self, names: list[str]) -> list[str]:
         active = [name for name in self.active_adapters if name in names]
@@ -496,6 +498,11 @@ class SwiftModel(nn.Module):
             f"{key}: checkpoint {tuple(weights[key].shape)} vs model {tuple(tensor.shape)}"
             for key, (_, _, tensor) in by_key.items()
             if key in weights and tuple(weights[key].shape) != tuple(tensor.shape)
+        ]
+        mismatched += [
+            f"{key}: checkpoint dtype {weights[key].dtype} for a {tensor.dtype} tensor"
+            for key, (_, _, tensor) in by_key.items()
+            if key in weights and tensor.is_floating_point() and not weights[key].is_floating_point()
         ]
         if missing or unexpected or mismatched:
             raise ValueError(

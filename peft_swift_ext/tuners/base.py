@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
@@ -57,11 +58,13 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
                 yield name
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        # PEFT reads base_layer.weight; wrapped blocks (attention layers, UNet blocks) have none of their own.
+        # PEFT reads base_layer.weight, which wrapped blocks (decoder layers, UNet blocks) lack: follow their
+        # first tensor's device. The dtype stays the adapter's own; forward casts, so fp16/bf16 bases train
+        # fp32 adapters.
         tensor = next(base_layer.parameters(), None)
         if tensor is None:
             tensor = next(base_layer.buffers(), None)
-        return (None, None) if tensor is None else (tensor.device, tensor.dtype)
+        return (None if tensor is None else tensor.device), None
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
@@ -193,6 +196,21 @@ class SwiftBaseTuner(BaseTuner):
                 "target the blocks inside it instead"
             )
 
+    @classmethod
+    def from_swift_state_dict(
+        cls, weights: dict[str, torch.Tensor], adapter_name: str, config: PeftConfig, model: nn.Module
+    ) -> dict[str, torch.Tensor]:
+        """Rewrite an ms-swift checkpoint's keys into this tuner's layout (unchanged by default).
+
+        Args:
+            weights: the checkpoint's tensors.
+            adapter_name: the name the adapter was saved under.
+            config: the adapter's config, already translated.
+            model: the model it will be loaded into (not yet changed), for tuners whose key layout
+                depends on where their targets are.
+        """
+        return weights
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's version copies child.weight/bias and moves by them; wrapped blocks have neither, and
         # update_layer already put the adapter on the base layer's device.
@@ -214,3 +232,29 @@ class SwiftBaseTuner(BaseTuner):
                 for name in module.active_adapters:
                     for param in adapter_parameters(module, name):
                         param.requires_grad = True
+
+
+def rename_swift_keys(
+    weights: dict[str, torch.Tensor], swift_attr: str, adapter_name: str, containers: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """Turn ``<path>.<swift_attr>.<sub>.<rest>`` keys into ``<path>.<containers[sub]>.<adapter_name>.<rest>``.
+
+    Keys that do not have this form are kept as they are (the load then reports them as unexpected).
+    A sub-name mapped from ``""`` matches every remaining sub-path (``<swift_attr>.<rest>``).
+    """
+    renamed = {}
+    for key, tensor in weights.items():
+        parts = key.split(".")
+        if swift_attr not in parts:
+            renamed[key] = tensor
+            continue
+        at = parts.index(swift_attr)
+        path, rest = parts[:at], parts[at + 1 :]
+        if rest and rest[0] in containers:
+            new = [*path, containers[rest[0]], adapter_name, *rest[1:]]
+        elif "" in containers:
+            new = [*path, containers[""], adapter_name, *rest]
+        else:
+            new = parts
+        renamed[".".join(new)] = tensor
+    return renamed

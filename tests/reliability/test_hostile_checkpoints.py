@@ -175,11 +175,6 @@ def test_half_precision_checkpoint_loads_as_its_exact_upcast(case, case_ckpt, tm
         torch.testing.assert_close(state[key], expected, atol=0, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SwiftModel.load_adapter_weights casts integer/bool checkpoint tensors into float weights "
-    "silently — reported",
-)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 def test_integer_tensor_for_a_float_weight_is_refused(dtype, swift_ckpt, tmp_path):
     folder = copy_checkpoint(swift_ckpt, tmp_path / "ckpt")
@@ -274,10 +269,6 @@ def test_unreadable_config_names_the_file(content, message, swift_ckpt, tmp_path
     assert str(config_file) in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint.config_from_dict: the unknown-peft_type error does not name adapter_config.json — reported",
-)
 def test_unknown_peft_type_names_the_file(swift_ckpt, tmp_path):
     folder = copy_checkpoint(swift_ckpt, tmp_path / "ckpt")
     config_file = _rewrite_config(folder / "a", {"peft_type": "NOT_A_TUNER"})
@@ -342,11 +333,6 @@ def test_adapter_folder_symlinked_outside_is_refused_and_model_unchanged(swift_c
     assert_refused_unchanged(loaded_target(), tmp_path / "ckpt", "outside the checkpoint directory")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loading.read_extra_states reads an extra_states folder that is a symlink to outside the "
-    "checkpoint — reported",
-)
 def test_extra_states_folder_symlinked_outside_is_refused(swift_ckpt, tmp_path):
     # extra_states overwrites base-model weights, so a folder planted elsewhere must not be followed
     outside = tmp_path / "outside"

@@ -31,17 +31,11 @@ _CI_MIXED = {
 }  # fmt: skip
 FULL = os.environ.get("RELIABILITY_FULL") == "1"
 MIXED_CASES = [c for c in ALL_CASES if FULL or c.id in _CI_MIXED]
-LLAMAPRO_MIXED = pytest.mark.xfail(
-    strict=True,
-    reason="LLaMA-PRO: new blocks in another dtype than the base fail inside torch ('expected m1 and m2 to "
-    "have the same dtype') instead of casting the hidden states or raising a clear error — reported",
-)
 
 
 def mixed_params(cases):
-    """The cases, with LLaMA-PRO's known failure marked (its forward mixes dtypes; merging is a no-op)."""
-    marks = {"llamapro-llama": LLAMAPRO_MIXED}
-    return [pytest.param(case, id=case.id, marks=marks.get(case.id, ())) for case in cases]
+    """The cases as pytest parameters named by their ids."""
+    return [pytest.param(case, id=case.id) for case in cases]
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2CLS
 
 from ..base import SwiftTunerLayer
-from .positions import Position, output_value, replace_output_value
+from ..positions import Position, output_value, replace_output_value
 
 # One lock for all layers (a lock attribute would make the model impossible to deepcopy); it guards only
 # the install/remove bookkeeping of intercepted methods, never a forward.
@@ -57,12 +57,6 @@ class AdapterLayer(SwiftTunerLayer):
         self.hidden_pos[adapter_name] = hidden_pos
         self.method_name[adapter_name] = method_name
         self._move_adapter_to_device_of_base_layer(adapter_name)
-
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        # Targets are often blocks without a ``weight``; follow their first parameter's device and keep the
-        # adapter's own dtype (forward casts), so fp16/bf16 bases train fp32 adapters.
-        param = next(base_layer.parameters(), None)
-        return (None if param is None else param.device), None
 
     def adapt(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden + up(act(down(hidden)))`` computed in the adapter's dtype, returned in ``hidden``'s dtype."""

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftConfig
 from torch import nn
 
-from ..base import SwiftBaseTuner
+from ..base import SwiftBaseTuner, rename_swift_keys
 from .config import AdapterConfig
 from .layer import AdapterLayer
 
@@ -35,11 +36,6 @@ class AdapterModel(SwiftBaseTuner):
                 f"{type(base).__name__} outputs size {size_of(base)}"
             )
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version copies ``child.weight`` onto unwrapped modules; blocks have none. The layer already
-        # placed its adapter on the base layer's device.
-        setattr(parent, child_name, new_module)
-
     def _create_and_replace(
         self, peft_config: AdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
@@ -57,8 +53,14 @@ class AdapterModel(SwiftBaseTuner):
         new_module.update_layer(adapter_name, **options)
         self._replace_module(parent, target_name, new_module, target)
 
-    @staticmethod
-    def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    @classmethod
+    def from_swift_state_dict(
+        cls,
+        weights: dict[str, torch.Tensor],
+        adapter_name: str,
+        config: PeftConfig | None = None,
+        model: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Rewrite ms-swift keys into ours: ``<path>.adapter_<name>.linear1.*`` -> ``<path>.adapter_down.<name>.*``.
 
         Args:
@@ -67,29 +69,3 @@ class AdapterModel(SwiftBaseTuner):
         """
         containers = {"linear1": "adapter_down", "linear2": "adapter_up"}
         return rename_swift_keys(weights, f"adapter_{adapter_name}", adapter_name, containers)
-
-
-def rename_swift_keys(
-    weights: dict[str, torch.Tensor], swift_attr: str, adapter_name: str, containers: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    """Turn ``<path>.<swift_attr>.<sub>.<rest>`` keys into ``<path>.<containers[sub]>.<adapter_name>.<rest>``.
-
-    Keys that do not have this form are kept as they are (the load then reports them as unexpected).
-    A sub-name mapped from ``""`` matches every remaining sub-path (``<swift_attr>.<rest>``).
-    """
-    renamed = {}
-    for key, tensor in weights.items():
-        parts = key.split(".")
-        if swift_attr not in parts:
-            renamed[key] = tensor
-            continue
-        at = parts.index(swift_attr)
-        path, rest = parts[:at], parts[at + 1 :]
-        if rest and rest[0] in containers:
-            new = [*path, containers[rest[0]], adapter_name, *rest[1:]]
-        elif "" in containers:
-            new = [*path, containers[""], adapter_name, *rest]
-        else:
-            new = parts
-        renamed[".".join(new)] = tensor
-    return renamed

@@ -31,7 +31,6 @@ class LlamaProLayer(SwiftTunerLayer):
         super().__init__(base_layer)
         self.llamapro_blocks = nn.ModuleDict()
         self.train(base_layer.training)
-        self._register_load_state_dict_pre_hook(_drop_repeated_adapter_name)
 
     def update_layer(self, adapter_name: str, num_blocks: int, output_projections: list[str]) -> None:
         """Add ``num_blocks`` identity-initialised copies of the wrapped layer for ``adapter_name``."""
@@ -54,25 +53,24 @@ class LlamaProLayer(SwiftTunerLayer):
         return output
 
 
-def _drop_repeated_adapter_name(state_dict: dict, prefix: str, *args) -> None:
-    """Undo PEFT <= 0.20's key rewriting for blocks: ``llamapro_blocks.<new>.<saved>.<i>.`` -> ``...<new>.<i>.``.
-
-    Those versions save block keys with the adapter name still inside (they only strip it before the last
-    segment) and insert the loading name after the container, so the name appears twice; block indices are digits.
-    """
-    head = f"{prefix}{LlamaProLayer.adapter_layer_names[0]}."
-    for key in [k for k in state_dict if k.startswith(head)]:
-        parts = key[len(head) :].split(".")
-        if len(parts) > 3 and not parts[1].isdigit() and parts[2].isdigit():
-            state_dict[head + ".".join([parts[0], *parts[2:]])] = state_dict.pop(key)
-
-
 def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):
+    """Run one new block on the previous output, in the block's own dtype (it may differ from the base's)."""
+    hidden = previous[0] if isinstance(previous, tuple) else previous
+    dtype = next(block.parameters()).dtype
+    result = block(_cast_floats(hidden, dtype), *_cast_floats(args, dtype), **_cast_floats(kwargs, dtype))
     # Transformers 5 decoder layers return the hidden states; older ones a tuple starting with them.
-    if isinstance(previous, tuple):
-        result = block(previous[0], *args, **kwargs)
-        return (result[0] if isinstance(result, tuple) else result, *previous[1:])
-    return block(previous, *args, **kwargs)
+    result = (result[0] if isinstance(result, tuple) else result).to(hidden.dtype)
+    return (result, *previous[1:]) if isinstance(previous, tuple) else result
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(item, dtype) for item in value)
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, dtype) for key, item in value.items()}
+    return value
 
 
 def new_block(layer: nn.Module, output_projections: list[str]) -> nn.Module:

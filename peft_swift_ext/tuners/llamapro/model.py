@@ -70,17 +70,6 @@ class LlamaProModel(SwiftBaseTuner):
         # base model's hidden states, masks and cache, and become ordinary layers on merge, so they keep its dtype.
         return None
 
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # The adapter name sits in the middle of block keys (llamapro_blocks.<adapter>.0.self_attn...), where PEFT's
-        # default (which removes it only before the last segment) would miss it and break loading under a new name.
-        marker = f".{LlamaProLayer.adapter_layer_names[0]}.{adapter_name}."
-        if marker in key:
-            return key.replace(marker, f".{LlamaProLayer.adapter_layer_names[0]}.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
-
-    # --- cache slots and config ----------------------------------------------------------------------------------
-
     def _renumber_blocks(self, model: nn.Module) -> None:
         """Give every new block a KV-cache slot after the original layers and make the config count them."""
         layers = model.get_submodule(self._layers_path)
@@ -163,7 +152,13 @@ class LlamaProModel(SwiftBaseTuner):
     # --- ms-swift checkpoints --------------------------------------------------------------------------------------
 
     @classmethod
-    def from_swift_state_dict(cls, weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    def from_swift_state_dict(
+        cls,
+        weights: dict[str, torch.Tensor],
+        adapter_name: str,
+        config: PeftConfig | None = None,
+        model: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Rename an ms-swift LLaMA-PRO checkpoint (new blocks under their expanded-model indices) to our keys.
 
         ms-swift puts one block after each group, so the k-th saved index ``e`` (in order) is the block after

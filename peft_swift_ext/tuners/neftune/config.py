@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
@@ -27,7 +28,7 @@ class NEFTuneConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.NEFTUNE
         alpha = self.noise_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"NEFTuneConfig.noise_alpha must be a positive number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"NEFTuneConfig.noise_alpha must be a positive finite number, got {alpha!r}")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)

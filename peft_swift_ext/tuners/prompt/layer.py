@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..adapter.positions import ArgumentSlot, Position
 from ..base import SwiftTunerLayer
+from ..positions import ArgumentSlot, Position
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,6 @@ class PromptLayer(SwiftTunerLayer):
         self.prompt_token[adapter_name] = token
         self.prompt_settings[adapter_name] = settings
         self._move_adapter_to_device_of_base_layer(adapter_name)
-
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        # Layers have no ``weight``: follow their first parameter's device, keep the tokens' own dtype.
-        param = next(base_layer.parameters(), None)
-        return (None if param is None else param.device), None
 
     def forward(self, *args, **kwargs):
         names = list(self.adapters_to_apply())

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftConfig
 from torch import nn
 
-from ..adapter.model import rename_swift_keys
-from ..adapter.positions import ArgumentSlot
-from ..base import SwiftBaseTuner, find_target_modules
+from ..base import SwiftBaseTuner, find_target_modules, rename_swift_keys
+from ..positions import ArgumentSlot
 from .config import PromptConfig
 from .layer import PromptLayer, PromptSettings
 
@@ -40,11 +40,6 @@ class PromptModel(SwiftBaseTuner):
             if problem is not None:
                 raise ValueError(f"PromptConfig.{field} does not fit {name}: {problem}")
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version copies ``child.weight`` onto unwrapped modules; blocks have none. The layer already
-        # placed its adapter on the base layer's device.
-        setattr(parent, child_name, new_module)
-
     def _create_and_replace(
         self, peft_config: PromptConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
@@ -67,8 +62,14 @@ class PromptModel(SwiftBaseTuner):
         new_module.update_layer(adapter_name, dim, peft_config.prompt_length, settings)
         self._replace_module(parent, target_name, new_module, target)
 
-    @staticmethod
-    def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    @classmethod
+    def from_swift_state_dict(
+        cls,
+        weights: dict[str, torch.Tensor],
+        adapter_name: str,
+        config: PeftConfig | None = None,
+        model: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Rewrite ms-swift keys (``<path>.prompt_<name>.prompt_token``) into ours (``<path>.prompt_token.<name>``)."""
         return rename_swift_keys(weights, f"prompt_{adapter_name}", adapter_name, {"prompt_token": "prompt_token"})
 

@@ -78,7 +78,11 @@ class SCEditModel(SwiftBaseTuner):
 
     @classmethod
     def from_swift_state_dict(
-        cls, weights: dict[str, torch.Tensor], adapter_name: str, **_
+        cls,
+        weights: dict[str, torch.Tensor],
+        adapter_name: str,
+        config: PeftConfig | None = None,
+        model: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
         """Rewrite ms-swift's keys into ours.
 

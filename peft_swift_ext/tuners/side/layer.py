@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapter.positions import ArgumentSlot, Position, output_value, replace_output_value
 from ..base import SwiftTunerLayer
+from ..positions import ArgumentSlot, Position, output_value, replace_output_value
 from .networks import SIDE_NETWORKS
 
 
@@ -38,12 +38,6 @@ class SideLayer(SwiftTunerLayer):
         self.source_hidden_pos[adapter_name] = source_hidden_pos
         self.target_hidden_pos[adapter_name] = target_hidden_pos
         self._move_adapter_to_device_of_base_layer(adapter_name)
-
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        # Targets are often blocks without a ``weight``: follow their first parameter's device and keep the
-        # side network's own dtype (forward casts).
-        param = next(base_layer.parameters(), None)
-        return (None if param is None else param.device), None
 
     def forward(self, *args, **kwargs):
         output = self.base_layer(*args, **kwargs)

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftConfig
 from torch import nn
 
-from ..adapter.model import rename_swift_keys
-from ..adapter.positions import ArgumentSlot
-from ..base import SwiftBaseTuner
+from ..base import SwiftBaseTuner, rename_swift_keys
+from ..positions import ArgumentSlot
 from .config import SideConfig
 from .layer import SideLayer
 
@@ -35,20 +35,6 @@ class SideModel(SwiftBaseTuner):
                 f"{type(base).__name__} maps {sizes(base)[0]} -> {sizes(base)[1]}"
             )
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version copies ``child.weight`` onto unwrapped modules; blocks have none. The layer already
-        # placed its adapter on the base layer's device.
-        setattr(parent, child_name, new_module)
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # PEFT (0.21) expects the adapter name second to last; side networks nest deeper (side_net.<name>.fc1.weight).
-        marker = f".side_net.{adapter_name}."
-        if marker in key:
-            head, _, tail = key.rpartition(marker)
-            return f"{head}.side_net.{tail}"
-        return super()._remove_adapter_name_from_key(key, adapter_name)
-
     def _create_and_replace(
         self, peft_config: SideConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
@@ -65,8 +51,14 @@ class SideModel(SwiftBaseTuner):
         new_module.update_layer(adapter_name, **options)
         self._replace_module(parent, target_name, new_module, target)
 
-    @staticmethod
-    def from_swift_state_dict(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    @classmethod
+    def from_swift_state_dict(
+        cls,
+        weights: dict[str, torch.Tensor],
+        adapter_name: str,
+        config: PeftConfig | None = None,
+        model: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Rewrite ms-swift keys (``<path>.side_<name>.side_net.*``, ``.alpha``) into ours (``side_net.<name>.*``,
         ``side_alpha.<name>``)."""
         containers = {"side_net": "side_net", "alpha": "side_alpha"}
