@@ -66,6 +66,9 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
             tensor = next(base_layer.buffers(), None)
         return (None if tensor is None else tensor.device), None
 
+    def remove_probes(self) -> None:
+        """Remove the hooks this layer put on other modules (none by default), before it is unloaded."""
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             f"{self.tuner_name} adapters change activations, not weights, so they cannot be merged into the base "
@@ -215,6 +218,22 @@ class SwiftBaseTuner(BaseTuner):
         # PEFT's version copies child.weight/bias and moves by them; wrapped blocks have neither, and
         # update_layer already put the adapter on the base layer's device.
         setattr(parent, child_name, new_module)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        self.finalize_unload(merge)
+        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+
+    def finalize_unload(self, merged: bool) -> None:
+        """Undo what the tuner attached outside its layers (hooks on other modules) before the layers go.
+
+        Args:
+            merged: whether the adapters were merged first (tuners that add modules keep them then).
+        """
+        for module in self.model.modules():
+            if isinstance(module, self.tuner_layer_cls):
+                module.remove_probes()
 
     def _check_merge_allowed(self) -> None:
         if not self.mergeable:

@@ -54,11 +54,6 @@ class ResTuningModel(SwiftBaseTuner):
     def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
         return self._plan is not None and key == self._plan.target
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version copies ``child.weight`` onto unwrapped modules, which blocks do not have; the layer
-        # already put its adapter on the base layer's device.
-        setattr(parent, child_name, new_module)
-
     def _create_and_replace(
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
@@ -74,28 +69,6 @@ class ResTuningModel(SwiftBaseTuner):
         )
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
-
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
-        if merge:
-            self._check_merge_allowed()
-        self.finalize_unload(merge)
-        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
-
-    def finalize_unload(self, merged: bool) -> None:
-        """Unhook the root and stem modules of every adapter (the layers are about to be removed)."""
-        for module in self.model.modules():
-            if isinstance(module, ResTuningLayer):
-                module.remove_probes()
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # PEFT drops the adapter name only when it is second to last; ours sits before the bypass's own path
-        # (``...restuning_bypass.<adapter>.blocks.0.lateral.ln1.weight``), so drop it there, symmetrically for
-        # saving and loading under another name.
-        marker = f".restuning_bypass.{adapter_name}."
-        if marker in key:
-            return key.replace(marker, ".restuning_bypass.", 1)
-        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def from_swift_state_dict(

@@ -49,11 +49,6 @@ class SCEditModel(SwiftBaseTuner):
     def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
         return self._plan is not None and key in self._plan
 
-    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version copies ``child.weight`` onto unwrapped modules, which blocks do not have; the layer
-        # already put its adapter on the base layer's device.
-        setattr(parent, child_name, new_module)
-
     def _create_and_replace(
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
@@ -63,18 +58,6 @@ class SCEditModel(SwiftBaseTuner):
         layer.update_layer(adapter_name, planned.dim, hidden, peft_config.tuner_mode, planned.hint, current_key)
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
-
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
-        if merge:
-            self._check_merge_allowed()
-        self.finalize_unload(merge)
-        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
-
-    def finalize_unload(self, merged: bool) -> None:
-        """Unhook the hint modules of every adapter (the layers are about to be removed)."""
-        for module in self.model.modules():
-            if isinstance(module, SCEditLayer):
-                module.remove_probes()
 
     @classmethod
     def from_swift_state_dict(
