@@ -25,7 +25,9 @@ def load_case(name: str) -> tuple[dict, torch.nn.Module, dict[str, torch.Tensor]
     kwargs = dict(case.get("model_init_kwargs", {}))
     if case.get("attn_implementation"):
         kwargs["attn_implementation"] = case["attn_implementation"]
-    base = model_cls.from_pretrained(base_dir, dtype=torch.float32, **kwargs)
+    # diffusers still names the dtype argument torch_dtype
+    dtype_arg = "torch_dtype" if module_name.startswith("diffusers") else "dtype"
+    base = model_cls.from_pretrained(base_dir, **{dtype_arg: torch.float32}, **kwargs)
     return case, base.eval(), load_file(str(folder / "io.safetensors"))
 
 

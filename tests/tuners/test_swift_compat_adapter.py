@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import json
-from pathlib import Path
-
-import pytest
 import torch
-from safetensors.torch import load_file
 
 from peft_swift_ext import AdapterConfig, Swift
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "swift"
-
-
-def load_case(name: str):
-    """The fixture's base model (from its own weights), its recorded inputs/outputs and its description."""
-    folder = FIXTURES / name
-    if not (folder / "case.json").is_file():
-        pytest.skip(f"ms-swift fixture {name} is missing")
-    case = json.loads((folder / "case.json").read_text())
-    module_name, _, class_name = case["model_class"].rpartition(".")
-    model_cls = getattr(importlib.import_module(module_name), class_name)
-    base_dir = folder / case.get("base_dir", "base")
-    base = model_cls.from_pretrained(
-        base_dir, attn_implementation=case["attn_implementation"], dtype=torch.float32, **case["model_init_kwargs"]
-    )
-    return case, base.eval(), load_file(str(folder / "io.safetensors"))
-
-
-def run_case(case: dict, model, io: dict):
-    inputs = {name: io[spec["io_key"]] for name, spec in case["inputs"].items()}
-    with torch.no_grad():
-        return model(**inputs, **case["call_kwargs"])
+from ..swift_fixtures import FIXTURES, load_case, run_case
 
 
 def test_adapter_on_bert_feed_forward_chunk_matches_ms_swift():

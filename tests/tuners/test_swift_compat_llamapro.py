@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from peft_swift_ext import LlamaProConfig, Swift
 
-CASE = Path(__file__).parents[1] / "fixtures" / "swift" / "llama_llamapro"
+from ..swift_fixtures import FIXTURES, load_case
+
+CASE = FIXTURES / "llama_llamapro"
 
 pytestmark = pytest.mark.skipif(not (CASE / "case.json").is_file(), reason="ms-swift fixture llama_llamapro missing")
 
 
-def load_case():
-    from transformers import LlamaForCausalLM
-
-    case = json.loads((CASE / "case.json").read_text())
-    base = LlamaForCausalLM.from_pretrained(
-        CASE / case["base_dir"], attn_implementation=case["attn_implementation"], dtype=torch.float32
-    )
-    return case, base.eval(), load_file(str(CASE / "io.safetensors"))
-
-
 def test_swift_checkpoint_gives_swift_outputs():
-    case, base, io = load_case()
+    case, base, io = load_case("llama_llamapro")
     model = Swift.from_pretrained(base, CASE / "ckpt").eval()
     with torch.no_grad():
         logits = model(input_ids=io["input.input_ids"], **case["call_kwargs"]).logits
@@ -37,7 +26,7 @@ def test_swift_checkpoint_gives_swift_outputs():
 
 
 def test_swift_checkpoint_merges_into_the_expanded_model_ms_swift_built():
-    case, base, io = load_case()
+    case, base, io = load_case("llama_llamapro")
     merged = Swift.merge_and_unload(Swift.from_pretrained(base, CASE / "ckpt"))
     assert len(merged.model.layers) == 6
     saved = load_file(str(CASE / "ckpt" / "default" / "adapter_model.safetensors"))

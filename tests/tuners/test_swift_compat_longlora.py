@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from peft_swift_ext import LongLoraConfig, Swift
 
-CASE = Path(__file__).parents[1] / "fixtures" / "swift" / "llama_longlora"
+from ..swift_fixtures import FIXTURES, load_case
+
+CASE = FIXTURES / "llama_longlora"
 
 pytestmark = pytest.mark.skipif(not (CASE / "case.json").is_file(), reason="ms-swift fixture llama_longlora missing")
 
 
-def load_case():
-    from transformers import LlamaForCausalLM
-
-    case = json.loads((CASE / "case.json").read_text())
-    base = LlamaForCausalLM.from_pretrained(
-        CASE / case["base_dir"], attn_implementation=case["attn_implementation"], dtype=torch.float32
-    )
-    return case, base.eval(), load_file(str(CASE / "io.safetensors"))
-
-
 def test_swift_checkpoint_gives_swift_outputs():
-    case, base, io = load_case()
+    case, base, io = load_case("llama_longlora")
     model = Swift.from_pretrained(base, CASE / "ckpt").eval()
     config = model.peft_config["default"]
     assert isinstance(config, LongLoraConfig) and config.group_size_ratio == 0.25
@@ -37,7 +25,7 @@ def test_swift_checkpoint_gives_swift_outputs():
 
 
 def test_swift_checkpoint_merges_with_the_same_outputs():
-    case, base, io = load_case()
+    case, base, io = load_case("llama_longlora")
     merged = Swift.merge_and_unload(Swift.from_pretrained(base, CASE / "ckpt"))
     assert merged.config._attn_implementation == "eager"
     with torch.no_grad():

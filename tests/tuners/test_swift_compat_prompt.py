@@ -6,7 +6,7 @@ import torch
 
 from peft_swift_ext import PromptConfig, Swift
 
-from .test_swift_compat_adapter import FIXTURES, load_case, run_case
+from ..swift_fixtures import FIXTURES, load_case, run_case
 
 
 def test_deep_prompt_on_bert_matches_ms_swift():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,19 +11,11 @@ from safetensors.torch import load_file
 from peft_swift_ext import ResTuningConfig, Swift
 from peft_swift_ext.tuners.restuning.model import ResTuningModel
 
-CASE = Path(__file__).parents[1] / "fixtures" / "swift" / "vit_restuning"
+from ..swift_fixtures import FIXTURES, load_case
+
+CASE = FIXTURES / "vit_restuning"
 
 pytestmark = pytest.mark.skipif(not (CASE / "case.json").is_file(), reason="ms-swift fixture vit_restuning missing")
-
-
-def load_case():
-    from transformers import ViTForImageClassification
-
-    case = json.loads((CASE / "case.json").read_text())
-    base = ViTForImageClassification.from_pretrained(
-        CASE / case["base_dir"], attn_implementation=case["attn_implementation"], dtype=torch.float32
-    )
-    return case, base.eval(), load_file(str(CASE / "io.safetensors"))
 
 
 def run(model, io):
@@ -33,7 +24,7 @@ def run(model, io):
 
 
 def test_swift_checkpoint_gives_swift_outputs():
-    _, base, io = load_case()
+    _, base, io = load_case("vit_restuning")
     torch.testing.assert_close(run(base, io).logits, io["base_output.logits"], atol=1e-5, rtol=0)
     model = Swift.from_pretrained(base, CASE / "ckpt").eval()
     assert isinstance(model.peft_config["default"], ResTuningConfig)
@@ -41,7 +32,7 @@ def test_swift_checkpoint_gives_swift_outputs():
 
 
 def test_swift_keys_move_under_the_target_layer():
-    _, base, _ = load_case()
+    _, base, _ = load_case("vit_restuning")
     saved = load_file(str(CASE / "ckpt" / "default" / "adapter_model.safetensors"))
     config = ResTuningConfig(
         **{

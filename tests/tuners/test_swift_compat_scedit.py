@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from peft_swift_ext import SCEditConfig, Swift
 
-CASE = Path(__file__).parents[1] / "fixtures" / "swift" / "unet_scedit"
+from ..swift_fixtures import FIXTURES, load_case
+
+CASE = FIXTURES / "unet_scedit"
 
 pytestmark = pytest.mark.skipif(not (CASE / "case.json").is_file(), reason="ms-swift fixture unet_scedit missing")
-
-
-def load_case():
-    from diffusers import UNet2DConditionModel
-
-    case = json.loads((CASE / "case.json").read_text())
-    base = UNet2DConditionModel.from_pretrained(CASE / case["base_dir"], torch_dtype=torch.float32)
-    return case, base.eval(), load_file(str(CASE / "io.safetensors"))
 
 
 def run(model, io, case) -> torch.Tensor:
@@ -31,7 +22,7 @@ def run(model, io, case) -> torch.Tensor:
 
 
 def test_swift_checkpoint_gives_swift_outputs():
-    case, base, io = load_case()
+    case, base, io = load_case("unet_scedit")
     torch.testing.assert_close(run(base, io, case), io["base_output.sample"], atol=1e-5, rtol=0)
     model = Swift.from_pretrained(base, CASE / "ckpt").eval()
     assert isinstance(model.peft_config["default"], SCEditConfig)
@@ -39,7 +30,7 @@ def test_swift_checkpoint_gives_swift_outputs():
 
 
 def test_swift_checkpoint_weights_land_in_the_tuners():
-    _, base, _ = load_case()
+    _, base, _ = load_case("unet_scedit")
     model = Swift.from_pretrained(base, CASE / "ckpt")
     saved = load_file(str(CASE / "ckpt" / "default" / "adapter_model.safetensors"))
     ours = model.adapter_state_dict("default")

@@ -8,7 +8,7 @@ import torch
 from peft_swift_ext import SideConfig, Swift
 
 from ..helpers import state_hash
-from .test_swift_compat_adapter import FIXTURES, load_case, run_case
+from ..swift_fixtures import FIXTURES, load_case, run_case
 
 
 def test_mlp_side_on_bert_encoder_matches_ms_swift():
