@@ -30,17 +30,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`
 
 # Method pages that do not yet carry a runnable example (pages written by the tuners' engineers); each is
 # expected to fail the "has a runnable example" check until its example is marked. Remove entries as they are.
-PENDING_RUNNABLE = {
-    "tuners/adapter.md",
-    "tuners/prompt.md",
-    "tuners/side.md",
-    "tuners/restuning.md",
-    "tuners/scedit.md",
-    "tuners/llamapro.md",
-    "tuners/longlora.md",
-    "tuners/neftune.md",
-    "techniques.md",
-}
+PENDING_RUNNABLE: set[str] = set()
 # The page of each technique (all on one page for now) and of each tuner that has no docs/tuners/ page.
 TECHNIQUE_PAGES = {
     "lisa": "techniques.md",
