@@ -65,9 +65,11 @@ class SwiftModel(nn.Module):
     # --- pass-through ------------------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        """Run the wrapped model with the active adapters (arguments as the wrapped model takes them)."""
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        """The wrapped model's ``generate``, with the active adapters."""
         return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -173,7 +175,11 @@ class SwiftModel(nn.Module):
                 setattr(parent, child, wrapper)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter and its layers; modules left without adapters get their original module back."""
+        """Remove an adapter and its layers; modules left without adapters get their original module back.
+
+        Args:
+            adapter_name: the adapter to remove.
+        """
         self._check_known([adapter_name])
         self._offload.forget(adapter_name)
         self._remove_layers_of(adapter_name, PeftType(self._configs.pop(adapter_name).peft_type))
@@ -243,14 +249,23 @@ class SwiftModel(nn.Module):
         self.activation.set(names)
 
     def activate_adapter(self, adapter_name: str) -> None:
-        """Activate one adapter (restoring it if it was offloaded), keeping the others as they are."""
+        """Activate one adapter (restoring it if it was offloaded), keeping the others as they are.
+
+        Args:
+            adapter_name: the adapter to activate (for the calling thread in per-thread mode).
+        """
         self._check_known([adapter_name])
         self._check_not_merged()
         self._offload.restore(self._adapter_modules, adapter_name)
         self.activation.activate(adapter_name)
 
     def deactivate_adapter(self, adapter_name: str, offload: str | None = None) -> None:
-        """Deactivate one adapter; ``offload='cpu'|'meta'`` also frees the memory it holds."""
+        """Deactivate one adapter, optionally moving its weights away.
+
+        Args:
+            adapter_name: the adapter to deactivate.
+            offload: ``None`` keeps its weights in place; ``'cpu'`` or ``'meta'`` frees the memory they hold.
+        """
         self._check_known([adapter_name])
         self._check_offload_allowed(offload)
         self._check_not_merged()
@@ -283,9 +298,13 @@ class SwiftModel(nn.Module):
     # --- merging -----------------------------------------------------------------------------------------------
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge the given (default: active) adapters into the base weights.
+        """Merge adapters into the base weights, keeping their layers (undo with :meth:`unmerge`).
 
         Raises before changing anything if an adapter's tuner cannot merge or activation is per thread.
+
+        Args:
+            adapter_names: the adapters to merge; the active ones by default.
+            safe_merge: check the merged weights for NaNs before writing them (PEFT's option).
         """
         if self.activation.per_thread:
             raise ValueError("merging is refused with USE_UNIQUE_THREAD=0: it would change every thread's model")
@@ -312,7 +331,12 @@ class SwiftModel(nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Merge the active (or given) adapters, remove all adapter layers and return the plain model."""
+        """Merge adapters, remove every adapter layer and return the plain model.
+
+        Args:
+            adapter_names: the adapters to merge; the active ones by default (others are dropped).
+            safe_merge: check the merged weights for NaNs before writing them.
+        """
         self.merge(adapter_names, safe_merge=safe_merge)
         return self._unload(merged=True)
 
@@ -355,6 +379,7 @@ class SwiftModel(nn.Module):
         )
 
     def print_trainable_parameters(self) -> None:
+        """Print :meth:`get_trainable_parameters` (PEFT's name for it)."""
         print(self.get_trainable_parameters())
 
     def create_optimizer_param_groups(self, **defaults) -> list[dict]:
@@ -397,7 +422,13 @@ class SwiftModel(nn.Module):
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs) -> None:
         """PEFT's LoRA combination (``linear``, ``cat``, ``svd``, ``ties``, ``dare_*``...) of adapters here.
 
-        The new adapter becomes the only active one. ``kwargs`` go to ``LoraModel.add_weighted_adapter``.
+        The new adapter becomes the only active one.
+
+        Args:
+            adapters: names of the LoRA adapters to combine.
+            weights: one weight per adapter.
+            adapter_name: name of the new adapter.
+            kwargs: passed to ``LoraModel.add_weighted_adapter`` (``combination_type``, ``density``...).
         """
         checkpoint.check_adapter_name(adapter_name)
         self._check_known(adapters)
@@ -456,7 +487,11 @@ class SwiftModel(nn.Module):
         return active + [name for name in names if name not in active]
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """One adapter's tensors under SWIFT-layout keys (the adapter name kept)."""
+        """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.
+
+        Args:
+            adapter_name: the adapter to read.
+        """
         self._check_known([adapter_name])
         offloaded = self._offload.is_offloaded(adapter_name)
         if offloaded:

@@ -52,7 +52,12 @@ class Swift:
 
     @staticmethod
     def merge(model: PeftModel | SwiftModel, **kwargs) -> None:
-        """Merge the active adapters into the base weights, keeping the adapter layers."""
+        """Merge the active adapters into the base weights, keeping the adapter layers.
+
+        Args:
+            model: a SwiftModel or PeftModel.
+            kwargs: ``adapter_names`` / ``safe_merge``, as the model's own merge takes them.
+        """
         if isinstance(model, SwiftModel):
             model.merge(**kwargs)
         else:
@@ -60,7 +65,11 @@ class Swift:
 
     @staticmethod
     def unmerge(model: PeftModel | SwiftModel) -> None:
-        """Take merged adapters back out of the base weights."""
+        """Take merged adapters back out of the base weights.
+
+        Args:
+            model: a SwiftModel or PeftModel.
+        """
         if isinstance(model, SwiftModel):
             model.unmerge()
         else:
@@ -68,12 +77,26 @@ class Swift:
 
     @staticmethod
     def merge_and_unload(model: PeftModel | SwiftModel, **kwargs):
-        """Merge the active adapters, remove all adapter layers, and return the plain model."""
+        """Merge the active adapters, remove all adapter layers, and return the plain model.
+
+        Args:
+            model: a SwiftModel or PeftModel.
+            kwargs: passed to the model's ``merge_and_unload``.
+        """
         return model.merge_and_unload(**kwargs)
 
     @staticmethod
     def save_to_peft_format(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
-        """Convert a SWIFT-layout checkpoint of LoRA adapters into PEFT's layout (see ``checkpoint``)."""
+        """Convert a SWIFT-layout checkpoint of LoRA adapters into a folder plain PEFT loads.
+
+        Adapter ``default`` goes to the root of ``output_dir``, others into sub-folders; keys lose the adapter
+        name and gain ``base_model.model.``. Any non-LoRA adapter, or an option PEFT cannot express, is an
+        error raised before anything is written.
+
+        Args:
+            ckpt_dir: the folder written by ``SwiftModel.save_pretrained`` or by ms-swift.
+            output_dir: the folder to create (replaced as a whole if it exists).
+        """
         from ..tuners.lora_plus.convert import to_peft_lora_config
 
         checkpoint.save_to_peft_format(ckpt_dir, output_dir, to_peft_lora_config)
