@@ -231,7 +231,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="timed rounds per configuration (default 2 quick, 9 full)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--swift-python", default=os.environ.get("SWIFT_PYTHON", DEFAULT_SWIFT_PYTHON))
-    parser.add_argument("--no-shim", action="store_true", help="skip benchmarks/swift_overhead.py's figures")
+    parser.add_argument(
+        "--shim",
+        choices=("full", "quick", "none"),
+        help="benchmarks/swift_overhead.py's size (default: the suite's). Its full size is SmolLM2-135M's shape "
+        "with 15 rounds, ~15 min on a loaded 2-core CPU; quick keeps the 30 layers at width 64",
+    )
+    parser.add_argument("--no-shim", action="store_const", const="none", dest="shim", help="same as --shim none")
     parser.add_argument("--no-charts", action="store_true")
     parser.add_argument("--tuners", nargs="+", help="only these tuners (default: all)")
     args = parser.parse_args(argv)
@@ -293,9 +299,10 @@ def main(argv=None) -> int:
         for server in servers.values():
             server.stop()
         log.close()
-    if not args.no_shim:
-        print("swift_overhead", flush=True)
-        results["shim"] = run_shim(args.quick)
+    shim = args.shim or ("quick" if args.quick else "full")
+    if shim != "none":
+        print(f"swift_overhead ({shim})", flush=True)
+        results["shim"] = {"size": shim, **run_shim(shim == "quick")}
     if "lora" in results["tuners"]:
         results["targets"] = targets(results)
     results["machine"]["load_average_at_end"] = os.getloadavg()

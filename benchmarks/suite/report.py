@@ -61,6 +61,9 @@ def markdown(results: dict) -> str:
                         f"{p['peak_mib']:.1f} | {p['base_peak_mib']:.1f} |"
                     )
     if results.get("targets"):
+        shim = results.get("shim")
+        if shim:
+            lines += ["", f"Shim figures: benchmarks/swift_overhead.py ({shim['size']} size: {shim['model']})."]
         lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
         for name, t in results["targets"].items():
             lines.append(f"| {name} | {t['measured']:.4g} | ≤ {t['bound']} | {'yes' if t['met'] else '**no**'} |")
