@@ -36,8 +36,9 @@ class TunerSpec:
         return PeftType(self.name.upper())
 
 
-#: name -> spec of every tuner this package registered, in registration order.
-TUNERS: dict[str, TunerSpec] = {}
+#: name -> spec of every tuner this package registered, in registration order. A reload of this module
+#: keeps the table: the tuners' own modules, which filled it, are not reloaded with it.
+TUNERS: dict[str, TunerSpec] = globals().get("TUNERS", {})
 
 
 def add_peft_type(name: str) -> PeftType:

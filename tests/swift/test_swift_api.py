@@ -48,6 +48,7 @@ def test_import_registers_each_method_once_even_after_reload():
     assert len(members) == 1
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LORAPLUS].__name__ == "LoraPlusModel"
     assert "loraplus" in peft_swift_ext.TUNERS
+    assert {"adapter", "restuning", "neftune"} <= set(peft_swift_ext.registry.TUNERS), "reload forgot tuners"
 
 
 def test_registration_is_visible_to_peft_in_a_fresh_process(tmp_path):
