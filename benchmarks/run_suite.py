@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -245,7 +246,10 @@ def main(argv=None) -> int:
     threads = min(2, os.cpu_count() or 1)
     args.output.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    log = open(args.output / f"suite{suffix}.log", "w")  # noqa: SIM115 - the servers write into it until the end
+    # the servers' stderr (library warnings, tracebacks) goes to a log outside the results folder
+    log_path = Path(tempfile.gettempdir()) / f"suite{suffix}-{os.getpid()}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - the servers write into it until the end
+    print(f"server log: {log_path}", flush=True)
     started = time.time()
     servers = {"ours": Server(sys.executable, "ours", log)}
     notes = []

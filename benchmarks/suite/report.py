@@ -15,6 +15,27 @@ def _ms(seconds) -> str:
     return "–" if seconds is None else f"{1000 * seconds:.1f}"
 
 
+def summary(results: dict) -> str:
+    """One row per tuner: the comparison the README shows."""
+    lines = [
+        "| tuner | model | trainable | step ×base (ours) | step ours ÷ ms-swift | peak MiB ours / ms-swift (base) "
+        "| save / load ms (ours) | merged fwd ×base |",
+        "|---" * 8 + "|",
+    ]
+    for tuner, rows in results["tuners"].items():
+        ours, theirs, base = rows["peft"], rows.get("ms_swift"), rows["base"]
+        versus = f"{ours['step_s'] / theirs['step_s']:.2f}" if theirs else "–"
+        theirs_peak = f"{theirs['peak_mib']:.1f}" if theirs else "–"
+        merged = rows.get("merged", {}).get("vs_base")
+        lines.append(
+            f"| {tuner} | {results['tuner_notes'][tuner]['family']} | {ours['trainable']:,} | "
+            f"{ours['step_vs_base']:.2f} | {versus} | {ours['peak_mib']:.1f} / {theirs_peak} "
+            f"({base['peak_mib']:.1f}) | "
+            f"{_ms(ours['save_s'])} / {_ms(ours['load_s'])} | {'–' if merged is None else f'{merged:.2f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     machine = results["machine"]
     load = machine["load_average_at_start"][0], machine["load_average_at_end"][0]
@@ -31,6 +52,9 @@ def markdown(results: dict) -> str:
         + ".",
         "",
         "Models: " + "; ".join(f"{family}: {text}" for family, text in results["models"].items()) + ".",
+        "",
+        summary(results),
+        "All sides:",
         "",
         COLUMNS,
         "|" + "---|" * (COLUMNS.count("|") - 1),
