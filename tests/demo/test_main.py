@@ -50,7 +50,8 @@ def test_missing_extra_is_a_message_not_a_traceback(module, monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to find_spec/import
     assert main(["--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"missing: {module}" in err
+    # the other demo packages may be missing too on this machine; the simulated one must be named
+    assert module in err.split("missing: ", 1)[1].split(".", 1)[0].split(", ")
     assert INSTALL_HINT in err
     assert "Traceback" not in err
 
