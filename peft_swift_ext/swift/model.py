@@ -225,7 +225,8 @@ class SwiftModel(nn.Module):
                 if slot.required and isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
                     tensor.requires_grad = True
         for module in self.base_model.modules():
-            if isinstance(module, BaseTunerLayer) and hasattr(module, "_freeze_non_trainable_peft_weights"):
+            # looked up on the class: wrappers forward unknown attributes to the modules they wrap
+            if isinstance(module, BaseTunerLayer) and hasattr(type(module), "_freeze_non_trainable_peft_weights"):
                 module._freeze_non_trainable_peft_weights()
 
     # --- activation --------------------------------------------------------------------------------------------
