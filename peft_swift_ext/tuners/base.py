@@ -214,6 +214,21 @@ class SwiftBaseTuner(BaseTuner):
         """
         return weights
 
+    def _update_or_wrap(
+        self, target: nn.Module, parent: nn.Module, target_name: str, new_layer, adapter_name: str, *args, **kwargs
+    ) -> None:
+        """Add ``adapter_name`` to ``target`` if it already is this tuner's layer, else wrap it first.
+
+        Args:
+            target, parent, target_name: as PEFT passes them to ``_create_and_replace``.
+            new_layer: builds this tuner's layer around a module.
+            adapter_name, args, kwargs: passed to the layer's ``update_layer``.
+        """
+        layer = target if isinstance(target, self.tuner_layer_cls) else new_layer(target)
+        layer.update_layer(adapter_name, *args, **kwargs)
+        if layer is not target:
+            self._replace_module(parent, target_name, layer, target)
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's version copies child.weight/bias and moves by them; wrapped blocks have neither, and
         # update_layer already put the adapter on the base layer's device.

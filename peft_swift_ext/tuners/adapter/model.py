@@ -46,12 +46,9 @@ class AdapterModel(SwiftBaseTuner):
             "hidden_pos": peft_config.hidden_pos,
             "method_name": peft_config.method_name,
         }
-        if isinstance(target, AdapterLayer):
-            target.update_layer(adapter_name, **options)
-            return
-        new_module = AdapterLayer(target, current_key)
-        new_module.update_layer(adapter_name, **options)
-        self._replace_module(parent, target_name, new_module, target)
+        self._update_or_wrap(
+            target, parent, target_name, lambda module: AdapterLayer(module, current_key), adapter_name, **options
+        )
 
     @classmethod
     def from_swift_state_dict(

@@ -55,12 +55,16 @@ class PromptModel(SwiftBaseTuner):
             position_embeddings_pos=peft_config.position_embeddings_pos,
             mask_value=peft_config.attention_mask_value,
         )
-        if isinstance(target, PromptLayer):
-            target.update_layer(adapter_name, dim, peft_config.prompt_length, settings)
-            return
-        new_module = PromptLayer(target, current_key)
-        new_module.update_layer(adapter_name, dim, peft_config.prompt_length, settings)
-        self._replace_module(parent, target_name, new_module, target)
+        self._update_or_wrap(
+            target,
+            parent,
+            target_name,
+            lambda module: PromptLayer(module, current_key),
+            adapter_name,
+            dim,
+            peft_config.prompt_length,
+            settings,
+        )
 
     @classmethod
     def from_swift_state_dict(

@@ -58,8 +58,11 @@ class ResTuningModel(SwiftBaseTuner):
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
         plan = self._plan
-        layer = target if isinstance(target, ResTuningLayer) else ResTuningLayer(target)
-        layer.update_layer(
+        self._update_or_wrap(
+            target,
+            parent,
+            target_name,
+            ResTuningLayer,
             adapter_name,
             plan.specs,
             plan.sources,
@@ -67,8 +70,6 @@ class ResTuningModel(SwiftBaseTuner):
             peft_config.target_hidden_pos,
             current_key,
         )
-        if layer is not target:
-            self._replace_module(parent, target_name, layer, target)
 
     @classmethod
     def from_swift_state_dict(

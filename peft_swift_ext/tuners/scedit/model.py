@@ -53,11 +53,19 @@ class SCEditModel(SwiftBaseTuner):
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
         planned = self._plan[current_key]
-        layer = target if isinstance(target, SCEditLayer) else SCEditLayer(target)
         hidden = int(planned.dim * peft_config.down_ratio)
-        layer.update_layer(adapter_name, planned.dim, hidden, peft_config.tuner_mode, planned.hint, current_key)
-        if layer is not target:
-            self._replace_module(parent, target_name, layer, target)
+        self._update_or_wrap(
+            target,
+            parent,
+            target_name,
+            SCEditLayer,
+            adapter_name,
+            planned.dim,
+            hidden,
+            peft_config.tuner_mode,
+            planned.hint,
+            current_key,
+        )
 
     @classmethod
     def from_swift_state_dict(

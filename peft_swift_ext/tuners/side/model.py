@@ -44,12 +44,9 @@ class SideModel(SwiftBaseTuner):
             "source_hidden_pos": peft_config.source_hidden_pos,
             "target_hidden_pos": peft_config.target_hidden_pos,
         }
-        if isinstance(target, SideLayer):
-            target.update_layer(adapter_name, **options)
-            return
-        new_module = SideLayer(target, current_key)
-        new_module.update_layer(adapter_name, **options)
-        self._replace_module(parent, target_name, new_module, target)
+        self._update_or_wrap(
+            target, parent, target_name, lambda module: SideLayer(module, current_key), adapter_name, **options
+        )
 
     @classmethod
     def from_swift_state_dict(
