@@ -33,6 +33,7 @@ class TunerSpec:
 
     @property
     def peft_type(self) -> PeftType:
+        """The tuner's member of PEFT's ``PeftType`` enum (its name upper-cased)."""
         return PeftType(self.name.upper())
 
 

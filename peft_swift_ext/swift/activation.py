@@ -41,7 +41,11 @@ class ActivationState:
         return self._shared
 
     def set(self, names: Iterable[str]) -> None:
-        """Replace the active set (for the calling thread in per-thread mode)."""
+        """Replace the active set (for the calling thread in per-thread mode).
+
+        Args:
+            names: the adapters to make active, in order (duplicates dropped).
+        """
         names = tuple(dict.fromkeys(names))
         if self.per_thread:
             self._local.active = names
@@ -49,10 +53,20 @@ class ActivationState:
             self._shared = names
 
     def activate(self, name: str) -> None:
+        """Append an adapter to the active set (no-op if already active).
+
+        Args:
+            name: the adapter to activate.
+        """
         if name not in self.current():
             self.set((*self.current(), name))
 
     def deactivate(self, name: str) -> None:
+        """Remove an adapter from the active set (no-op if inactive).
+
+        Args:
+            name: the adapter to deactivate.
+        """
         self.set(n for n in self.current() if n != name)
 
 

@@ -91,6 +91,13 @@ def read_extra_states(root: Path) -> dict[str, torch.Tensor]:
 
 
 def check_extra_states(model: SwiftModel, extra: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise unless every tensor of a checkpoint's extra states has a parameter of the same shape in the model.
+
+    Args:
+        model: the model the states will be loaded into.
+        extra: the saved tensors, by state-dict key.
+        source: the file they came from (named in the error).
+    """
     params = dict(model.base_model.state_dict(keep_vars=True))
     unexpected = [key for key in extra if key not in params]
     mismatched = [key for key in extra if key in params and params[key].shape != extra[key].shape]

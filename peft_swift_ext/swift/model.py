@@ -69,7 +69,12 @@ class SwiftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """The wrapped model's ``generate``, with the active adapters."""
+        """The wrapped model's ``generate``, with the active adapters.
+
+        Args:
+            *args: passed to the wrapped model's ``generate``.
+            **kwargs: passed to the wrapped model's ``generate``.
+        """
         return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -89,6 +94,7 @@ class SwiftModel(nn.Module):
 
     @property
     def adapters(self) -> list[str]:
+        """Every adapter's name, active or not, in the order the adapters were added."""
         return list(self._configs)
 
     @property
@@ -459,6 +465,8 @@ class SwiftModel(nn.Module):
             save_directory: the checkpoint folder (created if needed; other content is kept).
             safe_serialization: safetensors (default) or a torch pickle of plain tensors.
             adapter_name: one name or several; all adapters by default.
+            **kwargs: accepted for callers that pass ``PeftModel.save_pretrained`` options (the HF
+                ``Trainer``); ignored.
         """
         names = (
             self.adapters

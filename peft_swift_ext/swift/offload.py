@@ -40,6 +40,11 @@ class OffloadStore:
         self._folder: Path | None = None
 
     def is_offloaded(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name``'s tensors are currently offloaded (to CPU or the meta device).
+
+        Args:
+            adapter_name: the adapter to ask about.
+        """
         return adapter_name in self.records
 
     def offload(self, modules: list[tuple[str, nn.Module]], adapter_name: str, target: str) -> None:
