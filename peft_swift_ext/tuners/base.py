@@ -70,12 +70,24 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
         """Remove the hooks this layer put on other modules (none by default), before it is unloaded."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Refuse: this tuner changes activations, not weights, so there is nothing to fold into the base.
+
+        Tuners whose adapters can be merged (LLaMA-PRO, NEFTune) override this.
+
+        Args:
+            safe_merge: PEFT's flag (check for NaNs before merging); unused here.
+            adapter_names: the adapters to merge; unused here.
+
+        Raises:
+            ValueError: always, naming the tuner; ``unload()`` removes the adapters instead.
+        """
         raise ValueError(
             f"{self.tuner_name} adapters change activations, not weights, so they cannot be merged into the base "
             "model; use unload() to remove them instead"
         )
 
     def unmerge(self) -> None:
+        """Undo ``merge``: a no-op here, since ``merge`` refuses."""
         # Nothing was ever merged (merge refuses), so there is nothing to undo.
         return None
 
@@ -186,6 +198,14 @@ class SwiftBaseTuner(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Check every targeted module first (clear errors, model untouched), then wrap them as PEFT does.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter`` (``autocast_adapter_dtype``,
+                ``low_cpu_mem_usage``, ...).
+        """
         config = self.peft_config[adapter_name]
         for name in find_target_modules(model, config):
             self._validate_target(model.get_submodule(name), name, config)

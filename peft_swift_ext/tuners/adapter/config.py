@@ -66,7 +66,14 @@ class AdapterConfig(PeftConfig):
 
     @classmethod
     def from_swift_dict(cls, config: dict) -> tuple[type[AdapterConfig], dict]:
-        """The fields of an ms-swift ``AdapterConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        """The fields of an ms-swift ``AdapterConfig`` JSON (SWIFT's bookkeeping keys dropped).
+
+        Args:
+            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+
+        Returns:
+            This class and the keyword arguments to build it with.
+        """
         return cls, swift_fields(config, "AdapterConfig")
 
 

@@ -63,6 +63,8 @@ class AdapterModel(SwiftBaseTuner):
         Args:
             weights: the tensors of an ms-swift Adapter checkpoint.
             adapter_name: the adapter name it was saved under.
+            config: the adapter's config (not needed for this renaming).
+            model: the model it will be loaded into (not needed for this renaming).
         """
         containers = {"linear1": "adapter_down", "linear2": "adapter_up"}
         return rename_swift_keys(weights, f"adapter_{adapter_name}", adapter_name, containers)

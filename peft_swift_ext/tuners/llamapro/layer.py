@@ -38,11 +38,18 @@ class LlamaProLayer(SwiftTunerLayer):
         self.llamapro_blocks[adapter_name] = blocks
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Mark the adapters' blocks as merged: ``merge_and_unload`` then keeps them as ordinary layers.
+
+        Args:
+            safe_merge: PEFT's flag; unused (the blocks are kept as they are, no arithmetic happens).
+            adapter_names: the adapters to merge; the active ones by default.
+        """
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.llamapro_blocks and name not in self.merged_adapters:
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        """Forget the merge marks (the blocks never left the layer)."""
         self.merged_adapters.clear()
 
     def forward(self, hidden_states, *args, **kwargs):

@@ -38,6 +38,16 @@ class LlamaProModel(SwiftBaseTuner):
         raise NotImplementedError("LlamaProModel injects its blocks in inject_adapter")
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Insert the adapter's new blocks (copies of the layers they follow, output projections zeroed).
+
+        Checks the layer list and every block to copy before anything changes, and records the model
+        config's original ``num_hidden_layers`` / ``layer_types`` so that unloading restores them.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+        """
         config: LlamaProConfig = self.peft_config[adapter_name]
         path, layers = find_layer_list(model, config)
         plan = expansion_plan(len(layers), config)
@@ -101,7 +111,11 @@ class LlamaProModel(SwiftBaseTuner):
     # --- hooks SwiftModel calls, and PEFT's own removal paths ------------------------------------------------------
 
     def remove_adapter_structures(self, adapter_name: str) -> None:
-        """Called after the adapter's blocks were deleted from the layers: compact the cache slots and config."""
+        """Called after the adapter's blocks were deleted from the layers: compact the cache slots and config.
+
+        Args:
+            adapter_name: the adapter that was deleted (every remaining block is renumbered).
+        """
         self._renumber_blocks(self.model)
 
     def finalize_unload(self, merged: bool) -> None:
@@ -134,6 +148,11 @@ class LlamaProModel(SwiftBaseTuner):
             text_config.layer_types = types
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter as PEFT does, then tidy what the tuner changed outside its layers.
+
+        Args:
+            adapter_name: the adapter to delete.
+        """
         super().delete_adapter(adapter_name)
         self.remove_adapter_structures(adapter_name)
 
@@ -164,6 +183,12 @@ class LlamaProModel(SwiftBaseTuner):
         ms-swift puts one block after each group, so the k-th saved index ``e`` (in order) is the block after
         original layer ``e - k - 1``. The saved indices must be evenly spaced: ms-swift selects blocks by
         substring (layer ``1`` also matches ``10``), and a checkpoint carrying such extra layers is refused.
+
+        Args:
+            weights: the tensors of an ms-swift LLaMA-PRO checkpoint.
+            adapter_name: the adapter name it was saved under.
+            config: the adapter's config (not needed: the saved indices give the layout).
+            model: the model it will be loaded into (not needed for this renaming).
         """
         by_list: dict[str, set[int]] = {}
         for key in weights:

@@ -50,6 +50,11 @@ def active_rule(module) -> tuple[float, int | None] | None:
 
 
 def unregister_switch(config) -> None:
+    """Forget the S²-attention switch registered for a model config (when its LongLoRA adapters are gone).
+
+    Args:
+        config: the model config the switch was registered for.
+    """
     _SWITCHES.pop(id(config), None)
 
 

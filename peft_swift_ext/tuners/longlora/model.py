@@ -23,6 +23,16 @@ class LongLoraModel(LoraModel):
     """
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Add the LoRA layers, make the embedder and normalisers trainable, and switch on S²-attention.
+
+        Raises before the model changes if its attention implementation is neither ``sdpa`` nor ``eager``, or
+        if ``embedder_and_normalizer`` matches no parameter.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+        """
         config: LongLoraConfig = self.peft_config[adapter_name]
         model_config = getattr(model, "config", None)
         original = self.__dict__.get("_original_attention") or getattr(model_config, "_attn_implementation", None)
@@ -75,15 +85,28 @@ class LongLoraModel(LoraModel):
         return probe
 
     def remove_adapter_structures(self, adapter_name: str) -> None:
-        """Restore the original attention once no LongLoRA adapter is left (SwiftModel calls this on delete)."""
+        """Restore the original attention once no LongLoRA adapter is left (SwiftModel calls this on delete).
+
+        Args:
+            adapter_name: the adapter that was deleted.
+        """
         if not self.peft_config:
             self._restore_attention()
 
     def finalize_unload(self, merged: bool) -> None:
-        """SwiftModel's unload hook: the model goes back to its original attention."""
+        """SwiftModel's unload hook: the model goes back to its original attention.
+
+        Args:
+            merged: whether the LoRA weights were merged first (the attention is restored either way).
+        """
         self._restore_attention()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter as PEFT does, then tidy what the tuner changed outside its layers.
+
+        Args:
+            adapter_name: the adapter to delete.
+        """
         super().delete_adapter(adapter_name)
         self.remove_adapter_structures(adapter_name)
 

@@ -34,6 +34,7 @@ class NEFTuneNoise(nn.Module):
         return torch.empty_like(embeddings).uniform_(-m, m)
 
     def extra_repr(self) -> str:
+        """``alpha=...`` in the module's printed form."""
         return f"alpha={self.alpha}"
 
 
@@ -54,15 +55,28 @@ class NEFTuneEmbedding(SwiftTunerLayer):
         self.train(base_layer.training)
 
     def update_layer(self, adapter_name: str, noise_alpha: float) -> None:
+        """Add (or replace) one adapter's noise.
+
+        Args:
+            adapter_name: the adapter's name.
+            noise_alpha: NEFTune's alpha (noise magnitude ``alpha / sqrt(seq_len * dim)``).
+        """
         self.neftune_noise[adapter_name] = NEFTuneNoise(noise_alpha)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Switch the adapters' noise off; there are no weights to fold in.
+
+        Args:
+            safe_merge: PEFT's flag; unused (nothing is computed).
+            adapter_names: the adapters to merge; the active ones by default.
+        """
         # The noise is a training-time regulariser with no weights: "merging" only switches it off.
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.neftune_noise and name not in self.merged_adapters:
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        """Switch the noise of every merged adapter back on."""
         self.merged_adapters.clear()
 
     def forward(self, *args, **kwargs) -> torch.Tensor:

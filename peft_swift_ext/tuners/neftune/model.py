@@ -16,6 +16,13 @@ class NEFTuneModel(SwiftBaseTuner):
     mergeable = True
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Wrap the input embeddings (``target_modules`` defaults to the model's input-embedding module).
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+        """
         config = self.peft_config[adapter_name]
         if config.target_modules is None:
             config.target_modules = [_input_embeddings_name(model)]

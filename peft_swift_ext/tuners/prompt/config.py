@@ -85,5 +85,12 @@ class PromptConfig(PeftConfig):
 
     @classmethod
     def from_swift_dict(cls, config: dict) -> tuple[type[PromptConfig], dict]:
-        """The fields of an ms-swift ``PromptConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        """The fields of an ms-swift ``PromptConfig`` JSON (SWIFT's bookkeeping keys dropped).
+
+        Args:
+            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+
+        Returns:
+            This class and the keyword arguments to build it with.
+        """
         return cls, swift_fields(config, "PromptConfig")

@@ -21,6 +21,13 @@ class PromptModel(SwiftBaseTuner):
     tuner_layer_cls = PromptLayer
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Wrap the targeted layers; a list ``dim`` must give one size per targeted layer, in model order.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+        """
         config = self.peft_config[adapter_name]
         # A layer already wrapped by this tuner is listed twice (wrapper and its base_layer): count it once.
         targets = list(dict.fromkeys(_without_base_layer(name) for name in find_target_modules(model, config)))
@@ -74,7 +81,14 @@ class PromptModel(SwiftBaseTuner):
         config: PeftConfig | None = None,
         model: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift keys (``<path>.prompt_<name>.prompt_token``) into ours (``<path>.prompt_token.<name>``)."""
+        """Rewrite ms-swift keys (``<path>.prompt_<name>.prompt_token``) into ours (``<path>.prompt_token.<name>``).
+
+        Args:
+            weights: the tensors of an ms-swift Prompt checkpoint.
+            adapter_name: the adapter name it was saved under.
+            config: the adapter's config (not needed for this renaming).
+            model: the model it will be loaded into (not needed for this renaming).
+        """
         return rename_swift_keys(weights, f"prompt_{adapter_name}", adapter_name, {"prompt_token": "prompt_token"})
 
 

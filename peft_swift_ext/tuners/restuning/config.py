@@ -116,5 +116,12 @@ class ResTuningConfig(PeftConfig):
 
     @classmethod
     def from_swift_dict(cls, config: dict) -> tuple[type[ResTuningConfig], dict]:
-        """The fields of an ms-swift ``ResTuningConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        """The fields of an ms-swift ``ResTuningConfig`` JSON (SWIFT's bookkeeping keys dropped).
+
+        Args:
+            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+
+        Returns:
+            This class and the keyword arguments to build it with.
+        """
         return cls, swift_fields(config, "ResTuningConfig")

@@ -154,6 +154,8 @@ class Upsample(nn.Module):
 
 
 class Identity(nn.Module):
+    """A tuner op that passes its input through (``identity``); ``target_size`` is accepted and ignored."""
+
     def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
         return x
 
@@ -273,6 +275,11 @@ class ResTuningLayer(SwiftTunerLayer):
         return adapter_name in self.adapters_to_apply()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Unhook the adapter's feature probes, then delete its weights as PEFT does.
+
+        Args:
+            adapter_name: the adapter to delete.
+        """
         self.probes.remove(adapter_name)
         self.restuning_sources.pop(adapter_name, None)
         super().delete_adapter(adapter_name)

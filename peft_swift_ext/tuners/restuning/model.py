@@ -41,6 +41,15 @@ class ResTuningModel(SwiftBaseTuner):
     _plan: ResTuningPlan | None = None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Plan the bypass (its target and the modules it reads features from), then wrap the target.
+
+        The plan is checked before the model changes; ``target_modules`` keeps the user's value.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+        """
         config = self.peft_config[adapter_name]
         plan = plan_adapter(model, config)
         targets = config.target_modules
@@ -83,6 +92,12 @@ class ResTuningModel(SwiftBaseTuner):
 
         ms-swift keeps the bypass on the model's root; here the target module's layer owns it, so the
         target's path (resolved from ``config`` on ``model``) is needed.
+
+        Args:
+            weights: the tensors of an ms-swift Res-Tuning checkpoint.
+            adapter_name: the adapter name it was saved under.
+            config: the adapter's config, already translated (gives the target).
+            model: the model it will be loaded into (not yet changed), where the target is looked up.
         """
         if not any(_SWIFT_KEY.match(key) for key in weights):
             return weights

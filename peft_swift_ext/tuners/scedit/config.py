@@ -69,5 +69,12 @@ class SCEditConfig(PeftConfig):
 
     @classmethod
     def from_swift_dict(cls, config: dict) -> tuple[type[SCEditConfig], dict]:
-        """The fields of an ms-swift ``SCETuningConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        """The fields of an ms-swift ``SCETuningConfig`` JSON (SWIFT's bookkeeping keys dropped).
+
+        Args:
+            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+
+        Returns:
+            This class and the keyword arguments to build it with.
+        """
         return cls, swift_fields(config, "SCEditConfig")

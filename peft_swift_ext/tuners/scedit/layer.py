@@ -73,6 +73,11 @@ class SCEditLayer(SwiftTunerLayer):
         return adapter_name in self.adapters_to_apply()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Unhook the adapter's hint probe, then delete its weights as PEFT does.
+
+        Args:
+            adapter_name: the adapter to delete.
+        """
         self.probes.remove(adapter_name)
         self.hinted.discard(adapter_name)
         super().delete_adapter(adapter_name)

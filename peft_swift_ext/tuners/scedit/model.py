@@ -36,6 +36,15 @@ class SCEditModel(SwiftBaseTuner):
     _plan: dict[str, SCEditTarget] | None = None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Plan the skip-connection tuners (which modules, their channel counts), then wrap the targets.
+
+        The plan is checked before the model changes; ``target_modules`` keeps the user's value.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+        """
         config = self.peft_config[adapter_name]
         plan = {target.name: target for target in plan_adapter(model, config)}
         targets = config.target_modules
@@ -78,6 +87,12 @@ class SCEditModel(SwiftBaseTuner):
         """Rewrite ms-swift's keys into ours.
 
         ``<target>.scetuner_<a>.tuner_op.ln1.weight`` becomes ``<target>.scedit_ln1.<a>.weight``.
+
+        Args:
+            weights: the tensors of an ms-swift SCEdit (``SCETuning``) checkpoint.
+            adapter_name: the adapter name it was saved under (``<a>`` above).
+            config: the adapter's config (not needed for this renaming).
+            model: the model it will be loaded into (not needed for this renaming).
         """
         translated = {}
         for key, value in weights.items():

@@ -72,5 +72,12 @@ class SideConfig(PeftConfig):
 
     @classmethod
     def from_swift_dict(cls, config: dict) -> tuple[type[SideConfig], dict]:
-        """The fields of an ms-swift ``SideConfig`` JSON (SWIFT's bookkeeping keys dropped)."""
+        """The fields of an ms-swift ``SideConfig`` JSON (SWIFT's bookkeeping keys dropped).
+
+        Args:
+            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+
+        Returns:
+            This class and the keyword arguments to build it with.
+        """
         return cls, swift_fields(config, "SideConfig")

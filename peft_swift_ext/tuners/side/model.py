@@ -56,7 +56,15 @@ class SideModel(SwiftBaseTuner):
         config: PeftConfig | None = None,
         model: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift keys (``<path>.side_<name>.side_net.*``, ``.alpha``) into ours (``side_net.<name>.*``,
-        ``side_alpha.<name>``)."""
+        """Rewrite ms-swift keys (``<path>.side_<name>.side_net.*``, ``.alpha``) into ours.
+
+        Ours are ``<path>.side_net.<name>.*`` and ``<path>.side_alpha.<name>``.
+
+        Args:
+            weights: the tensors of an ms-swift Side checkpoint.
+            adapter_name: the adapter name it was saved under.
+            config: the adapter's config (not needed for this renaming).
+            model: the model it will be loaded into (not needed for this renaming).
+        """
         containers = {"side_net": "side_net", "alpha": "side_alpha"}
         return rename_swift_keys(weights, f"side_{adapter_name}", adapter_name, containers)
