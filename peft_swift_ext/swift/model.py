@@ -72,8 +72,8 @@ class SwiftModel(nn.Module):
         """The wrapped model's ``generate``, with the active adapters.
 
         Args:
-            *args: passed to the wrapped model's ``generate``.
-            **kwargs: passed to the wrapped model's ``generate``.
+            *args (Any): passed to the wrapped model's ``generate``.
+            **kwargs (Any): passed to the wrapped model's ``generate``.
         """
         return self.base_model.generate(*args, **kwargs)
 
@@ -393,7 +393,7 @@ class SwiftModel(nn.Module):
         """Optimizer parameter groups: LoRA+ groups for LoRA+ adapters, then decay / no-decay groups.
 
         Args:
-            defaults: group defaults such as ``lr`` and ``weight_decay``; LoRA+ groups need ``lr``.
+            **defaults (Any): group defaults such as ``lr`` and ``weight_decay``; LoRA+ groups need ``lr``.
         """
         from ..tuners.lora_plus.optim import lora_plus_group_of
 
@@ -435,7 +435,7 @@ class SwiftModel(nn.Module):
             adapters: names of the LoRA adapters to combine.
             weights: one weight per adapter.
             adapter_name: name of the new adapter.
-            kwargs: passed to ``LoraModel.add_weighted_adapter`` (``combination_type``, ``density``...).
+            **kwargs (Any): passed to ``LoraModel.add_weighted_adapter`` (``combination_type``, ``density``...).
         """
         checkpoint.check_adapter_name(adapter_name)
         self._check_known(adapters)
@@ -465,7 +465,7 @@ class SwiftModel(nn.Module):
             save_directory: the checkpoint folder (created if needed; other content is kept).
             safe_serialization: safetensors (default) or a torch pickle of plain tensors.
             adapter_name: one name or several; all adapters by default.
-            **kwargs: accepted for callers that pass ``PeftModel.save_pretrained`` options (the HF
+            **kwargs (Any): accepted for callers that pass ``PeftModel.save_pretrained`` options (the HF
                 ``Trainer``); ignored.
         """
         names = (

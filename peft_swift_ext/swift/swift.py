@@ -19,10 +19,10 @@ class Swift:
         """Add tuners to a model.
 
         Args:
-            model: a plain model, or a SwiftModel to add more adapters to.
+            model (nn.Module): a plain model, or a SwiftModel to add more adapters to.
             config: one PEFT config (returns PEFT's own ``PeftModel``, as SWIFT does for PEFT configs), or a
                 dict ``{adapter_name: config}`` of any registered types (returns a ``SwiftModel``).
-            kwargs: for a single config, passed to ``get_peft_model`` (e.g. ``adapter_name``); for a dict,
+            **kwargs (Any): for a single config, passed to ``get_peft_model`` (e.g. ``adapter_name``); for a dict,
                 ``per_thread`` and ``low_cpu_mem_usage``.
         """
         if isinstance(config, PeftConfig) and not isinstance(model, SwiftModel):
@@ -56,7 +56,7 @@ class Swift:
 
         Args:
             model: a SwiftModel or PeftModel.
-            kwargs: ``adapter_names`` / ``safe_merge``, as the model's own merge takes them.
+            **kwargs (Any): ``adapter_names`` / ``safe_merge``, as the model's own merge takes them.
         """
         if isinstance(model, SwiftModel):
             model.merge(**kwargs)
@@ -81,7 +81,7 @@ class Swift:
 
         Args:
             model: a SwiftModel or PeftModel.
-            kwargs: passed to the model's ``merge_and_unload``.
+            **kwargs (Any): passed to the model's ``merge_and_unload``.
         """
         return model.merge_and_unload(**kwargs)
 
@@ -115,13 +115,13 @@ class Swift:
         Everything is read and checked before the model changes; if anything fails the model is as before.
 
         Args:
-            model: a plain model or a SwiftModel (loading can be repeated).
+            model (nn.Module): a plain model or a SwiftModel (loading can be repeated).
             model_id: a local checkpoint folder, or a Hugging Face Hub id (needs the hub to be reachable).
             adapter_name: ``None`` loads every adapter found; a name or list selects; a dict renames
                 ``{saved name: new name}``.
             revision: the hub revision, for hub ids.
             is_trainable: whether the loaded adapters require grad.
-            kwargs: ``per_thread``, ``low_cpu_mem_usage``.
+            **kwargs (Any): ``per_thread``, ``low_cpu_mem_usage``.
         """
         from .loading import load_into
 

@@ -203,7 +203,7 @@ class SwiftBaseTuner(BaseTuner):
         Args:
             model: the model to add the adapter to.
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter`` (``autocast_adapter_dtype``,
+            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter`` (``autocast_adapter_dtype``,
                 ``low_cpu_mem_usage``, ...).
         """
         config = self.peft_config[adapter_name]

@@ -46,7 +46,7 @@ class LlamaProModel(SwiftBaseTuner):
         Args:
             model: the model to add the adapter to.
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
         """
         config: LlamaProConfig = self.peft_config[adapter_name]
         path, layers = find_layer_list(model, config)

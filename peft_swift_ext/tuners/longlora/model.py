@@ -31,7 +31,7 @@ class LongLoraModel(LoraModel):
         Args:
             model: the model to add the adapter to.
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
         """
         config: LongLoraConfig = self.peft_config[adapter_name]
         model_config = getattr(model, "config", None)

@@ -46,7 +46,7 @@ def create_lora_plus_optimizer(
         model: a PeftModel or SwiftModel holding at least one LoRA+ adapter.
         optimizer_cls: the optimizer class.
         lr: learning rate of the A matrices.
-        kwargs: passed to the optimizer (``weight_decay`` also sets the groups' decay).
+        **kwargs (Any): passed to the optimizer (``weight_decay`` also sets the groups' decay).
     """
     from ...swift.model import SwiftModel
 

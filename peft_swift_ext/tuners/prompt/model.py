@@ -26,7 +26,7 @@ class PromptModel(SwiftBaseTuner):
         Args:
             model: the model to add the adapter to.
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
         """
         config = self.peft_config[adapter_name]
         # A layer already wrapped by this tuner is listed twice (wrapper and its base_layer): count it once.

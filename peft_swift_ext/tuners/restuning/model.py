@@ -48,7 +48,7 @@ class ResTuningModel(SwiftBaseTuner):
         Args:
             model: the model to add the adapter to.
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs: passed to PEFT's ``BaseTuner.inject_adapter``.
+            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
         """
         config = self.peft_config[adapter_name]
         plan = plan_adapter(model, config)
