@@ -25,6 +25,7 @@ from peft.utils import PeftType
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
+from ..distributed import full_numel
 from ..tuners.base import find_target_modules
 from . import checkpoint
 from .activation import ActivationState, install_view, per_thread_from_env
@@ -248,6 +249,10 @@ class SwiftModel(nn.Module):
         self._check_known(names)
         self._check_offload_allowed(offload)
         self._check_not_merged()
+        if offload is not None:
+            for name in self.adapters:
+                if name not in names:  # all refusals before any change
+                    self._offload.check(self._adapter_modules, name, offload)
         for name in self.adapters:
             if name not in names and offload is not None:
                 self._offload.offload(self._adapter_modules, name, offload)
@@ -276,6 +281,8 @@ class SwiftModel(nn.Module):
         self._check_known([adapter_name])
         self._check_offload_allowed(offload)
         self._check_not_merged()
+        if offload is not None:
+            self._offload.check(self._adapter_modules, adapter_name, offload)
         self.activation.deactivate(adapter_name)
         if offload is not None:
             self._offload.offload(self._adapter_modules, adapter_name, offload)
@@ -376,8 +383,10 @@ class SwiftModel(nn.Module):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
+            # sharded parameters (FSDP2 DTensor, ZeRO-3) count their full size
+            numel = full_numel(param)
+            total += numel
+            trainable += numel if param.requires_grad else 0
         percent = 100 * trainable / total if total else 0.0
         label, gib = _memory_in_use()
         return (

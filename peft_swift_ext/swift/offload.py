@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed import is_sharded
 from .keys import adapter_containers
 
 OFFLOAD_TARGETS = ("cpu", "meta")
@@ -59,6 +60,7 @@ class OffloadStore:
             raise ValueError(f"offload must be None, 'cpu' or 'meta', got {target!r}")
         if adapter_name in self.records:
             return
+        self.check(modules, adapter_name, target)
         slots = list(_slots(modules, adapter_name))
         record = OffloadRecord(kind=target, devices={key: tensor.device for key, tensor, _ in slots})
         if target == "meta" and slots:
@@ -70,6 +72,24 @@ class OffloadStore:
             for _, tensor, put in slots:
                 put(tensor.detach().to("cpu"))
         self.records[adapter_name] = record
+
+    def check(self, modules: list[tuple[str, nn.Module]], adapter_name: str, target: str) -> None:
+        """Raise a ``ValueError`` if ``adapter_name`` cannot be offloaded: its tensors are sharded across ranks.
+
+        Args:
+            modules: the model's tuner modules.
+            adapter_name: the adapter to move.
+            target: ``'cpu'`` or ``'meta'`` (for the message).
+        """
+        if adapter_name in self.records:
+            return
+        sharded = [key for key, tensor, _ in _slots(modules, adapter_name) if is_sharded(tensor)]
+        if sharded:
+            raise ValueError(
+                f"cannot offload adapter {adapter_name!r} to {target!r}: its tensors are sharded across ranks "
+                f"(FSDP2 DTensor / DeepSpeed ZeRO-3, e.g. {sharded[0]}), and moving a shard would desynchronise "
+                "the ranks; deactivate it without offload, or offload before sharding the model"
+            )
 
     def restore(self, modules: list[tuple[str, nn.Module]], adapter_name: str) -> None:
         """Bring ``adapter_name`` back to the devices it was on, with identical values."""

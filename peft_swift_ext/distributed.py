@@ -1,0 +1,258 @@
+"""Helpers for training PEFT / SWIFT adapters with DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+DDP needs nothing from this module: wrap the ``PeftModel`` (or ``SwiftModel``) in
+``DistributedDataParallel`` as usual and save from rank 0. FSDP2 turns every parameter into a sharded
+``DTensor``, which PEFT's ``save_pretrained`` cannot write; :func:`save_pretrained_full` gathers the adapter
+tensors first. :func:`fully_shard_peft_model` shards a model with one FSDP unit per decoder layer and per
+module that a tuner adds (Res-Tuning bypass, Side network, SCEdit and Adapter blocks, LLaMA-PRO blocks);
+:func:`wrap_class_names` gives the same choice as class names for ``accelerate``'s
+``fsdp_transformer_layer_cls_to_wrap``. See ``docs/guides/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds only a shard of its values: an FSDP2 ``DTensor`` or a DeepSpeed ZeRO-3 parameter.
+
+    Args:
+        tensor: a parameter or buffer.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor) or hasattr(tensor, "ds_id")
+
+
+def full_numel(tensor: torch.Tensor) -> int:
+    """The number of elements of the whole tensor, also when only a shard of it lives on this rank.
+
+    A ``DTensor`` reports its global shape already; a ZeRO-3 parameter keeps its full size in ``ds_numel``.
+
+    Args:
+        tensor: a parameter or buffer.
+    """
+    return int(getattr(tensor, "ds_numel", tensor.numel()))
+
+
+def _tuner_layers(model: nn.Module) -> Iterable[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return (module for module in model.modules() if isinstance(module, BaseTunerLayer))
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """Entries of every ``nn.ModuleList`` of two or more blocks of one class (decoder layers, encoder layers)."""
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            blocks.extend(block for block in module if any(True for _ in block.parameters()))
+    return blocks
+
+
+def _added_networks(model: nn.Module) -> list[nn.Module]:
+    """The per-adapter modules of this package's tuner layers that own parameters and are called as modules."""
+    from .tuners.base import SwiftTunerLayer
+
+    networks = []
+    for layer in _tuner_layers(model):
+        if not isinstance(layer, SwiftTunerLayer):
+            continue
+        for attr in layer.adapter_layer_names:
+            container = getattr(layer, attr, None)
+            if isinstance(container, nn.ModuleDict):
+                networks.extend(m for m in container.values() if _is_callable_unit(m))
+    return networks
+
+
+def _is_callable_unit(module: nn.Module) -> bool:
+    # fully_shard needs a module that runs (containers such as ModuleList have no forward) and owns parameters
+    runs = type(module).forward is not nn.Module.forward and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    return runs and any(True for _ in module.parameters())
+
+
+def wrap_modules(model: nn.Module, adapter_networks: bool = True) -> list[nn.Module]:
+    """The modules that get their own FSDP unit, innermost first (the order ``fully_shard`` needs).
+
+    Args:
+        model: a ``PeftModel``, ``SwiftModel`` or plain model.
+        adapter_networks: also give each module a tuner adds (Res-Tuning bypass, Side network, SCEdit and
+            Adapter blocks, LLaMA-PRO blocks) its own unit, so its parameters are gathered only while it runs.
+    """
+    chosen = {id(m): m for m in _repeated_blocks(model)}
+    if adapter_networks:
+        chosen.update({id(m): m for m in _added_networks(model)})
+    # post-order: a unit's children are sharded before it
+    order = {id(m): index for index, m in enumerate(reversed(list(model.modules())))}
+    return sorted(chosen.values(), key=lambda m: order[id(m)])
+
+
+def wrap_class_names(model: nn.Module, adapter_networks: bool = True) -> list[str]:
+    """Class names of :func:`wrap_modules`, for ``accelerate``'s ``fsdp_transformer_layer_cls_to_wrap``
+    (``FullyShardedDataParallelPlugin(transformer_cls_names_to_wrap=...)``).
+
+    Args:
+        model: the model as it will be given to ``accelerator.prepare``.
+        adapter_networks: as in :func:`wrap_modules`.
+    """
+    return sorted({type(m).__name__ for m in wrap_modules(model, adapter_networks)})
+
+
+def fully_shard_peft_model(
+    model: nn.Module, mesh=None, adapter_networks: bool = True, reshard_after_forward: bool = True, **kwargs
+) -> nn.Module:
+    """Shard ``model`` with FSDP2: one unit per module of :func:`wrap_modules`, then the root.
+
+    Frozen base weights are sharded like the rest but get no gradients; only trainable parameters are
+    reduce-scattered. ``fully_shard`` cannot shard 0-d parameters (Side's ``side_alpha``): they stay replicated
+    on every rank and their gradients are averaged over the ranks as soon as they are accumulated (so every
+    rank must run the backward pass through them). Build the optimizer *after* this call (the parameters
+    become ``DTensor``\\ s).
+
+    Args:
+        model: a ``PeftModel``, ``SwiftModel`` or plain model, on the device it will train on.
+        mesh: the ``DeviceMesh`` to shard over; None uses all ranks of the default process group.
+        adapter_networks: as in :func:`wrap_modules`.
+        reshard_after_forward: passed to ``fully_shard`` for the inner units (the root keeps FSDP's default).
+        kwargs: further ``fully_shard`` options (``mp_policy``, ``offload_policy``, ...).
+
+    Returns:
+        ``model``, sharded in place.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    if scalars:
+        kwargs["ignored_params"] = set(kwargs.get("ignored_params", ())) | scalars
+        group = mesh.get_group() if mesh is not None else None
+        for param in scalars:
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(functools.partial(_average_grad, group=group))
+    for module in wrap_modules(model, adapter_networks):
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+def _average_grad(param: torch.Tensor, group=None) -> None:
+    """Average a replicated parameter's gradient over the ranks (FSDP2 leaves scalar parameters alone)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(param.grad, group=group)
+    param.grad.div_(dist.get_world_size(group))
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor PEFT's ``save_pretrained`` would write, gathered to full size, under the model's own keys.
+
+    A collective: call it on every rank. Only adapter tensors are gathered, never the base weights. Works on
+    ``PeftModel`` (sharded or not); returns CPU tensors.
+
+    Args:
+        model: a ``PeftModel``, possibly FSDP2-sharded or inside ``DistributedDataParallel``.
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    model = _unwrap_ddp(model)
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"full_adapter_state_dict needs a PeftModel, got {type(model).__name__}")
+    state = model.state_dict()
+    # PEFT's own filter picks the adapter tensors; it returns the same tensor objects under new keys.
+    wanted: set[int] = set()
+    for name in model.peft_config:
+        wanted.update(id(t) for t in get_peft_model_state_dict(model, state_dict=state, adapter_name=name).values())
+    full = {}
+    for key, value in state.items():
+        if id(value) in wanted:
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            full[key] = value.detach().cpu()
+    return full
+
+
+def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """Save the full (unsharded) adapters from rank 0; a collective, call it on every rank.
+
+    A ``PeftModel`` gathers only its adapter tensors (:func:`full_adapter_state_dict`) and writes PEFT's
+    layout. A ``SwiftModel`` (SWIFT's layout) has its sharded adapter parameters replaced by full ones for
+    the duration of the save; base weights stay sharded. Models without sharded tensors (DDP, single
+    process) are saved from rank 0 as they are.
+
+    Args:
+        model: a ``PeftModel`` or ``SwiftModel``, possibly FSDP2-sharded or inside ``DistributedDataParallel``.
+        save_directory: the checkpoint folder (written by rank 0 only).
+        kwargs: passed to ``save_pretrained`` (e.g. ``selected_adapters``, ``safe_serialization``).
+    """
+    import torch.distributed as dist
+    from peft import PeftModel
+
+    model = _unwrap_ddp(model)
+    if isinstance(model, PeftModel):
+        state = full_adapter_state_dict(model)
+        if _rank() == 0:
+            model.save_pretrained(save_directory, state_dict=state, **kwargs)
+    else:
+        with _full_adapter_parameters(model):
+            if _rank() == 0:
+                model.save_pretrained(save_directory, **kwargs)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _full_adapter_parameters(model: nn.Module) -> Iterator[None]:
+    """Within the block, every sharded adapter parameter of a ``SwiftModel`` is replaced by its full value
+    (a collective); the very same parameter objects are put back afterwards, so optimizers keep working."""
+    from .swift.keys import adapter_tensors
+
+    adapter_ids = {
+        id(tensor)
+        for name in getattr(model, "adapters", [])
+        for _, tensor in adapter_tensors(model.base_model, name).values()
+    }
+    swapped = []
+    try:
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) in adapter_ids and is_sharded(param):
+                    module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                    swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def seed_per_rank(seed: int) -> int:
+    """Seed torch's global generator with ``seed + rank`` and return that seed.
+
+    Random choices that must *differ* between ranks (NEFTune's noise, dropout masks) then are independent per
+    rank and reproducible. Choices that must be the same on every rank have their own generator (LISA's
+    ``LisaConfig.seed``) or are computed from all-reduced values (GaLore's projection), so this does not
+    touch them.
+
+    Args:
+        seed: the run's seed, the same on every rank.
+    """
+    rank_seed = seed + _rank()
+    torch.manual_seed(rank_seed)
+    return rank_seed
