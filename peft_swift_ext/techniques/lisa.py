@@ -8,52 +8,14 @@ follows the active layers.
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..tuners.lisa.config import LisaConfig
 from ._unwrap import get_input_embeddings, get_output_embeddings, get_submodule_by_path, unwrap_model
-
-
-@dataclass
-class LisaConfig:
-    """Options of LISA. SWIFT's names `lisa_activated_layers` and `lisa_step_interval` are accepted as aliases."""
-
-    n_layers: int | None = field(default=None, metadata={"help": "Decoder layers trained at a time."})
-    interval: int = field(default=20, metadata={"help": "Optimizer steps between two draws of active layers."})
-    train_embeddings: bool = field(default=True, metadata={"help": "Keep the input embeddings trainable."})
-    train_head: bool = field(default=True, metadata={"help": "Keep the output head trainable."})
-    seed: int = field(default=0, metadata={"help": "Seed of the layer draws, independent of the global RNG."})
-    layers_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Dotted path of the nn.ModuleList of decoder layers, e.g. 'model.layers'. "
-            "Found automatically (the largest list of repeated blocks) when None."
-        },
-    )
-    lisa_activated_layers: InitVar[int | None] = None
-    lisa_step_interval: InitVar[int | None] = None
-
-    def __post_init__(self, lisa_activated_layers: int | None, lisa_step_interval: int | None) -> None:
-        self.n_layers = _merge_alias("n_layers", self.n_layers, "lisa_activated_layers", lisa_activated_layers)
-        if lisa_step_interval is not None:
-            if self.interval not in (20, lisa_step_interval):
-                raise ValueError(f"interval={self.interval} and lisa_step_interval={lisa_step_interval} disagree")
-            self.interval = lisa_step_interval
-        if self.n_layers is None:
-            raise ValueError("LisaConfig needs n_layers (SWIFT: lisa_activated_layers)")
-        if self.n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {self.n_layers}")
-        if self.interval < 1:
-            raise ValueError(f"interval must be at least 1, got {self.interval}")
-
-
-def _merge_alias(name: str, value, alias: str, alias_value):
-    if alias_value is not None and value is not None and value != alias_value:
-        raise ValueError(f"{name}={value} and {alias}={alias_value} disagree")
-    return value if value is not None else alias_value
 
 
 def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
@@ -78,6 +40,71 @@ def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.
     return max(candidates, key=lambda layers: sum(p.numel() for p in layers.parameters()))
 
 
+@dataclass
+class LisaCandidates:
+    """The parameters LISA switches: per decoder layer, and those of the input embeddings and output head.
+
+    Args:
+        layer_params: one list per decoder layer, in layer order.
+        embedding_params: parameters of the input embeddings not inside a decoder layer.
+        head_params: parameters of the output head not inside a decoder layer (the embeddings' own when tied).
+    """
+
+    layer_params: list[list[nn.Parameter]]
+    embedding_params: list[nn.Parameter] = field(default_factory=list)
+    head_params: list[nn.Parameter] = field(default_factory=list)
+
+    def all_params(self, config: LisaConfig | None = None) -> list[nn.Parameter]:
+        """Every layer parameter, plus the embeddings / head that `config` trains (all of them without a config)."""
+        params = [p for layer in self.layer_params for p in layer]
+        if config is None or config.train_embeddings:
+            params += self.embedding_params
+        if config is None or config.train_head:
+            params += self.head_params
+        return list({id(p): p for p in params}.values())
+
+
+def lisa_candidates(
+    model: nn.Module, config: LisaConfig, layers: nn.ModuleList | None = None, only_trainable: bool = False
+) -> LisaCandidates:
+    """Collect the parameters LISA switches in a plain model: decoder layers, embeddings, head.
+
+    Args:
+        model: a plain model (see `unwrap_model`).
+        config: the LISA options (`layers_path`, `train_embeddings`, `train_head`).
+        layers: the decoder layers, when already found.
+        only_trainable: keep only parameters that have `requires_grad` now (so LISA on top of PEFT adapters samples
+            which layers' adapters train).
+    """
+    if layers is None:
+        layers = find_decoder_layers(model, config.layers_path)
+
+    def keep(params):
+        return [p for p in params if p.requires_grad or not only_trainable]
+
+    layer_params = [keep(layer.parameters()) for layer in layers]
+    in_layers = {id(p) for params in layer_params for p in params}
+    in_layers |= {id(p) for p in layers.parameters()}
+    embeddings = get_input_embeddings(model)
+    head = get_output_embeddings(model)
+    embedding_params = [p for p in keep(embeddings.parameters() if embeddings else []) if id(p) not in in_layers]
+    head_params = [p for p in keep(head.parameters() if head else []) if id(p) not in in_layers]
+    return LisaCandidates(layer_params, embedding_params, head_params)
+
+
+def lisa_config_of(model: nn.Module) -> LisaConfig | None:
+    """The `LisaConfig` of a `PeftModel` (or LISA tuner) made with `get_peft_model(model, LisaConfig(...))`, else None.
+
+    Args:
+        model: any model or wrapper.
+    """
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return None
+    lisa = [config for config in configs.values() if isinstance(config, LisaConfig)]
+    return lisa[0] if lisa else None
+
+
 def _inner_optimizer(optimizer):
     # accelerate's AcceleratedOptimizer (used by the Trainer) wraps the torch optimizer as `.optimizer`.
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
@@ -89,26 +116,37 @@ class LisaScheduler:
     """Draws the active decoder layers; call `step()` at the start of every optimizer step.
 
     Only parameters that were trainable when the scheduler was built are ever unfrozen, so LISA combines with
-    PEFT adapters (then it samples which layers' adapters train).
+    PEFT adapters (then it samples which layers' adapters train). A `PeftModel` made with
+    `get_peft_model(model, LisaConfig(...))` brings its own config and has every candidate trainable until the
+    first `step()`.
 
     Args:
         model: a plain model, `PeftModel` or `SwiftModel`.
-        config: the LISA options.
+        config: the LISA options; may be omitted for a LISA `PeftModel`, whose config is then used.
         optimizer: the optimizer, built over all trainable parameters *before* this scheduler freezes any. Its
             state for refrozen layers is released. Optional: without it only `requires_grad` is switched.
     """
 
-    def __init__(self, model: nn.Module, config: LisaConfig, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(
+        self, model: nn.Module, config: LisaConfig | None = None, optimizer: torch.optim.Optimizer | None = None
+    ):
+        own = lisa_config_of(model)
+        if config is None:
+            config = own
+        if config is None:
+            raise ValueError("LisaScheduler needs a LisaConfig: pass config=, or a model made with get_peft_model")
+        if own is not None and own is not config:
+            raise ValueError("the model was made with its own LisaConfig; pass config=None to use it")
         base = unwrap_model(model)
         layers = find_decoder_layers(base, config.layers_path)
         if config.n_layers > len(layers):
             raise ValueError(f"n_layers={config.n_layers} but the model has only {len(layers)} decoder layers")
         self.config = config
         self.optimizer = _inner_optimizer(optimizer) if optimizer is not None else None
-        self.layer_params = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
-        in_layers = {id(p) for params in self.layer_params for p in params}
-        self.embedding_params = _trainable_params(get_input_embeddings(base), in_layers)
-        self.head_params = _trainable_params(get_output_embeddings(base), in_layers)
+        candidates = lisa_candidates(base, config, layers, only_trainable=True)
+        self.layer_params = candidates.layer_params
+        self.embedding_params = candidates.embedding_params
+        self.head_params = candidates.head_params
         if self.optimizer is not None:
             self._check_optimizer_holds_all_layers()
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -147,12 +185,6 @@ class LisaScheduler:
             _set_trainable(param, on, self.optimizer)
 
 
-def _trainable_params(module: nn.Module | None, exclude: set[int]) -> list[nn.Parameter]:
-    if module is None:
-        return []
-    return [p for p in module.parameters() if p.requires_grad and id(p) not in exclude]
-
-
 def _set_trainable(param: nn.Parameter, trainable: bool, optimizer: torch.optim.Optimizer | None) -> None:
     param.requires_grad_(trainable)
     if not trainable:
@@ -169,15 +201,18 @@ class LisaCallback(TrainerCallback):
     parameters, which is what makes later draws effective.
 
     Args:
-        config: the LISA options.
+        config: the LISA options; may be omitted when the Trainer's model was made with
+            `get_peft_model(model, LisaConfig(...))`.
     """
 
-    def __init__(self, config: LisaConfig):
+    def __init__(self, config: LisaConfig | None = None):
         self.config = config
         self.scheduler: LisaScheduler | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Build the scheduler over the Trainer's model and optimizer (nothing is frozen before this)."""
         self.scheduler = LisaScheduler(model, self.config, optimizer)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        """Draw new active layers every `interval` steps."""
         self.scheduler.step()

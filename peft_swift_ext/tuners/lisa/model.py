@@ -1,0 +1,232 @@
+"""LISA as a PEFT tuner: no new weights; the base model's own decoder layers train, a few at a time.
+
+What the tuner does at ``get_peft_model``: freeze every base parameter, then make the LISA candidates trainable
+(every decoder layer, and the embeddings / head when the options say so) so that an optimizer built next holds
+them all. :class:`~peft_swift_ext.techniques.LisaScheduler` (or :class:`~peft_swift_ext.techniques.LisaCallback`)
+then narrows training to ``n_layers`` drawn layers at each draw; the drawing and freezing code is the scheduler's.
+
+Saving. LISA changes base weights, so a checkpoint must carry them. Each parameter that belongs in the checkpoint
+is also registered, under the same tensor, as ``lisa_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by
+the adapter name on this tuner: PEFT's ``save_pretrained`` picks those entries up like any adapter weight (on every
+supported peft version) and ``PeftModel.from_pretrained`` loads them back into the base tensors. The checkpoint
+holds the embeddings / head when they train and every decoder layer that has received a gradient (recorded by a
+gradient hook and kept in ``LisaConfig.trained_layers``); other layers are untouched by training, so a fresh copy
+of the same base model supplies them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..base import SwiftBaseTuner
+from .config import LisaConfig
+
+ALIAS_PREFIX = "lisa_"
+
+
+class LisaMarker(nn.Module, BaseTunerLayer):
+    """A weightless layer that stands for a LISA adapter in PEFT's layer bookkeeping.
+
+    PEFT finds adapters by their tuner layers (``get_model_status``, ``disable_adapter``); LISA wraps no module, so
+    this marker, a child of :class:`LisaModel`, is what those functions see.
+
+    Args:
+        adapter_name: the LISA adapter's name.
+    """
+
+    adapter_layer_names = ()
+    other_param_names = ()
+
+    def __init__(self, adapter_name: str) -> None:
+        nn.Module.__init__(self)
+        self._active_adapter = [adapter_name]
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("LisaMarker has no forward: it only marks a LISA adapter")
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # Nothing to move: the weights LISA saves are the base model's own tensors.
+        return None
+
+
+class LisaModel(SwiftBaseTuner):
+    """LISA as a registered PEFT method (``PeftType.LISA``): trains the base model's decoder layers in place.
+
+    - ``merge_and_unload()`` returns the base model, already trained (there is nothing to merge).
+    - ``unload()`` and ``disable_adapter()`` refuse once anything has trained: the original weights were
+      overwritten, so base outputs cannot be restored (keep a copy of the base model if you need them).
+    - One LISA adapter per model: two would train the same tensors.
+    """
+
+    prefix = ALIAS_PREFIX
+    tuner_layer_cls = LisaMarker
+    mergeable = True
+
+    # --- injection ------------------------------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise NotImplementedError("LisaModel wraps no module; see inject_adapter")
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # The "adapter weights" are the base model's own tensors: never change their dtype.
+        return None
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        from ...techniques.lisa import find_decoder_layers, lisa_candidates
+
+        config: LisaConfig = self.peft_config[adapter_name]
+        others = [name for name in self.peft_config if name != adapter_name]
+        if others:
+            raise ValueError(
+                f"this model already has the LISA adapter {others[0]!r}; LISA trains the base model's own weights, "
+                "so a model takes one LISA adapter"
+            )
+        # Everything that can fail is checked before the model changes.
+        try:
+            layers = find_decoder_layers(model, config.layers_path)
+        except ValueError as err:
+            raise ValueError(f"LisaConfig.layers_path: {err}") from None
+        if config.n_layers > len(layers):
+            raise ValueError(
+                f"LisaConfig.n_layers={config.n_layers} but {type(model).__name__} has only {len(layers)} layers"
+            )
+        beyond = [i for i in config.trained_layers if i >= len(layers)]
+        if beyond:
+            raise ValueError(
+                f"LisaConfig.trained_layers names layers {beyond}, but {type(model).__name__} has {len(layers)} "
+                "decoder layers: the checkpoint was made for another model"
+            )
+        candidates = lisa_candidates(model, config, layers)
+        names = {id(p): name for name, p in model.named_parameters()}
+
+        self._layer_params = candidates.layer_params
+        self._param_names = names
+        self._alias_targets: dict[str, nn.Parameter] = {}
+        self._hooks: dict[int, list] = {}
+        self.lisa_marker = LisaMarker(adapter_name)
+        self._adapter_name = adapter_name
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if not config.inference_mode:
+            for param in candidates.all_params(config):
+                param.requires_grad_(True)
+        if config.train_embeddings:
+            for param in candidates.embedding_params:
+                self._register_alias(param)
+        if config.train_head:
+            for param in candidates.head_params:
+                self._register_alias(param)
+        for index in config.trained_layers:
+            for param in self._layer_params[index]:
+                self._register_alias(param)
+        if not config.inference_mode:
+            for index, params in enumerate(self._layer_params):
+                if index not in config.trained_layers:
+                    self._hooks[index] = [
+                        param.register_post_accumulate_grad_hook(functools.partial(self._on_gradient, index))
+                        for param in params
+                    ]
+        self.register_load_state_dict_post_hook(_write_loaded_aliases_into_the_model)
+
+    def _register_alias(self, param: nn.Parameter) -> None:
+        name = ALIAS_PREFIX + self._param_names[id(param)].replace(".", "-")
+        if name not in self._modules:
+            self.add_module(name, nn.ParameterDict({self._adapter_name: param}))
+            self._alias_targets[name] = param
+
+    def _on_gradient(self, index: int, param: torch.Tensor) -> None:
+        """First gradient into decoder layer ``index``: from now on the checkpoint carries that layer."""
+        handles = self._hooks.pop(index, None)
+        if handles is None:
+            return
+        for handle in handles:
+            handle.remove()
+        for layer_param in self._layer_params[index]:
+            self._register_alias(layer_param)
+        config = self.peft_config[self._adapter_name]
+        config.trained_layers = sorted({*config.trained_layers, index})
+
+    def _aliases(self) -> dict[str, nn.ParameterDict]:
+        return {name: self._modules[name] for name in self._alias_targets}
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # Trainability is decided in inject_adapter and then by the LISA scheduler.
+        return None
+
+    @property
+    def has_trained(self) -> bool:
+        """Whether any decoder layer has received a gradient (the base weights may have changed)."""
+        return bool(self.peft_config[self._adapter_name].trained_layers)
+
+    # --- switching off, unloading ---------------------------------------------------------------------------------
+
+    def _refuse_restore(self, action: str) -> None:
+        if self.has_trained:
+            raise ValueError(
+                f"LISA cannot {action}: it trains the base model's own weights in place (decoder layers "
+                f"{self.peft_config[self._adapter_name].trained_layers} have changed), so the original model is "
+                "gone. Keep a copy of the base model, or load it again, to compare with it; merge_and_unload() "
+                "returns the trained model."
+            )
+
+    def disable_adapter_layers(self) -> None:
+        """Refuses once anything has trained: the base outputs cannot be restored."""
+        self._refuse_restore("disable the adapter")
+
+    def enable_adapter_layers(self) -> None:
+        """Nothing to switch on: LISA is always in effect."""
+        return None
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown LISA adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        self.active_adapter = names
+
+    def _remove_hooks(self) -> None:
+        for handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._hooks.clear()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+        if not merge:
+            self._refuse_restore("unload() back to the original model")
+        self._remove_hooks()
+        for name in list(self._alias_targets):
+            delattr(self, name)
+        self._alias_targets.clear()
+        if "lisa_marker" in self._modules:
+            del self.lisa_marker
+        return self.model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        self._refuse_restore(f"delete adapter {adapter_name!r}")
+        self._unload_and_optionally_merge(merge=True)
+        del self.peft_config[adapter_name]
+        self.active_adapter = []
+
+
+def _write_loaded_aliases_into_the_model(module: LisaModel, incompatible_keys) -> None:
+    """After ``load_state_dict(assign=True)`` (PEFT's ``low_cpu_mem_usage``) an alias may hold a new tensor: copy it
+    into the model's own parameter and point the alias back at that parameter."""
+    for alias_name, container in module._aliases().items():
+        target = module._alias_targets[alias_name]
+        loaded = container[module._adapter_name]
+        if loaded is not target:
+            with torch.no_grad():
+                target.copy_(loaded)
+            container[module._adapter_name] = target
