@@ -8,6 +8,8 @@ from .registry import TUNERS, register_tuner
 from .swift import Swift, SwiftModel
 from .tuners import (
     AdapterConfig,
+    LisaConfig,
+    LisaModel,
     LlamaProConfig,
     LlamaProModel,
     LongLoraConfig,
@@ -30,6 +32,8 @@ __all__ = [
     "AdapterConfig",
     "PromptConfig",
     "SideConfig",
+    "LisaConfig",
+    "LisaModel",
     "LlamaProConfig",
     "LlamaProModel",
     "LongLoraConfig",

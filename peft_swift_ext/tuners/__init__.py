@@ -1,6 +1,7 @@
 """The plugin tuners; importing this package registers each of them into PEFT."""
 
 from .adapter import AdapterConfig, AdapterModel
+from .lisa import LisaConfig, LisaModel
 from .llamapro import LlamaProConfig, LlamaProModel
 from .longlora import LongLoraConfig, LongLoraModel
 from .lora_plus import LoraPlusConfig, LoraPlusModel, create_lora_plus_optimizer
@@ -17,6 +18,8 @@ __all__ = [
     "PromptModel",
     "SideConfig",
     "SideModel",
+    "LisaConfig",
+    "LisaModel",
     "LlamaProConfig",
     "LlamaProModel",
     "NEFTuneConfig",
