@@ -248,6 +248,13 @@ class SwiftBaseTuner(BaseTuner):
         layer.update_layer(adapter_name, *args, **kwargs)
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
+        # New modules start in training mode, and so do wrappers other tuners put around the target (PEFT's
+        # ModulesToSaveWrapper): the layer follows the model it joins, or an eval model would add NEFTune noise
+        # or dropout. The wrapped module keeps its own modes.
+        wrapped = set(layer.base_layer.modules())
+        for module in layer.modules():
+            if module not in wrapped:
+                module.training = parent.training
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's version copies child.weight/bias and moves by them; wrapped blocks have neither, and

@@ -41,20 +41,13 @@ def test_registered_tuner_for_other_models_is_explained(monkeypatch):
         parse_tuner_spec("scedit")
 
 
-NEFTUNE_AFTER_MODULES_TO_SAVE = pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="core bug: NEFTuneModel refuses an embedding that LongLoRA already wrapped in a ModulesToSaveWrapper",
-)
-
-
 @pytest.mark.parametrize(
     "spec",
     [
         *(name for name in TUNER_CONFIGS if name not in tuners.WEIGHTLESS_TUNERS),
         "lora+neftune",
         "neftune+longlora",
-        pytest.param("longlora+neftune", marks=NEFTUNE_AFTER_MODULES_TO_SAVE),
+        "longlora+neftune",
     ],
 )
 def test_every_tuner_trains_saves_and_reloads(spec, tmp_path):

@@ -51,8 +51,6 @@ class NEFTuneEmbedding(SwiftTunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.neftune_noise = nn.ModuleDict()
-        # A new module starts in training mode; follow the wrapped one so an eval model stays noise-free.
-        self.train(base_layer.training)
 
     def update_layer(self, adapter_name: str, noise_alpha: float) -> None:
         """Add (or replace) one adapter's noise.

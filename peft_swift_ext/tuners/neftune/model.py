@@ -33,6 +33,8 @@ class NEFTuneModel(SwiftBaseTuner):
 
     def _validate_target(self, module: nn.Module, name: str, config: NEFTuneConfig) -> None:
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        # LongLoRA (and PEFT's modules_to_save) train a copy of the embeddings inside a wrapper: noise its output.
+        base = getattr(base, "original_module", base)
         if not isinstance(base, nn.Embedding):
             raise ValueError(
                 f"NEFTuneConfig.target_modules selects '{name}', a {type(base).__name__}; NEFTune adds noise to "
@@ -48,10 +50,7 @@ class NEFTuneModel(SwiftBaseTuner):
         parent: nn.Module,
         **kwargs,
     ) -> None:
-        if not isinstance(target, NEFTuneEmbedding):
-            target = NEFTuneEmbedding(target)
-            setattr(parent, target_name, target)
-        target.update_layer(adapter_name, config.noise_alpha)
+        self._update_or_wrap(target, parent, target_name, NEFTuneEmbedding, adapter_name, config.noise_alpha)
 
 
 def _input_embeddings_name(model: nn.Module) -> str:
