@@ -4,6 +4,9 @@
   engineers of each tuner, so the section follows the tree instead of a hand-kept list), and any other page not
   named in ``mkdocs.yml`` (``docs/compatibility.md``, ...) is appended to the navigation under its title.
 - ``<!-- benchmark: NAME -->`` alone on a line embeds ``benchmarks/results/NAME.json`` (table and chart).
+- ``<!-- suite: NAME -->`` alone on a line embeds tuner NAME's rows of the benchmark suite
+  (``benchmarks/results/suite.json``: ours through both APIs, ms-swift, the frozen base, LoRA on the same model;
+  a memory chart where the suite measured scaling).
 - An upper-case placeholder left in prose (``MEASURED_TABLE``) is a warning, so the strict build fails.
 - ``guides/benchmarks.md`` gets its figures from ``benchmarks/results/*.json``: a table per file, and a chart
   (SVG, generated at build time) where one reads better than the table.
@@ -29,7 +32,7 @@ log = logging.getLogger("mkdocs.hooks.peft_swift_ext")
 # Reading order of the tuner pages; pages not named here follow alphabetically.
 TUNER_ORDER = ["loraplus", "adapter", "prompt", "side", "restuning", "scedit", "llamapro", "longlora", "neftune"]
 # Pages kept outside docs/tuners/ until a tuner page exists: (tuner page names that replace it, page).
-FALLBACK_TUNER_PAGES = [(("loraplus", "lora_plus"), "guides/loraplus.md")]
+FALLBACK_TUNER_PAGES: list[tuple[tuple[str, ...], str]] = []
 
 
 def tuner_pages(docs_dir: Path) -> list[str]:
@@ -185,6 +188,41 @@ def _ratio_bar_chart(name: str, data: dict) -> str | None:
     return svg
 
 
+def _curves(data: dict) -> dict[str, dict[str, list]] | None:
+    """``curves: {panel: {variant: [value every curve_every steps]}}`` (the LoRA+ schema), else None."""
+    curves = data.get("curves")
+    if not isinstance(curves, dict) or not curves:
+        return None
+    for panel in curves.values():
+        if not isinstance(panel, dict) or not all(isinstance(v, list) and v for v in panel.values()):
+            return None
+        if not all(_is_number(x) for v in panel.values() for x in v):
+            return None
+    return curves
+
+
+def _curve_chart(name: str, curves: dict[str, dict[str, list]], every: int) -> str:
+    """One panel per key of ``curves`` (e.g. per learning rate), a line per variant, against training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 3.0), squeeze=False, sharey=True)
+    for axis, (panel, lines) in zip(axes[0], curves.items()):
+        for variant, values in lines.items():
+            axis.plot([i * every for i in range(len(values))], values, marker=".", label=variant)
+        axis.set_title(panel, fontsize=9)
+        axis.set_xlabel("step")
+        axis.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(name, y=1.04)
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
 CHART_DIR = "guides/charts"
 
 
@@ -266,12 +304,15 @@ def benchmark_section(path: Path, heading: str = "##") -> tuple[str, str | None]
     tables = _grouped_tables(data)
     if series:
         svg = _length_chart(path.stem, series)
+    elif _curves(data):
+        svg = _curve_chart(path.stem, _curves(data), data.get("curve_every", 1))
     else:
         svg = _tables_chart(path.stem, tables) or _peak_bar_chart(path.stem, data) or _ratio_bar_chart(path.stem, data)
     if svg:
         lines += [f"![{path.stem} chart]({{chart_dir}}/{path.stem}.svg)", ""]
     in_tables = {key.split(".")[0] for key in tables}
-    rows = _scalars({k: v for k, v in data.items() if k not in ("results", "command") and k not in in_tables})
+    skipped = ("results", "command", "curves")
+    rows = _scalars({k: v for k, v in data.items() if k not in skipped and k not in in_tables})
     if rows:
         lines += ["| figure | value |", "| --- | --- |"]
         lines += [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
@@ -307,7 +348,124 @@ def benchmark_sections(results_dir: Path = RESULTS) -> tuple[dict[str, str], dic
     return sections, charts
 
 
+# --- one tuner's rows of the benchmark suite (benchmarks/results/suite.json) --------------------------------------
+
+SUITE_SIDES = {
+    "base": "frozen base model",
+    "peft": "ours, `get_peft_model`",
+    "swift_api": "ours, `Swift.prepare_model`",
+    "ms_swift": "ms-swift",
+}
+# <!-- suite: NAME --> on a page embeds tuner NAME's rows of benchmarks/results/suite.json.
+SUITE_EMBED = re.compile(r"^[ \t]*<!--\s*suite:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
+
+
+def _ms(seconds: object) -> str:
+    return f"{1000 * seconds:.1f}" if _is_number(seconds) else "–"
+
+
+def _num(value: object, digits: str = ".2f") -> str:
+    return format(value, digits) if _is_number(value) else "–"
+
+
+def suite_section(name: str, suite: dict) -> str | None:
+    """Markdown for one tuner's rows of the suite (and LoRA's on the same model), or None if it has none."""
+    tuners = suite.get("tuners", {})
+    rows = tuners.get(name)
+    if not isinstance(rows, dict):
+        return None
+    notes = suite.get("tuner_notes", {}).get(name, {})
+    family = notes.get("family")
+    model = suite.get("models", {}).get(family, family or "?")
+    machine = suite.get("machine", {})
+    versions = suite.get("versions", {}).get("ours", {})
+    lines = [
+        f"Model: {model}. Setup: {notes.get('note', '')}. One training step (forward, backward, AdamW), median of "
+        f"{suite.get('repeats', '?')} interleaved rounds on {machine.get('cores', '?')} CPU cores "
+        f"(torch {versions.get('torch', '?')}, peft {versions.get('peft', '?')}); ×base is the step time over "
+        "the frozen base model's forward and backward. From `benchmarks/results/suite.json` "
+        "(`python benchmarks/run_suite.py`, see [Benchmarks](../benchmarks.md)).",
+        "",
+        "| | trainable params | step (ms) | ×base | peak step MiB | save / load (ms) | checkpoint KiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(label: str, values: dict) -> str:
+        trainable = values.get("trainable")
+        save_load = (
+            f"{_ms(values['save_s'])} / {_ms(values.get('load_s'))}" if _is_number(values.get("save_s")) else "–"
+        )
+        return (
+            f"| {label} | {trainable:,} | {_ms(values.get('step_s'))} | {_num(values.get('step_vs_base'))} | "
+            f"{_num(values.get('peak_mib'), '.1f')} | {save_load} | {_num(values.get('checkpoint_kib'), '.0f')} |"
+        )
+
+    for side, label in SUITE_SIDES.items():
+        if isinstance(rows.get(side), dict):
+            lines.append(row(label, rows[side]))
+    lora = tuners.get("lora", {}).get("peft")
+    if name != "lora" and family == tuners_family(suite, "lora") and isinstance(lora, dict):
+        lines.append(row("PEFT LoRA r=8 on q_proj, v_proj (same model, for comparison)", lora))
+    lines.append("")
+    merged = rows.get("merged")
+    if isinstance(merged, dict) and _is_number(merged.get("vs_base")):
+        lines += [
+            f"Forward of the merged model: {_ms(merged.get('forward_s'))} ms, "
+            f"{merged['vs_base']:.2f}× the base model's forward.",
+            "",
+        ]
+    scaling = suite.get("scaling", {}).get(name)
+    if isinstance(scaling, dict):
+        lines += [
+            "Scaling (ours through `get_peft_model`):",
+            "",
+            f"![{name} scaling chart]({{chart_dir}}/suite_{name}.svg)",
+            "",
+            "| axis | x | step (ms) | ×base | peak step MiB | base peak MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for axis, points in scaling.items():
+            for point in points:
+                lines.append(
+                    f"| {axis} | {point.get('x')} | {_ms(point.get('step_s'))} | {_num(point.get('step_vs_base'))} | "
+                    f"{_num(point.get('peak_mib'), '.1f')} | {_num(point.get('base_peak_mib'), '.1f')} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def tuners_family(suite: dict, name: str) -> str | None:
+    """The model family (``llama``, ``bert``...) a tuner was measured on in the suite."""
+    return suite.get("tuner_notes", {}).get(name, {}).get("family")
+
+
+def suite_scaling_chart(name: str, scaling: dict) -> str | None:
+    """Peak memory and step time against sequence length and width: the tuner vs the frozen base."""
+    axes_data = {axis: points for axis, points in scaling.items() if isinstance(points, list) and points}
+    if not axes_data:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(axes_data), figsize=(4.2 * len(axes_data), 3.0), squeeze=False)
+    for axis, (axis_name, points) in zip(axes[0], axes_data.items()):
+        xs = [p["x"] for p in points]
+        axis.plot(xs, [p["peak_mib"] for p in points], marker="o", label=f"{name} peak MiB")
+        axis.plot(xs, [p["base_peak_mib"] for p in points], marker="o", linestyle="--", label="base peak MiB")
+        axis.set_xlabel(axis_name)
+        axis.set_ylabel("MiB")
+        axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(f"{name}: peak training-step memory", y=1.04)
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
 _sections: dict[str, str] = {}
+_suite: dict = {}
 # <!-- benchmark: NAME --> on any page embeds benchmarks/results/NAME.json (table, and chart where there is one).
 EMBED = re.compile(r"^[ \t]*<!--\s*benchmark:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
 
@@ -316,6 +474,14 @@ def on_files(files, config):
     sections, charts = benchmark_sections()
     _sections.clear()
     _sections.update(sections)
+    _suite.clear()
+    suite_path = RESULTS / "suite.json"
+    if suite_path.exists():
+        _suite.update(json.loads(suite_path.read_text()))
+    for name, scaling in _suite.get("scaling", {}).items():
+        svg = suite_scaling_chart(name, scaling) if isinstance(scaling, dict) else None
+        if svg:
+            charts[f"{CHART_DIR}/suite_{name}.svg"] = svg
     for src_uri, svg in charts.items():
         files.append(File.generated(config, src_uri, content=svg))
     return files
@@ -327,6 +493,10 @@ def placeholders(markdown: str) -> list[str]:
     prose = re.sub(r"`[^`\n]*`", "", prose)
     prose = re.sub(r"<!--.*?-->", "", prose, flags=re.S)
     return PLACEHOLDER.findall(prose)
+
+
+def _to_root(page_uri: str) -> str:
+    return "../" * page_uri.count("/")
 
 
 def _chart_dir_for(page_uri: str) -> str:
@@ -348,6 +518,17 @@ def on_page_markdown(markdown, page, config, files):
         return _sections[name].replace("{chart_dir}", chart_dir).replace("## `", "#### `", 1)
 
     markdown = EMBED.sub(embed, markdown)
+
+    def embed_suite(match: re.Match) -> str:
+        section = suite_section(match.group(1), _suite)
+        if section is None:
+            log.warning("%s: benchmarks/results/suite.json has no rows for %s", uri, match.group(1))
+            return ""
+        return section.replace("{chart_dir}", chart_dir).replace(
+            "](../benchmarks.md)", f"]({_to_root(uri)}benchmarks.md)"
+        )
+
+    markdown = SUITE_EMBED.sub(embed_suite, markdown)
     if BENCHMARK_MARKER in markdown:
         every = "\n".join(_sections.values()) or "No results yet: `benchmarks/results/` is empty.\n"
         markdown = markdown.replace(BENCHMARK_MARKER, every.replace("{chart_dir}", chart_dir))

@@ -40,7 +40,7 @@ TECHNIQUE_PAGES = {
     "liger": "techniques.md",
     "unsloth": "techniques.md",
 }
-FALLBACK_TUNER_PAGES = {"loraplus": "guides/loraplus.md"}
+FALLBACK_TUNER_PAGES: dict[str, str] = {}
 
 
 @dataclass
