@@ -68,6 +68,26 @@ def test_training_outputs_equal_lora_fed_with_the_same_noise():
     torch.testing.assert_close(actual, reference(inputs_embeds=noisy).logits, atol=1e-6, rtol=0)
 
 
+def test_noise_goes_on_the_embeddings_longlora_trains_and_follows_eval_mode():
+    from peft_swift_ext import LongLoraConfig
+
+    inputs = llama_inputs()
+    longlora = LongLoraConfig(r=2, target_modules=["q_proj"], embedder_and_normalizer=("embed", "norm"))
+    model = Swift.prepare_model(tiny_llama().eval(), {"longlora": longlora})
+    model = Swift.prepare_model(model, {"noise": NEFTuneConfig(noise_alpha=5.0)})
+    embeddings = model.get_input_embeddings()
+    assert not embeddings.training  # created in training mode, the wrapper follows the eval model it joined
+    trained_copy = embeddings.get_base_layer().modules_to_save["longlora"]
+    with torch.no_grad():
+        trained_copy.weight.add_(1.0)  # the noise must land on the copy LongLoRA trains, not the frozen original
+        expected = trained_copy(inputs["input_ids"])
+        assert torch.equal(embeddings(inputs["input_ids"]), expected)
+        noise = embedding_noise(model, inputs["input_ids"])
+        m = 5.0 / math.sqrt(inputs["input_ids"].shape[1] * expected.shape[-1])
+        assert 0 < noise.abs().max() <= m * (1 + 1e-5)
+        assert torch.equal(embeddings.get_base_layer()(inputs["input_ids"]), expected)
+
+
 def test_deactivate_removes_the_noise_and_other_tuners_keep_working():
     inputs = llama_inputs()
     configs = {"pro": LlamaProConfig(num_new_blocks=2), "noise": NEFTuneConfig()}
