@@ -82,6 +82,18 @@ class LisaModel(SwiftBaseTuner):
         return None
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Make the base model's LISA candidates trainable and record which layers the checkpoint carries.
+
+        Nothing is wrapped: the parameters of the layers in ``trained_layers`` (and the embeddings / head when
+        configured) are registered under this tuner's prefix so that PEFT saves them; every other decoder layer
+        joins the checkpoint when it first receives a gradient. Everything that can fail (layer list,
+        ``n_layers``, ``trained_layers``, a second LISA adapter) is checked before the model changes.
+
+        Args:
+            model: the model to add the adapter to.
+            adapter_name: the name of an adapter whose config is already in ``peft_config``.
+            **kwargs (Any): PEFT's ``inject_adapter`` options; unused (no module is created).
+        """
         from ...techniques.lisa import find_decoder_layers, lisa_candidates
 
         config: LisaConfig = self.peft_config[adapter_name]
@@ -188,6 +200,12 @@ class LisaModel(SwiftBaseTuner):
         return None
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Mark the LISA adapter as active (it is always in effect; this only checks the name).
+
+        Args:
+            adapter_name (str | list[str]): the adapter's name (or a list holding it).
+            inference_mode: PEFT's flag; unused (which parameters train is set by the config).
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
@@ -212,6 +230,11 @@ class LisaModel(SwiftBaseTuner):
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Drop the adapter's bookkeeping; refused once anything has trained (the weights cannot be restored).
+
+        Args:
+            adapter_name: the LISA adapter to delete.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         self._refuse_restore(f"delete adapter {adapter_name!r}")
