@@ -56,7 +56,16 @@ def test_every_public_name_is_in_the_api_reference(module_name: str, name: str):
     qualified = {f"{module_name}.{name}"}
     if inspect.isclass(obj) or inspect.isfunction(obj):
         qualified |= {f"{obj.__module__}.{obj.__qualname__}", f"peft_swift_ext.tuners.{name}"}
-    assert qualified & documented, f"{module_name}.{name} is not in any ::: directive of docs/api/"
+    # The same object documented under another public path (LisaConfig: peft_swift_ext.techniques.LisaConfig).
+    same_object = any(_resolve_or_none(path) is obj for path in documented)
+    assert qualified & documented or same_object, f"{module_name}.{name} is not in any ::: directive of docs/api/"
+
+
+def _resolve_or_none(path: str):
+    try:
+        return _resolve(path)
+    except (ImportError, AttributeError):
+        return None
 
 
 @pytest.mark.parametrize(("module_name", "name"), _public_objects(), ids=lambda v: v)

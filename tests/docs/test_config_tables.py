@@ -22,7 +22,8 @@ ROW = re.compile(r"^\|\s*`(\w+)`\s*\|\s*([^|]*)\|", re.MULTILINE)
 
 
 def _page(name: str) -> Path | None:
-    for candidate in (DOCS / "tuners" / f"{name}.md", DOCS / "guides" / f"{name}.md"):
+    # a technique registered as a tuner (LISA) documents its config on its technique page
+    for candidate in (DOCS / "tuners" / f"{name}.md", DOCS / "techniques" / f"{name}.md"):
         if candidate.exists():
             return candidate
     return None

@@ -31,14 +31,12 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<info>[^\n`
 # Method pages that do not yet carry a runnable example (pages written by the tuners' engineers); each is
 # expected to fail the "has a runnable example" check until its example is marked. Remove entries as they are.
 PENDING_RUNNABLE: set[str] = set()
-# The page of each technique (all on one page for now) and of each tuner that has no docs/tuners/ page.
+# The page of each technique: docs/techniques/NAME.md once the techniques have a page each, else the one
+# techniques page.
+TECHNIQUES = ["lisa", "galore", "qgalore", "chunked_ce", "liger", "unsloth"]
 TECHNIQUE_PAGES = {
-    "lisa": "techniques.md",
-    "galore": "techniques.md",
-    "qgalore": "techniques.md",
-    "chunked_ce": "techniques.md",
-    "liger": "techniques.md",
-    "unsloth": "techniques.md",
+    name: f"techniques/{name}.md" if (DOCS / "techniques" / f"{name}.md").exists() else "techniques.md"
+    for name in TECHNIQUES
 }
 FALLBACK_TUNER_PAGES: dict[str, str] = {}
 
@@ -121,7 +119,12 @@ def test_runnable_examples_of_page_run(page: str, tmp_path, monkeypatch):
 
 
 def _page_of_tuner(name: str) -> str | None:
-    for candidate in (f"docs/tuners/{name}.md", f"docs/tuners/{name.replace('plus', '_plus')}.md"):
+    """A tuner's page: ``docs/tuners/NAME.md``; for a technique also registered as a tuner (LISA), its technique
+    page (``docs/techniques/NAME.md`` once the techniques have a page each, else ``TECHNIQUE_PAGES``)."""
+    candidates = [f"docs/tuners/{name}.md", f"docs/tuners/{name.replace('plus', '_plus')}.md"]
+    if name in TECHNIQUE_PAGES:
+        candidates.append(f"docs/{TECHNIQUE_PAGES[name]}")
+    for candidate in candidates:
         if (ROOT / candidate).exists():
             return candidate.removeprefix("docs/")
     fallback = FALLBACK_TUNER_PAGES.get(name)
@@ -153,7 +156,7 @@ def test_every_method_page_has_a_runnable_example(page: str, request):
     assert (DOCS / page).exists(), f"docs/{page} is missing"
     runnable = "".join(b.source for b in ALL_BLOCKS if b.page == f"docs/{page}" and b.runnable)
     assert runnable, f"docs/{page} has no python block marked {RUNNABLE_MARKER}"
-    if page not in TECHNIQUE_PAGES.values():
+    if page.startswith("tuners/"):
         for call in ("get_peft_model(", "Swift.prepare_model("):
             assert call in runnable, f"docs/{page}: no runnable example calls {call.rstrip('(')}"
 
