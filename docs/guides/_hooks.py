@@ -357,6 +357,7 @@ SUITE_SIDES = {
     "ms_swift": "ms-swift",
 }
 # <!-- suite: NAME --> on a page embeds tuner NAME's rows of benchmarks/results/suite.json.
+RESULTS_IMAGE = re.compile(r"(?:\.\./)+benchmarks/results/([\w.-]+\.png)")
 SUITE_EMBED = re.compile(r"^[ \t]*<!--\s*suite:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
 
 
@@ -478,6 +479,9 @@ def on_files(files, config):
     suite_path = RESULTS / "suite.json"
     if suite_path.exists():
         _suite.update(json.loads(suite_path.read_text()))
+    # images the suite writes next to its results (linked from docs/benchmarks.md as ../benchmarks/results/...)
+    for image in sorted(RESULTS.glob("*.png")):
+        files.append(File.generated(config, f"{CHART_DIR}/results/{image.name}", content=image.read_bytes()))
     for name, scaling in _suite.get("scaling", {}).items():
         svg = suite_scaling_chart(name, scaling) if isinstance(scaling, dict) else None
         if svg:
@@ -529,6 +533,8 @@ def on_page_markdown(markdown, page, config, files):
         )
 
     markdown = SUITE_EMBED.sub(embed_suite, markdown)
+    # ../benchmarks/results/NAME.png (right when the page is read on GitHub) -> the copy in the site
+    markdown = RESULTS_IMAGE.sub(lambda m: f"{chart_dir}/results/{m.group(1)}", markdown)
     if BENCHMARK_MARKER in markdown:
         every = "\n".join(_sections.values()) or "No results yet: `benchmarks/results/` is empty.\n"
         markdown = markdown.replace(BENCHMARK_MARKER, every.replace("{chart_dir}", chart_dir))
