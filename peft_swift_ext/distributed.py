@@ -48,11 +48,18 @@ def _tuner_layers(model: nn.Module) -> Iterable[nn.Module]:
     return (module for module in model.modules() if isinstance(module, BaseTunerLayer))
 
 
+def _block_class(module: nn.Module) -> type:
+    # a block wrapped by a tuner layer (Prompt, LLaMA-PRO) counts as the class it wraps
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return type(module.get_base_layer()) if isinstance(module, BaseTunerLayer) else type(module)
+
+
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """Entries of every ``nn.ModuleList`` of two or more blocks of one class (decoder layers, encoder layers)."""
     blocks = []
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({_block_class(m) for m in module}) == 1:
             blocks.extend(block for block in module if any(True for _ in block.parameters()))
     return blocks
 

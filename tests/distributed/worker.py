@@ -1,0 +1,234 @@
+"""Trains every tuner case under DDP or FSDP2 in one process group and writes what the tests compare.
+
+Run by ``tests/distributed/test_distributed.py`` as
+``python -m torch.distributed.run --nproc_per_node 2 -m tests.distributed.worker --engine ddp --out DIR``.
+Rank 0 writes, per case, ``DIR/<engine>/<case>/``: ``weights.safetensors`` (full trainable tensors after
+``STEPS`` steps), ``ckpt/`` (saved with ``save_pretrained_full``) and ``info.json`` (checks made in the
+process group). It also trains LoRA with NEFTune (both engines), and LISA and GaLore (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from peft_swift_ext.distributed import (
+    full_numel,
+    fully_shard_peft_model,
+    is_sharded,
+    save_pretrained_full,
+    seed_per_rank,
+    wrap_modules,
+)
+
+from . import common as C
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu().clone()
+
+
+def gather_objects(value) -> list:
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def wrap(model: nn.Module, engine: str) -> nn.Module:
+    if engine == "ddp":
+        # frozen parameters are skipped by DDP; adapters of inactive branches may get no gradient
+        return DistributedDataParallel(model, find_unused_parameters=True)
+    return fully_shard_peft_model(model)
+
+
+def inner(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int) -> None:
+    model = C.prepare_for_training(case.build())
+    names_before = C.trainable_names(model)
+    frozen_before = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    units = len(wrap_modules(model)) if engine == "fsdp" else 0
+    model = wrap(model, engine)
+    plain = inner(model)
+    info: dict = {"fsdp_units": units}
+    info["sharded_params"] = sum(is_sharded(p) for p in plain.parameters())
+    if case.swift:
+        info["trainable_summary"] = plain.get_trainable_parameters().split(" || ")[:2]
+    else:
+        info["trainable_count"] = list(plain.get_nb_trainable_parameters())
+    info["full_numel_trainable"] = sum(full_numel(p) for p in plain.parameters() if p.requires_grad)
+    optimizer = torch.optim.SGD(C.trainable(plain), lr=C.LR)
+    inputs = C.shard_inputs(C.global_inputs(case), rank, world)
+    for _ in range(C.STEPS):
+        C.loss_of(case, model, inputs).backward()
+        if engine == "fsdp":
+            # 0-d parameters (Side's side_alpha) stay replicated: fully_shard cannot shard them
+            grads = [p.grad for p in C.trainable(plain) if p.grad is not None and p.dim() > 0]
+            info.setdefault("grad_is_sharded", all(is_sharded(g) for g in grads))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    params = dict(plain.named_parameters())
+    info["trainable_after"] = C.trainable_names(plain) == names_before
+    info["frozen_after"] = sorted(n for n, p in params.items() if not p.requires_grad) == frozen_before
+    info["frozen_grads_none"] = all(p.grad is None for n, p in params.items() if not p.requires_grad)
+    weights = {name: full(params[name]) for name in names_before}
+    if case.swift:
+        info["offload"] = offload_refusal(plain)
+    save_pretrained_full(model, folder / "ckpt")
+    rank_weights = gather_objects({k: v for k, v in weights.items()} if world <= 2 else None)
+    info["ranks_agree"] = all(torch.equal(rank_weights[0][k], rank_weights[1][k]) for k in weights)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "weights.safetensors"))
+        (folder / "info.json").write_text(json.dumps(info))
+
+
+def offload_refusal(model: nn.Module) -> dict:
+    """Try offloading adapters; FSDP must refuse each attempt without changing which adapters are active."""
+    before = list(model.active_adapters)
+    messages = []
+    attempts = (
+        lambda: model.set_active_adapters(["lora"], offload="meta"),
+        lambda: model.deactivate_adapter("adapter", offload="cpu"),
+    )
+    for attempt in attempts:
+        try:
+            attempt()
+            messages.append("ok")
+        except ValueError as err:
+            messages.append(f"refused: {err}")
+    unchanged = list(model.active_adapters) == before
+    model.set_active_adapters(before)
+    return {"messages": messages, "active_unchanged": unchanged}
+
+
+def run_lisa(folder: Path, rank: int, world: int, seed_offset: int) -> None:
+    from peft_swift_ext.techniques.lisa import LisaConfig, LisaScheduler
+
+    model = C.lisa_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=C.LR)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    lisa = LisaScheduler(model, LisaConfig(n_layers=1, interval=1, seed=seed_offset * rank), optimizer)
+    inputs = C.shard_inputs(C.llama_inputs(batch=C.GLOBAL_BATCH), rank, world)
+    drawn = []
+    for _ in range(C.LISA_STEPS):
+        lisa.step()
+        drawn.append(list(lisa.active_layers))
+        C.causal_lm_loss(ddp, inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    all_weights = gather_objects(weights)
+    info = {
+        "drawn": gather_objects(drawn),
+        "max_rank_diff": max((all_weights[0][k] - all_weights[1][k]).abs().max().item() for k in weights),
+    }
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(folder / "weights.safetensors"))
+        (folder / "info.json").write_text(json.dumps(info))
+
+
+def run_galore(folder: Path, rank: int, world: int) -> None:
+    from peft_swift_ext.techniques.galore import create_galore_optimizer
+
+    model = C.galore_model()
+    ddp = DistributedDataParallel(model)
+    optimizer, _ = create_galore_optimizer(model, lr=C.GALORE_LR, **C.GALORE_OPTIONS)
+    inputs = C.shard_inputs(C.llama_inputs(batch=C.GLOBAL_BATCH), rank, world)
+    for _ in range(C.STEPS + 1):
+        C.causal_lm_loss(ddp, inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    projections = {}
+    for index, param in enumerate(p for group in optimizer.param_groups if "rank" in group for p in group["params"]):
+        projector = optimizer.state[param].get("projector")
+        if projector is not None:
+            projections[str(index)] = projector.ortho_matrix.detach().clone()
+    all_projections = gather_objects(projections)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info = {
+        "projections": len(projections),
+        "projections_agree": all(torch.equal(all_projections[0][k], all_projections[1][k]) for k in projections),
+    }
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(folder / "weights.safetensors"))
+        (folder / "info.json").write_text(json.dumps(info))
+
+
+def run_neftune(folder: Path, engine: str, rank: int, world: int) -> None:
+    case = C.NEFTUNE_CASE
+    model = C.prepare_for_training(case.build())
+    names = C.trainable_names(model)
+    if engine == "ddp":
+        # the noise itself, from the same embeddings on every rank, seeded per rank
+        seed_per_rank(7)
+        embedding = model.base_model.get_input_embeddings()
+        ids = C.llama_inputs(batch=1)["input_ids"]
+        with torch.no_grad():
+            noise = embedding(ids) - embedding.get_base_layer()(ids)
+        noises = gather_objects(noise)
+        if rank == 0:
+            save_file({f"rank{r}": n.contiguous() for r, n in enumerate(noises)}, str(folder / "noise.safetensors"))
+    wrapped = wrap(model, engine)
+    seed_per_rank(C.NEFTUNE_SEED)
+    optimizer = torch.optim.SGD(C.trainable(model), lr=C.LR)
+    inputs = C.shard_inputs(C.global_inputs(case), rank, world)
+    for _ in range(C.STEPS):
+        C.loss_of(case, wrapped, inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    weights = {n: full(params[n]) for n in names}
+    if rank == 0:
+        save_file(weights, str(folder / "weights.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=["ddp", "fsdp"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default=None, help="comma-separated case ids (debugging)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = args.out / args.engine
+    cases = [c for c in C.TUNER_CASES if args.only is None or c.id in args.only.split(",")]
+    for case in cases:
+        folder = root / case.id
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            run_tuner(case, args.engine, folder, rank, world)
+        except Exception:  # recorded for the test to report; the other cases still run
+            (folder / f"error{rank}.txt").write_text(traceback.format_exc())
+        dist.barrier()
+    jobs = {"neftune": lambda f: run_neftune(f, args.engine, rank, world)}
+    if args.engine == "ddp":
+        jobs["lisa"] = lambda f: run_lisa(f, rank, world, seed_offset=0)
+        jobs["lisa-rank-seeded"] = lambda f: run_lisa(f, rank, world, seed_offset=1)
+        jobs["galore"] = lambda f: run_galore(f, rank, world)
+    if args.only is None:
+        for name, job in jobs.items():
+            folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                job(folder)
+            except Exception:
+                (folder / f"error{rank}.txt").write_text(traceback.format_exc())
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
