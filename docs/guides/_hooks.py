@@ -4,6 +4,7 @@
   engineers of each tuner, so the section follows the tree instead of a hand-kept list), and any other page not
   named in ``mkdocs.yml`` (``docs/compatibility.md``, ...) is appended to the navigation under its title.
 - ``<!-- benchmark: NAME -->`` alone on a line embeds ``benchmarks/results/NAME.json`` (table and chart).
+- ``<!-- benchmark-chart: NAME -->`` alone on a line embeds only that file's chart.
 - ``<!-- suite: NAME -->`` alone on a line embeds tuner NAME's rows of the benchmark suite
   (``benchmarks/results/suite.json``: ours through both APIs, ms-swift, the frozen base, LoRA on the same model;
   a memory chart where the suite measured scaling).
@@ -358,6 +359,9 @@ SUITE_SIDES = {
 }
 # <!-- suite: NAME --> on a page embeds tuner NAME's rows of benchmarks/results/suite.json.
 RESULTS_IMAGE = re.compile(r"(?:\.\./)+benchmarks/results/([\w.-]+\.png)")
+# <!-- benchmark-chart: NAME --> embeds only the chart of benchmarks/results/NAME.json (for pages that quote the
+# figures in their own table).
+CHART_EMBED = re.compile(r"^[ \t]*<!--\s*benchmark-chart:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
 SUITE_EMBED = re.compile(r"^[ \t]*<!--\s*suite:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
 
 
@@ -466,6 +470,7 @@ def suite_scaling_chart(name: str, scaling: dict) -> str | None:
 
 
 _sections: dict[str, str] = {}
+_charts: set[str] = set()
 _suite: dict = {}
 # <!-- benchmark: NAME --> on any page embeds benchmarks/results/NAME.json (table, and chart where there is one).
 EMBED = re.compile(r"^[ \t]*<!--\s*benchmark:\s*([\w.-]+)\s*-->[ \t]*$", re.MULTILINE)
@@ -475,6 +480,8 @@ def on_files(files, config):
     sections, charts = benchmark_sections()
     _sections.clear()
     _sections.update(sections)
+    _charts.clear()
+    _charts.update(Path(uri).stem for uri in charts)
     _suite.clear()
     suite_path = RESULTS / "suite.json"
     if suite_path.exists():
@@ -533,6 +540,15 @@ def on_page_markdown(markdown, page, config, files):
         )
 
     markdown = SUITE_EMBED.sub(embed_suite, markdown)
+
+    def embed_chart(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in _charts:
+            log.warning("%s: benchmarks/results/%s.json has no chart to embed", uri, name)
+            return ""
+        return f"![{name} chart]({chart_dir}/{name}.svg)"
+
+    markdown = CHART_EMBED.sub(embed_chart, markdown)
     # ../benchmarks/results/NAME.png (right when the page is read on GitHub) -> the copy in the site
     markdown = RESULTS_IMAGE.sub(lambda m: f"{chart_dir}/results/{m.group(1)}", markdown)
     if BENCHMARK_MARKER in markdown:

@@ -40,7 +40,9 @@ def test_tuner_page_has_the_required_sections(page: Path):
     measured = [body for title, body in sections.items() if title.startswith("Measured")]
     assert measured, f"{page.name}: no '## Measured' section"
     body = "".join(measured)
-    has_figures = re.search(r"<!--\s*(benchmark|suite):", body) or re.search(r"^\|.*\|\s*$", body, re.MULTILINE)
+    has_figures = re.search(r"<!--\s*(benchmark|benchmark-chart|suite):", body) or re.search(
+        r"^\|.*\|\s*$", body, re.MULTILINE
+    )
     assert has_figures, f"{page.name}: the Measured section has no figures (embed or table)"
 
 
@@ -48,7 +50,7 @@ def test_embeds_name_existing_results():
     suite = json.loads((RESULTS / "suite.json").read_text())
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
-        for name in re.findall(r"<!--\s*benchmark:\s*([\w.-]+)\s*-->", text):
+        for name in re.findall(r"<!--\s*benchmark(?:-chart)?:\s*([\w.-]+)\s*-->", text):
             assert (RESULTS / f"{name}.json").exists(), f"{page.name}: benchmarks/results/{name}.json is missing"
         for name in re.findall(r"<!--\s*suite:\s*([\w.-]+)\s*-->", text):
             assert name in suite["tuners"], f"{page.name}: suite.json has no tuner {name!r}"
