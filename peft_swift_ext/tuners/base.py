@@ -137,14 +137,16 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
 
     Matching follows PEFT (and SWIFT): a string is a regex that must match the whole module name, a list
     matches names equal to an entry or ending in ``.entry``; ``base_layer`` segments of wrapped modules
-    are ignored. Returns the actual module names. Raises ``ValueError`` naming the pattern and a few
-    module names when nothing matches.
+    are ignored. The empty string selects the root model itself (``[""]``), as in SWIFT. Returns the
+    actual module names. Raises ``ValueError`` naming the pattern and a few module names when nothing matches.
 
     Args:
         model: the model to search; modules inside existing tuner layers (other than the wrapped
             ``base_layer``) are skipped.
         config: any config with ``target_modules`` (and optionally ``exclude_modules``).
     """
+    if config.target_modules == "":
+        return [""]  # SWIFT's name for the root model; only tuners with ``wraps_root`` accept it
     names = base_module_names(model)
     # Match on names without the "base_layer" segments other tuners' wrappers add, so targets keep
     # meaning the same modules however many tuners are stacked.
@@ -186,10 +188,12 @@ class SwiftBaseTuner(BaseTuner):
     """``BaseTuner`` for the plugin tuners: clear target errors and a clear refusal to merge.
 
     Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``.
-    ``mergeable`` stays False for tuners that change activations rather than weights.
+    ``mergeable`` stays False for tuners that change activations rather than weights; ``wraps_root`` is True
+    for tuners that can take the root model itself as their target (``target_modules=""``).
     """
 
     mergeable = False
+    wraps_root = False
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
@@ -207,12 +211,24 @@ class SwiftBaseTuner(BaseTuner):
                 ``low_cpu_mem_usage``, ...).
         """
         config = self.peft_config[adapter_name]
-        for name in find_target_modules(model, config):
+        targets = find_target_modules(model, config)
+        for name in targets:
             self._validate_target(model.get_submodule(name), name, config)
-        super().inject_adapter(model, adapter_name, **kwargs)
+        if targets != [""]:
+            super().inject_adapter(model, adapter_name, **kwargs)
+            return
+        # PEFT reads target_modules='' as "no targets given": attach to the root here, then do its housekeeping.
+        self._create_and_replace(config, adapter_name, model, "", model, current_key="")
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
 
     def _validate_target(self, module: nn.Module, name: str, config: PeftConfig) -> None:
         """Raise a clear error if ``module`` cannot take this tuner; runs before anything is injected."""
+        if name == "" and not self.wraps_root:
+            raise ValueError(
+                f"{type(config).__name__}.target_modules='' selects the root model, which "
+                f"{self.tuner_layer_cls.tuner_name} cannot wrap; target its sub-modules instead"
+            )
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             raise ValueError(
                 f"{type(config).__name__}.target_modules selects '{name}', a {type(module).__name__}; "
@@ -273,7 +289,7 @@ class SwiftBaseTuner(BaseTuner):
         Args:
             merged: whether the adapters were merged first (tuners that add modules keep them then).
         """
-        for module in self.model.modules():
+        for module in list(self.model.modules()):  # a probe may take its layer out of the tree
             if isinstance(module, self.tuner_layer_cls):
                 module.remove_probes()
 

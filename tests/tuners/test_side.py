@@ -183,8 +183,96 @@ def test_target_hidden_pos_missing_from_the_output_names_the_field_and_module():
         model(torch.randn(2, 8))
 
 
-def test_unknown_side_network_and_root_target_are_refused_by_the_config():
+def test_unknown_side_network_is_refused_by_the_config():
     with pytest.raises(ValueError, match="SideConfig.side_module_name='resnet' is unknown"):
         SideConfig(dim=8, target_modules="block", side_module_name="resnet")
-    with pytest.raises(ValueError, match="selects the root model"):
-        SideConfig(dim=8, target_modules="")
+
+
+ROOT_FCN4 = SideConfig(dim=2, target_modules="", side_module_name="fcn4", source_hidden_pos="pixel_values")
+
+
+def root_side_by_hand(model, image: torch.Tensor) -> torch.Tensor:
+    """``σ(α)·logits + (1-σ(α))·fcn4(image)`` from the plain model and the layer's weights."""
+    layer = model.base_model.model.root_side
+    weight = torch.sigmoid(layer.side_alpha["default"])
+    return weight * ImageNet()(image) + (1 - weight) * layer.side_net["default"](image)
+
+
+def test_root_target_blends_the_models_own_output_as_in_swift():
+    model = get_peft_model(ImageNet(), ROOT_FCN4)
+    randomize_adapter(model, "default", seed=1, scale=0.3)
+    image = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(pixel_values=image), root_side_by_hand(model, image))
+    torch.testing.assert_close(model(image), root_side_by_hand(model, image))  # positional: resolved by name
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if ".root_side.side_" in n
+    ]
+    with model.disable_adapter():
+        torch.testing.assert_close(model(pixel_values=image), ImageNet()(image))
+
+
+def test_root_side_saves_loads_and_survives_deepcopy(tmp_path):
+    from peft import PeftModel
+
+    model = get_peft_model(ImageNet(), ROOT_FCN4)
+    randomize_adapter(model, "default", seed=2, scale=0.3)
+    image = torch.randn(2, 3, 16, 16)
+    expected = model(pixel_values=image)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(ImageNet(), tmp_path)
+    torch.testing.assert_close(reloaded(pixel_values=image), expected)
+
+    copy = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        copy.base_model.model.root_side.side_alpha["default"].fill_(5.0)
+    torch.testing.assert_close(model(pixel_values=image), expected)  # the copy routes through its own layer
+    assert not torch.allclose(copy(pixel_values=image), expected)
+
+
+def test_unload_gives_the_root_its_own_forward_back():
+    base = ImageNet()
+    before = state_hash(base)
+    model = get_peft_model(base, ROOT_FCN4)
+    randomize_adapter(model, "default", seed=3, scale=0.3)
+    plain = model.unload()
+    assert plain is base and "forward" not in vars(plain) and not hasattr(plain, "root_side")
+    assert state_hash(plain) == before
+    image = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(image), ImageNet()(image))
+
+
+def test_root_side_mixes_with_lora_and_switches_in_a_swift_model(tmp_path):
+    from peft import LoraConfig
+
+    from peft_swift_ext import Swift
+
+    image = torch.randn(2, 3, 16, 16)
+    lora = LoraConfig(r=2, target_modules=["head"], init_lora_weights=False)
+    model = Swift.prepare_model(ImageNet(), {"side": ROOT_FCN4, "lora": lora})
+    head = model.base_model.head
+    plain = ImageNet()
+
+    def lora_only(image):
+        features = plain.backbone(image)
+        update = features @ head.lora_A["lora"].weight.T @ head.lora_B["lora"].weight.T
+        return plain.head(features) + head.scaling["lora"] * update
+
+    layer = model.base_model.root_side
+    weight = torch.sigmoid(layer.side_alpha["side"])
+    torch.testing.assert_close(model(image), weight * lora_only(image) + (1 - weight) * layer.side_net["side"](image))
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(Swift.from_pretrained(ImageNet(), tmp_path)(image), model(image))
+    model.deactivate_adapter("side")
+    torch.testing.assert_close(model(image), lora_only(image))
+    model.delete_adapter("side")
+    torch.testing.assert_close(model(image), lora_only(image))
+
+
+def test_only_side_may_target_the_root_and_the_refusal_leaves_the_model_alone():
+    from peft_swift_ext import AdapterConfig
+
+    base = ImageNet()
+    before = state_hash(base)
+    with pytest.raises(ValueError, match="AdapterConfig.target_modules='' selects the root model, which Adapter"):
+        get_peft_model(base, AdapterConfig(dim=2, target_modules="", hidden_pos=0))
+    assert state_hash(base) == before and "forward" not in vars(base)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from peft_swift_ext import SideConfig, Swift
 
-from ..helpers import state_hash
 from ..swift_fixtures import FIXTURES, load_case, run_case
 
 
@@ -19,10 +17,11 @@ def test_mlp_side_on_bert_encoder_matches_ms_swift():
     torch.testing.assert_close(output.last_hidden_state, io["output.last_hidden_state"], atol=1e-5, rtol=0)
 
 
-def test_side_on_the_root_module_is_refused_clearly_and_leaves_the_model_alone():
-    # ms-swift can patch the root's forward (target_modules=''); a PEFT tuner cannot replace the root module.
-    _, base, _ = load_case("vit_side_fcn4")
-    before = state_hash(base)
-    with pytest.raises(ValueError, match="SideConfig.target_modules='' selects the root model"):
-        Swift.from_pretrained(base, FIXTURES / "vit_side_fcn4" / "ckpt")
-    assert state_hash(base) == before
+def test_fcn4_side_on_the_root_model_matches_ms_swift():
+    # ms-swift targets the model itself with target_modules=''; the side network reads the image.
+    case, base, io = load_case("vit_side_fcn4")
+    model = Swift.from_pretrained(base, FIXTURES / "vit_side_fcn4" / "ckpt").eval()
+    output = run_case(case, model, io)
+    torch.testing.assert_close(output.logits, io["output.logits"], atol=1e-5, rtol=0)
+    model.deactivate_adapter("default")
+    torch.testing.assert_close(run_case(case, model, io).logits, io["base_output.logits"], atol=1e-5, rtol=0)

@@ -22,7 +22,7 @@ class SideConfig(PeftConfig):
         default=None,
         metadata={
             "help": "modules whose output is blended: a regex matching the whole module name (SWIFT), or a list "
-            "of names matched by suffix"
+            "of names matched by suffix; '' is the model itself (e.g. an image classifier's logits)"
         },
     )
     side_module_name: str = field(
@@ -52,11 +52,6 @@ class SideConfig(PeftConfig):
             raise ValueError(f"SideConfig.dim must be a positive int (the blended output size), got {self.dim!r}")
         if self.target_modules is None:
             raise ValueError("SideConfig.target_modules must be set (a regex or a list of module names)")
-        if self.target_modules == "":
-            raise ValueError(
-                "SideConfig.target_modules='' selects the root model, which a PEFT tuner cannot wrap; target a "
-                "sub-module, or put the model inside a parent module and target it there"
-            )
         if isinstance(self.target_modules, set):
             self.target_modules = sorted(self.target_modules)
         if not isinstance(self.side_module_name, str) or self.side_module_name.lower() not in SIDE_NETWORKS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -56,6 +58,11 @@ class SideLayer(SwiftTunerLayer):
             )
         return output
 
+    def remove_probes(self) -> None:
+        """On the root model, give it back its own ``forward`` and take this layer out of it."""
+        if isinstance(self.base_layer, RootCall):
+            detach_from_root(self.base_layer.forward.__self__)
+
     def blend(self, adapter_name: str, source: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
         """``σ(α)·main + (1-σ(α))·side_net(source)`` in the side network's dtype, returned in ``main``'s dtype."""
         alpha = self.side_alpha[adapter_name]
@@ -74,3 +81,53 @@ class SideLayer(SwiftTunerLayer):
             )
         weight = torch.sigmoid(alpha)
         return (weight * main.to(alpha.dtype) + (1 - weight) * side).to(main.dtype)
+
+
+# The attribute under which a Side layer on the root model lives inside that model.
+ROOT_SIDE_ATTR = "root_side"
+
+
+class RootCall(nn.Module):
+    """Stands in for the root model inside its own Side layer: runs the model's class ``forward``.
+
+    The model owns the Side layer, so the layer cannot own the model: this holds it as a plain attribute, and
+    its instance ``forward`` (the model's bound class method) also gives the argument names that
+    ``source_hidden_pos`` is resolved against.
+
+    Args:
+        root: the model the Side layer is attached to.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.forward = type(root).forward.__get__(root)
+
+
+class RoutedForward:
+    """The root model's instance ``forward`` while it has a Side layer: the call goes through that layer.
+
+    A class rather than a closure so that ``copy.deepcopy`` of the model routes the copy through its own layer;
+    it carries the original signature for code that inspects ``model.forward`` (e.g. ``generate``).
+
+    Args:
+        root: the model whose calls are routed.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.__signature__ = inspect.signature(type(root).forward.__get__(root))
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.root, ROOT_SIDE_ATTR)(*args, **kwargs)
+
+
+def attach_to_root(root: nn.Module, layer: SideLayer) -> None:
+    """Put ``layer`` (wrapping a :class:`RootCall` of ``root``) inside ``root`` and route its calls through it."""
+    setattr(root, ROOT_SIDE_ATTR, layer)
+    root.forward = RoutedForward(root)
+
+
+def detach_from_root(root: nn.Module) -> None:
+    """Undo :func:`attach_to_root`: the model's own ``forward`` again, and no Side layer inside it."""
+    vars(root).pop("forward", None)
+    delattr(root, ROOT_SIDE_ATTR)

@@ -7,7 +7,7 @@ from torch import nn
 from ..base import SwiftBaseTuner, rename_swift_keys
 from ..positions import ArgumentSlot
 from .config import SideConfig
-from .layer import SideLayer
+from .layer import ROOT_SIDE_ATTR, RootCall, SideLayer, attach_to_root
 
 # Modules whose input and output sizes are known without running them; others are checked on the first forward.
 _MLP_SIZES = {
@@ -21,6 +21,8 @@ class SideModel(SwiftBaseTuner):
 
     prefix = "side_"
     tuner_layer_cls = SideLayer
+    # A side network on an image model's logits reads the image, which only the model itself receives.
+    wraps_root = True
 
     def _validate_target(self, module: nn.Module, name: str, config: SideConfig) -> None:
         super()._validate_target(module, name, config)
@@ -44,9 +46,22 @@ class SideModel(SwiftBaseTuner):
             "source_hidden_pos": peft_config.source_hidden_pos,
             "target_hidden_pos": peft_config.target_hidden_pos,
         }
+        if target_name == "":
+            self._attach_to_root(target, adapter_name, options)
+            return
         self._update_or_wrap(
             target, parent, target_name, lambda module: SideLayer(module, current_key), adapter_name, **options
         )
+
+    @staticmethod
+    def _attach_to_root(root: nn.Module, adapter_name: str, options: dict) -> None:
+        # A module cannot be replaced inside itself: the layer lives in the model and its forward is routed there.
+        existing = getattr(root, ROOT_SIDE_ATTR, None)
+        layer = existing if isinstance(existing, SideLayer) else SideLayer(RootCall(root), type(root).__name__)
+        layer.update_layer(adapter_name, **options)
+        layer.train(root.training)
+        if layer is not existing:
+            attach_to_root(root, layer)
 
     @classmethod
     def from_swift_state_dict(
@@ -67,4 +82,7 @@ class SideModel(SwiftBaseTuner):
             model: the model it will be loaded into (not needed for this renaming).
         """
         containers = {"side_net": "side_net", "alpha": "side_alpha"}
-        return rename_swift_keys(weights, f"side_{adapter_name}", adapter_name, containers)
+        renamed = rename_swift_keys(weights, f"side_{adapter_name}", adapter_name, containers)
+        # ms-swift keeps a root-model side network at the top level (an empty module path); ours is a sub-module.
+        on_root = tuple(f"{attr}.{adapter_name}" for attr in SideLayer.adapter_layer_names)
+        return {f"{ROOT_SIDE_ATTR}.{k}" if k.startswith(on_root) else k: v for k, v in renamed.items()}
