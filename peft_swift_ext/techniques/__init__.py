@@ -10,11 +10,12 @@ from .chunked_ce import ChunkedLinearCrossEntropyLoss, causal_lm_chunked_loss, c
 from .galore import create_galore_optimizer, select_galore_parameters
 from .liger import LigerPatch, apply_liger_kernel
 from .lisa import LisaCallback, LisaConfig, LisaScheduler, find_decoder_layers
-from .qgalore import QGaLoreAdamW, QGaLoreProjector
+from .qgalore import Int8WeightLinear, QGaLoreAdamW, QGaLoreProjector, quantize_linear_weights
 from .unsloth import load_with_unsloth
 
 __all__ = [
     "ChunkedLinearCrossEntropyLoss",
+    "Int8WeightLinear",
     "LigerPatch",
     "LisaCallback",
     "LisaConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "create_galore_optimizer",
     "find_decoder_layers",
     "load_with_unsloth",
+    "quantize_linear_weights",
     "select_galore_parameters",
     "unwrap_model",
 ]

@@ -124,3 +124,114 @@ def test_state_is_smaller_than_galore_state_at_the_same_rank():
     galore = state_bytes(proj_bits=None, moment_dtype=torch.float32)
     assert galore == 3 * 256 * 32 * 4 + 256 * 4  # projection + two moments + leading vector, float32
     assert state_bytes() < 0.5 * galore
+
+
+# --- weights really stored as INT8 -----------------------------------------------------------------------------
+
+
+def _int8_linear(seed=0, bias=True, group_size=64):
+    from peft_swift_ext.techniques.qgalore import Int8WeightLinear
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(64, 96, bias=bias)
+    return linear, Int8WeightLinear(linear, group_size=group_size)
+
+
+def test_int8_weight_takes_a_quarter_of_the_float_bytes():
+    linear, layer = _int8_linear()
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == linear.weight.shape
+    stored = sum(t.numel() * t.element_size() for t in (layer.weight, layer.weight_scales, layer.weight_zeros))
+    assert stored == 96 * 64 * (1 + 8 / 64)  # one byte per value, float32 scale and zero per 64 values
+    assert stored / (linear.weight.numel() * 4) < 0.3
+
+
+def test_int8_forward_and_gradients_equal_the_dequantised_float_layer():
+    _, layer = _int8_linear()
+    weight = layer.dequantized_weight().clone().requires_grad_(True)
+    assert (weight - dequantize(quantize(weight.detach(), 8, 64))).abs().max() < 1e-6  # codes are its grid
+    inputs = torch.randn(3, 5, 64, requires_grad=True)
+    reference_inputs = inputs.detach().clone().requires_grad_(True)
+    out = layer(inputs)
+    reference = torch.nn.functional.linear(reference_inputs, weight, layer.bias)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    layer.bias.grad = None
+    reference.backward(grad)
+    torch.testing.assert_close(layer.weight.float_grad, weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inputs.grad, reference_inputs.grad, atol=1e-5, rtol=1e-5)
+    assert layer.weight.grad is None
+
+
+def test_int8_weight_gets_its_gradient_even_when_nothing_else_needs_one():
+    _, layer = _int8_linear(bias=False)
+    layer(torch.randn(4, 64)).sum().backward()
+    assert layer.weight.float_grad is not None and layer.weight.float_grad.abs().sum() > 0
+
+
+def test_int8_stochastic_update_is_unbiased_and_nearest_rounding_loses_small_updates():
+    _, layer = _int8_linear(seed=3)
+    codes, scales, zeros = layer.weight.data.clone(), layer.weight_scales.clone(), layer.weight_zeros.clone()
+    start = layer.dequantized_weight(torch.float32)
+    step = scales.repeat_interleave(64).view_as(start)
+    delta = 0.3 * step * torch.sign(torch.randn_like(start))  # a third of a step: nearest rounding drops it
+
+    def updated(stochastic):
+        layer.weight.data.copy_(codes)
+        layer.weight_scales.copy_(scales)
+        layer.weight_zeros.copy_(zeros)
+        layer.apply_update_(delta, stochastic=stochastic)
+        return layer.dequantized_weight(torch.float32)
+
+    nearest = updated(False) - start
+    mean = torch.stack([updated(True) for _ in range(1000)]).mean(0) - start
+    # A grid recomputed from the new min/max may shift, so compare against the expected change on average.
+    assert (mean - delta).abs().mean() < 0.05 * step.mean()
+    assert (nearest - delta).abs().mean() > 0.2 * step.mean()
+
+
+def test_qgalore_on_int8_stored_weights_trains_like_the_simulated_int8_weights():
+    """Same seed, same arithmetic: the real INT8 weights follow the float-stored simulation closely."""
+    inputs, targets = _toy_problem()
+
+    def run(real_int8):
+        from peft_swift_ext.techniques.qgalore import quantize_linear_weights
+
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False))
+        if real_int8:
+            weights = quantize_linear_weights(model, group_size=64)
+        else:
+            with torch.no_grad():
+                model[0].weight.copy_(dequantize(quantize(model[0].weight, 8, 64)))
+            weights = [model[0].weight]
+        group = {"params": weights, "rank": 16, "update_proj_gap": 10, "scale": 1.0, "proj_type": "std"}
+        optimizer = QGaLoreAdamW([group], lr=1e-2, weight_bits=8, weight_group_size=64)
+        torch.manual_seed(2)
+        losses = []
+        for _ in range(40):
+            loss = torch.nn.functional.mse_loss(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses, model
+
+    simulated, _ = run(False)
+    real, model = run(True)
+    assert model[0].weight.dtype == torch.uint8 and model[0].weight.float_grad is None
+    assert real[-1] < 0.5 * real[0]
+    assert abs(real[-1] - simulated[-1]) <= 0.05 * simulated[0]
+
+
+def test_quantize_linear_weights_selects_like_peft_and_refuses_no_match():
+    from peft_swift_ext.techniques.qgalore import Int8WeightLinear, quantize_linear_weights
+
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(8, 8))
+    model.add_module("v_proj", torch.nn.Linear(8, 8))
+    weights = quantize_linear_weights(model, ["q_proj"], group_size=8)
+    assert isinstance(model.q_proj, Int8WeightLinear) and type(model.v_proj) is torch.nn.Linear
+    assert weights == [model.q_proj.weight]
+    with pytest.raises(ValueError, match="selects no nn.Linear"):
+        quantize_linear_weights(model, ["k_proj"])

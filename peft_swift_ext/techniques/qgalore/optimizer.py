@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .int8_linear import FLOAT_GRAD, int8_layer_of
 from .projector import QGaLoreProjector
 from .quantization import dequantize, pick_group_size, quantize
 
@@ -17,6 +18,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     `QGaLoreProjector` (lazy SVD refresh), Adam moments kept at rank size in `moment_dtype`, and optionally the
     weights themselves rounded to INT8 after each step with stochastic rounding.
 
+    The INT8 weights can be real: parameters of `Int8WeightLinear` layers (`quantize_linear_weights`) hold INT8
+    codes; their float gradient is read from `param.float_grad`, the update is applied to the dequantised weight
+    and the result is stored as INT8 again (stochastic rounding), so weight memory drops to about a quarter.
+
     Groups without `rank` are plain AdamW. The arithmetic of each step matches galore-torch's `GaLoreAdamW`.
 
     Args:
@@ -26,8 +31,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         proj_bits: bits of the projection matrices (4 or 8), or None for float projections (plain GaLore).
         proj_group_size: values per quantisation group of the projections.
         moment_dtype: dtype of the low-rank Adam moments (bfloat16 halves them; float32 is GaLore's).
-        weight_bits: 8 to keep projected weights on an INT8 grid (Q-GaLore's quantised weights, simulated:
-            the values are quantised, the storage stays float); None to leave them in float.
+        weight_bits: 8 to keep projected float weights on an INT8 grid with stochastic rounding (simulated: the
+            values are quantised, the storage stays float); None to leave them in float. Weights really stored
+            as INT8 (`Int8WeightLinear`, see `quantize_linear_weights`) are always rounded back to INT8
+            stochastically, whatever this says.
         weight_group_size: values per quantisation group of the weights.
         cos_threshold, gamma_proj, queue_size: defaults of the lazy SVD refresh (Q-GaLore's values).
     """
@@ -68,9 +75,21 @@ class QGaLoreAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is not None:
+                if _gradient_of(param) is not None:
                     self._update(param, group)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, including the float gradients of INT8 weights.
+
+        Args:
+            set_to_none: drop the gradients (default) rather than zeroing them in place.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if int8_layer_of(param) is not None:
+                    setattr(param, FLOAT_GRAD, None)
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
@@ -82,10 +101,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
                 state["projector"] = QGaLoreProjector(
                     bits=group["proj_bits"], group_size=group["proj_group_size"], **options
                 )
-        grad = param.grad
+        grad = _gradient_of(param)
+        int8_layer = int8_layer_of(param)
         if projected:
             grad = state["projector"].project(grad, state["step"])
-        moment_dtype = group["moment_dtype"] if projected else param.dtype
+        moment_dtype = group["moment_dtype"] if projected else grad.dtype
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad, dtype=moment_dtype)
             state["exp_avg_sq"] = torch.zeros_like(grad, dtype=moment_dtype)
@@ -100,6 +120,14 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
         if projected:
             update = state["projector"].project_back(update)
+        if int8_layer is not None:
+            weight = int8_layer.dequantized_weight(torch.float32)
+            delta = update.float().mul_(-step_size)
+            if group["weight_decay"] > 0:
+                delta.add_(weight.add_(delta), alpha=-group["lr"] * group["weight_decay"])
+            int8_layer.apply_update_(delta, stochastic=True)
+            setattr(param, FLOAT_GRAD, None)
+            return
         param.add_(update.to(param.dtype), alpha=-step_size)
         if group["weight_decay"] > 0:
             param.add_(param, alpha=-group["lr"] * group["weight_decay"])
@@ -117,3 +145,10 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             if "projector" in state:
                 total += state["projector"].state_nbytes()
         return total
+
+
+def _gradient_of(param: torch.Tensor) -> torch.Tensor | None:
+    """`param.grad`, or the float gradient of an INT8 weight."""
+    if int8_layer_of(param) is not None:
+        return getattr(param, FLOAT_GRAD, None)
+    return param.grad
