@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 
 from ..tuners.lisa.config import LisaConfig
@@ -149,6 +150,7 @@ class LisaScheduler:
         self.head_params = candidates.head_params
         if self.optimizer is not None:
             self._check_optimizer_holds_all_layers()
+        self.layers = layers
         self.generator = torch.Generator().manual_seed(config.seed)
         self.active_layers: list[int] = []
         self.steps = 0
@@ -183,6 +185,59 @@ class LisaScheduler:
                 trainable[param] = index in self.active_layers
         for param, on in trainable.items():
             _set_trainable(param, on, self.optimizer)
+        if self.config.checkpoint_frozen_layers:
+            for index, layer in enumerate(self.layers):
+                set_layer_checkpointing(layer, index not in self.active_layers)
+
+    def stop(self) -> None:
+        """End LISA's changes to the layers' forward (frozen-layer checkpointing); `requires_grad` stays as it is."""
+        for layer in self.layers:
+            set_layer_checkpointing(layer, False)
+
+
+# Keyword arguments through which decoder layers read and write a KV cache; a recomputed layer would write twice.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class _CheckpointedForward:
+    """The instance-level `forward` of a frozen layer: its class `forward` under non-reentrant checkpointing.
+
+    Only the layer's inputs are kept; its activations are recomputed when the backward pass reaches it. Outside
+    training, or without gradients, the layer runs as usual.
+
+    Args:
+        layer: the decoder layer.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, *args, **kwargs):
+        forward = type(self.layer).forward
+        if not (self.layer.training and torch.is_grad_enabled()):
+            return forward(self.layer, *args, **kwargs)
+        for name in _CACHE_KWARGS:
+            if kwargs.get(name) is not None:
+                kwargs[name] = None  # a cache is of no use while training, and the recompute would update it twice
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return checkpoint(forward, self.layer, *args, use_reentrant=False, **kwargs)
+
+
+def set_layer_checkpointing(layer: nn.Module, on: bool) -> None:
+    """Switch LISA's activation checkpointing of one decoder layer on or off.
+
+    A layer that the model already checkpoints (`gradient_checkpointing_enable()`) is left alone.
+
+    Args:
+        layer: the decoder layer.
+        on: checkpoint it (a frozen layer) or run it normally (an active one).
+    """
+    current = layer.__dict__.get("forward")
+    if on and not isinstance(current, _CheckpointedForward) and not getattr(layer, "gradient_checkpointing", False):
+        layer.forward = _CheckpointedForward(layer)
+    elif not on and isinstance(current, _CheckpointedForward):
+        del layer.forward
 
 
 def _set_trainable(param: nn.Parameter, trainable: bool, optimizer: torch.optim.Optimizer | None) -> None:
@@ -216,3 +271,8 @@ class LisaCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         """Draw new active layers every `interval` steps."""
         self.scheduler.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Undo frozen-layer checkpointing, so the model runs as it did before training."""
+        if self.scheduler is not None:
+            self.scheduler.stop()

@@ -240,3 +240,53 @@ def test_sft_trainer_callback_updates_only_drawn_layers(tmp_path):
     trainer.train()
     changed = [i for i, (a, b) in enumerate(zip(before, _layer_weights(model))) if not torch.equal(a, b)]
     assert changed == callback.scheduler.active_layers
+
+
+def _saved_activation_bytes(model, batch):
+    """Bytes of the tensors autograd keeps for the backward pass, weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    return sum(kept.values()), loss
+
+
+def _lisa_training(checkpoint_frozen_layers: bool, steps: int = 4):
+    model = tiny_llama(num_hidden_layers=6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = LisaConfig(n_layers=2, interval=2, seed=7, checkpoint_frozen_layers=checkpoint_frozen_layers)
+    scheduler = LisaScheduler(model, config, optimizer)
+    for step in range(steps):
+        scheduler.step()
+        model(**random_batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, scheduler
+
+
+def test_checkpointing_frozen_layers_trains_the_same_and_keeps_fewer_activations():
+    plain, plain_scheduler = _lisa_training(False)
+    checkpointed, scheduler = _lisa_training(True)
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    frozen = [i for i in range(6) if i not in scheduler.active_layers]
+    assert all(
+        type(checkpointed.model.layers[i].__dict__.get("forward")).__name__ == "_CheckpointedForward" for i in frozen
+    )
+    assert all("forward" not in checkpointed.model.layers[i].__dict__ for i in scheduler.active_layers)
+    kept_plain, _ = _saved_activation_bytes(plain, random_batch(seed=50))
+    kept_checkpointed, _ = _saved_activation_bytes(checkpointed, random_batch(seed=50))
+    assert kept_checkpointed < 0.6 * kept_plain
+    scheduler.stop()
+    assert not any("forward" in layer.__dict__ for layer in checkpointed.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            checkpointed(**random_batch()).logits, plain(**random_batch()).logits, atol=1e-5, rtol=0
+        )

@@ -46,6 +46,13 @@ class LisaConfig(PeftConfig):
             "(the largest list of repeated blocks)"
         },
     )
+    checkpoint_frozen_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute frozen decoder layers in the backward pass (activation checkpointing) instead of "
+            "keeping their activations; saves most of their activation memory for one extra forward of those layers"
+        },
+    )
     trained_layers: list[int] = field(
         default_factory=list,
         metadata={
@@ -74,7 +81,7 @@ class LisaConfig(PeftConfig):
                 raise ValueError(f"LisaConfig.{name} must be at least 1, got {value}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"LisaConfig.seed must be an integer, got {self.seed!r}")
-        for name in ("train_embeddings", "train_head"):
+        for name in ("train_embeddings", "train_head", "checkpoint_frozen_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LisaConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
