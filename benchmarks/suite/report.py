@@ -18,18 +18,19 @@ def _ms(seconds) -> str:
 def summary(results: dict) -> str:
     """One row per tuner: the comparison the README shows."""
     lines = [
-        "| tuner | model | trainable | step ×base (ours) | step ours ÷ ms-swift | peak MiB ours / ms-swift (base) "
-        "| save / load ms (ours) | merged fwd ×base |",
-        "|---" * 8 + "|",
+        "| tuner | model | trainable | step ×base (ours) | step ours ÷ ms-swift | ×base ours ÷ ms-swift "
+        "| peak MiB ours / ms-swift (base) | save / load ms (ours) | merged fwd ×base |",
+        "|---" * 9 + "|",
     ]
     for tuner, rows in results["tuners"].items():
         ours, theirs, base = rows["peft"], rows.get("ms_swift"), rows["base"]
         versus = f"{ours['step_s'] / theirs['step_s']:.2f}" if theirs else "–"
+        overhead = f"{ours['step_vs_base'] / theirs['step_vs_base']:.2f}" if theirs else "–"
         theirs_peak = f"{theirs['peak_mib']:.1f}" if theirs else "–"
         merged = rows.get("merged", {}).get("vs_base")
         lines.append(
             f"| {tuner} | {results['tuner_notes'][tuner]['family']} | {ours['trainable']:,} | "
-            f"{ours['step_vs_base']:.2f} | {versus} | {ours['peak_mib']:.1f} / {theirs_peak} "
+            f"{ours['step_vs_base']:.2f} | {versus} | {overhead} | {ours['peak_mib']:.1f} / {theirs_peak} "
             f"({base['peak_mib']:.1f}) | "
             f"{_ms(ours['save_s'])} / {_ms(ours['load_s'])} | {'–' if merged is None else f'{merged:.2f}'} |"
         )
@@ -64,6 +65,10 @@ def markdown(results: dict) -> str:
         base = rows["base"]
         base_cells = f"0 | {_ms(base['step_s'])} | 1.00 | {base['peak_mib']:.1f} | – | – | –"
         lines.append(f"| {tuner} | {family} | frozen base | {base_cells} |")
+        if "ms_swift_base" in rows:
+            swift_base = rows["ms_swift_base"]
+            cells = f"0 | {_ms(swift_base['step_s'])} | 1.00 | {swift_base['peak_mib']:.1f} | – | – | –"
+            lines.append(f"| {tuner} | {family} | frozen base (ms-swift venv) | {cells} |")
         for side, label in SIDES.items():
             if side not in rows:
                 continue
