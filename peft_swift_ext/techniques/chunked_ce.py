@@ -104,13 +104,27 @@ def chunked_linear_cross_entropy(
 
 
 class ChunkedLinearCrossEntropyLoss(nn.Module):
-    """Module form of `chunked_linear_cross_entropy`; called as `loss(hidden, weight, labels, bias=None)`."""
+    """Module form of `chunked_linear_cross_entropy`; called as `loss(hidden, weight, labels, bias=None)`.
+
+    Args:
+        chunk_size: tokens whose logits exist at once.
+        ignore_index: label value that contributes no loss.
+        reduction: `'mean'` over non-ignored tokens, `'sum'` or `'none'`.
+    """
 
     def __init__(self, chunk_size: int = 1024, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()
         self.chunk_size, self.ignore_index, self.reduction = chunk_size, ignore_index, reduction
 
     def forward(self, hidden, weight, labels, bias=None):
+        """The loss of `F.linear(hidden, weight, bias)` against `labels`; see `chunked_linear_cross_entropy`.
+
+        Args:
+            hidden: `(..., hidden_size)` inputs of the output layer.
+            weight: `(vocab_size, hidden_size)` output-layer weight.
+            labels: class indices, shaped like `hidden` without its last dimension.
+            bias: optional `(vocab_size,)` bias.
+        """
         return chunked_linear_cross_entropy(
             hidden, weight, labels, bias, self.chunk_size, self.ignore_index, self.reduction
         )

@@ -149,25 +149,46 @@ def _per_layer_optimizer(optimizer_cls, groups, lr, weight_decay, optim_kwargs, 
 
 class LayerwiseStandIn(torch.optim.Optimizer):
     """What the Trainer sees when each parameter has its own optimizer: `step()` and `zero_grad()` do nothing,
-    the work is done by gradient hooks. `optimizers` maps each parameter to its optimizer."""
+    the work is done by gradient hooks.
+
+    Args:
+        optimizers: each parameter's own optimizer.
+        lr: the learning rate reported to the Trainer (for logging).
+    """
 
     def __init__(self, optimizers: dict[nn.Parameter, torch.optim.Optimizer], lr: float):
         super().__init__([torch.zeros(1)], {"lr": lr})
         self.optimizers = optimizers
 
     def step(self, closure=None) -> None:
+        """Nothing: each parameter was already stepped by its gradient hook.
+
+        Args:
+            closure: ignored.
+        """
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing: the hooks free each gradient right after its step.
+
+        Args:
+            set_to_none: ignored.
+        """
         return None
 
 
 class LayerwiseStandInScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """A scheduler that only reports the learning rate of one per-parameter schedule (for logging)."""
+    """A scheduler that only reports the learning rate of one per-parameter schedule (for logging).
+
+    Args:
+        stand_in: the `LayerwiseStandIn` the Trainer holds.
+        representative: one per-parameter scheduler whose learning rate is reported.
+    """
 
     def __init__(self, stand_in: LayerwiseStandIn, representative: torch.optim.lr_scheduler.LRScheduler):
         self.representative = representative
         super().__init__(stand_in)
 
     def get_lr(self) -> list[float]:
+        """The representative schedule's current learning rate."""
         return self.representative.get_last_lr()[:1]

@@ -55,9 +55,10 @@ _MISSING = object()
 class LigerPatch:
     """Liger kernels applied to a model; `undo()` (or leaving the `with` block) removes them.
 
-    Attributes:
+    Args:
         model: the plain model that was patched.
         options: the kernel switches passed to liger-kernel.
+        snapshots: the recorded attributes of every module, class and instance the patches can touch.
     """
 
     def __init__(self, model: nn.Module, options: dict, snapshots: list[_AttributeSnapshot]):

@@ -265,14 +265,31 @@ class LisaCallback(TrainerCallback):
         self.scheduler: LisaScheduler | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        """Build the scheduler over the Trainer's model and optimizer (nothing is frozen before this)."""
+        """Build the scheduler over the Trainer's model and optimizer (nothing is frozen before this).
+
+        Args:
+            args, state, control: the Trainer's arguments, state and control object (as every callback gets).
+            model: the Trainer's model (plain, `PeftModel` or `SwiftModel`).
+            optimizer: the Trainer's optimizer, built over every trainable parameter.
+            kwargs: the other objects the Trainer passes.
+        """
         self.scheduler = LisaScheduler(model, self.config, optimizer)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        """Draw new active layers every `interval` steps."""
+        """Draw new active layers every `interval` steps.
+
+        Args:
+            args, state, control: the Trainer's arguments, state and control object (as every callback gets).
+            kwargs: the other objects the Trainer passes.
+        """
         self.scheduler.step()
 
     def on_train_end(self, args, state, control, **kwargs):
-        """Undo frozen-layer checkpointing, so the model runs as it did before training."""
+        """Undo frozen-layer checkpointing, so the model runs as it did before training.
+
+        Args:
+            args, state, control: the Trainer's arguments, state and control object (as every callback gets).
+            kwargs: the other objects the Trainer passes.
+        """
         if self.scheduler is not None:
             self.scheduler.stop()

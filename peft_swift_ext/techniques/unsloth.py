@@ -2,7 +2,7 @@
 
 unsloth returns a regular `peft.PeftModel`, so saving, loading and the SWIFT shim work on the result as on any
 PEFT model. unsloth patches transformers globally when imported, and its normal install replaces torch; on a
-machine without a GPU it falls back to plain transformers code (see docs/techniques.md).
+machine without a GPU it falls back to plain transformers code (see docs/techniques/unsloth.md).
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ def _unsloth():
     except ImportError as err:
         raise ImportError(
             "load_with_unsloth needs unsloth: pip install 'peft-swift-ext[unsloth]' on a CUDA machine, or on CPU "
-            "`pip install --no-deps unsloth unsloth_zoo` next to the pinned torch (see docs/techniques.md)"
+            "`pip install --no-deps unsloth unsloth_zoo` next to the pinned torch (see docs/techniques/unsloth.md)"
         ) from err
 
 
 def lora_config_to_unsloth_kwargs(config: LoraConfig) -> dict:
-    """unsloth `get_peft_model` keyword arguments equivalent to a PEFT `LoraConfig`; refuses what unsloth lacks."""
+    """unsloth `get_peft_model` keyword arguments equivalent to a PEFT `LoraConfig`; refuses what unsloth lacks.
+
+    Args:
+        config: the PEFT LoRA config.
+    """
     if config.use_dora:
         raise ValueError("unsloth's get_peft_model does not support DoRA (use_dora=True)")
     kwargs = {name: getattr(config, name) for name in _LORA_FIELDS}

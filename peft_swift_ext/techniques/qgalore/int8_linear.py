@@ -75,10 +75,16 @@ class Int8WeightLinear(nn.Module):
         self.weight_zeros.copy_(quantized.zeros)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs @ Wᵀ + bias` with the dequantised weight; the weight's gradient goes to `weight.float_grad`.
+
+        Args:
+            inputs: `(..., in_features)` activations.
+        """
         anchor = self._anchor if torch.is_grad_enabled() and self.training else None
         return _Int8Linear.apply(inputs, self.bias, anchor, self)
 
     def extra_repr(self) -> str:
+        """Sizes and group size, for `print(model)`."""
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
@@ -144,5 +150,9 @@ def _matches(name: str, target_modules: str | list[str] | None) -> bool:
 
 
 def int8_layer_of(param: torch.Tensor) -> Int8WeightLinear | None:
-    """The `Int8WeightLinear` whose codes `param` is, or None for an ordinary parameter."""
+    """The `Int8WeightLinear` whose codes `param` is, or None for an ordinary parameter.
+
+    Args:
+        param: any parameter.
+    """
     return getattr(param, "int8_layer", None)

@@ -69,6 +69,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter that has a gradient (or, for INT8 weights, a float gradient).
+
+        Args:
+            closure: optional callable that recomputes the loss, as in `torch.optim`.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():

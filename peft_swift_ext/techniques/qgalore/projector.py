@@ -53,24 +53,44 @@ class QGaLoreProjector:
         self.svd_count = 0
 
     def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
-        """Low-rank view of `grad`; runs an SVD first when `step` reached the next refresh."""
+        """Low-rank view of `grad`; runs an SVD first when `step` reached the next refresh.
+
+        Args:
+            grad: the full 2-D gradient.
+            step: the optimizer step (0-based) of this gradient, which decides when the SVD is refreshed.
+        """
         if self.matrix is None or step >= self.next_refresh:
             self.refresh(grad, step)
         projection = self.projection(grad.dtype)
         return grad @ projection.t() if self.side == "right" else projection.t() @ grad
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """Full-size update from a low-rank one, times `scale`.
+
+        Args:
+            low_rank: an update in the projected space (the shape `project` returns).
+        """
         projection = self.projection(low_rank.dtype)
         full = low_rank @ projection if self.side == "right" else projection @ low_rank
         return full * self.scale
 
     def projection(self, dtype: torch.dtype) -> torch.Tensor:
+        """The projection matrix, dequantised when it is stored quantised.
+
+        Args:
+            dtype: dtype of the returned matrix.
+        """
         if self.bits is None:
             return self.matrix.to(dtype)
         return dequantize(self.matrix, dtype)
 
     def refresh(self, grad: torch.Tensor, step: int) -> None:
-        """SVD of `grad`, the lazy-refresh bookkeeping, and the next refresh step."""
+        """SVD of `grad`, the lazy-refresh bookkeeping, and the next refresh step.
+
+        Args:
+            grad: the gradient whose top singular vectors become the projection.
+            step: the current optimizer step.
+        """
         if self.side is None:
             tall = grad.shape[0] >= grad.shape[1]
             self.side = {"std": "right" if tall else "left"}.get(self.proj_type, self.proj_type)

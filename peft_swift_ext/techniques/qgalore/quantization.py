@@ -11,7 +11,17 @@ import torch
 class QuantizedTensor:
     """Unsigned integer codes with one scale and zero point per group of `group_size` values.
 
-    4-bit codes are packed two per byte, so the codes take `numel × bits / 8` bytes.
+    4-bit codes are packed two per byte, so the codes take `numel × bits / 8` bytes. A value is
+    `code * scale + zero` of its group.
+
+    Args:
+        codes: the flat `uint8` codes.
+        scales: one float32 step size per group.
+        zeros: one float32 offset (the group's minimum) per group.
+        shape: shape of the quantised tensor.
+        bits: 4 or 8.
+        group_size: values per group.
+        dtype: dtype of the tensor that was quantised (what `dequantize` returns by default).
     """
 
     codes: torch.Tensor
@@ -23,6 +33,7 @@ class QuantizedTensor:
     dtype: torch.dtype
 
     def nbytes(self) -> int:
+        """Bytes of the codes, scales and zero points."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
 
@@ -46,26 +57,37 @@ def quantize(tensor: torch.Tensor, bits: int = 4, group_size: int = 256, stochas
     low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
     levels = 2**bits - 1
     scales = ((high - low) / levels).clamp(min=1e-12)
-    scaled = (groups - low) / scales
-    scaled = torch.floor(scaled + torch.rand_like(scaled)) if stochastic else torch.round(scaled)
-    codes = scaled.clamp(0, levels).to(torch.uint8).flatten()
+    # In place after the first subtraction: a weight-sized float temporary, not four.
+    scaled = (groups - low).div_(scales)
+    scaled = scaled.add_(torch.rand_like(scaled)).floor_() if stochastic else scaled.round_()
+    codes = scaled.clamp_(0, levels).to(torch.uint8).flatten()
     if bits == 4:
         codes = codes[0::2] | (codes[1::2] << 4)
     return QuantizedTensor(codes, scales.squeeze(1), low.squeeze(1), tensor.shape, bits, group_size, tensor.dtype)
 
 
 def dequantize(quantized: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Float values of a `QuantizedTensor`, in `dtype` (default: the original dtype)."""
+    """Float values of a `QuantizedTensor`.
+
+    Args:
+        quantized: what `quantize` returned.
+        dtype: dtype of the result; default the original tensor's dtype.
+    """
     codes = quantized.codes
     if quantized.bits == 4:
         codes = torch.stack((codes & 0xF, codes >> 4), dim=1).flatten()
     groups = codes.float().reshape(-1, quantized.group_size)
-    values = groups * quantized.scales[:, None] + quantized.zeros[:, None]
+    values = groups.mul_(quantized.scales[:, None]).add_(quantized.zeros[:, None])
     return values.reshape(quantized.shape).to(dtype or quantized.dtype)
 
 
 def pick_group_size(numel: int, preferred: int) -> int:
-    """The largest group size not above `preferred` that divides `numel` (so any matrix can be quantised)."""
+    """The largest group size not above `preferred` that divides `numel` (so any matrix can be quantised).
+
+    Args:
+        numel: number of values to quantise.
+        preferred: the group size wanted.
+    """
     for size in range(min(preferred, numel), 0, -1):
         if numel % size == 0:
             return size

@@ -200,6 +200,12 @@ class LisaModel(SwiftBaseTuner):
         return None
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (a model has one LISA adapter, so this only checks the name).
+
+        Args:
+            adapter_name: the adapter's name (or a list holding it).
+            inference_mode: unused: trainability is the LISA scheduler's to decide.
+        """
         """Mark the LISA adapter as active (it is always in effect; this only checks the name).
 
         Args:
@@ -230,6 +236,11 @@ class LisaModel(SwiftBaseTuner):
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the LISA adapter's bookkeeping; refused once anything has trained (the weights cannot go back).
+
+        Args:
+            adapter_name: the adapter to delete.
+        """
         """Drop the adapter's bookkeeping; refused once anything has trained (the weights cannot be restored).
 
         Args:
