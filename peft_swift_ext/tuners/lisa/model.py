@@ -203,14 +203,8 @@ class LisaModel(SwiftBaseTuner):
         """Make ``adapter_name`` the active adapter (a model has one LISA adapter, so this only checks the name).
 
         Args:
-            adapter_name: the adapter's name (or a list holding it).
-            inference_mode: unused: trainability is the LISA scheduler's to decide.
-        """
-        """Mark the LISA adapter as active (it is always in effect; this only checks the name).
-
-        Args:
             adapter_name (str | list[str]): the adapter's name (or a list holding it).
-            inference_mode: PEFT's flag; unused (which parameters train is set by the config).
+            inference_mode: unused: trainability is the LISA scheduler's to decide.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [name for name in names if name not in self.peft_config]
@@ -240,11 +234,6 @@ class LisaModel(SwiftBaseTuner):
 
         Args:
             adapter_name: the adapter to delete.
-        """
-        """Drop the adapter's bookkeeping; refused once anything has trained (the weights cannot be restored).
-
-        Args:
-            adapter_name: the LISA adapter to delete.
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
