@@ -186,3 +186,22 @@ def test_allow_list_names_real_overrides():
     classes = _classes()
     for owner, method in INHERITS_PEFT_DOCSTRING:
         assert owner in classes and method in vars(classes[owner]), f"{owner}.{method} is not an override"
+
+
+def test_no_function_has_two_docstrings():
+    """A second string right after a docstring (two people documenting the same method) is dead text."""
+    import ast
+
+    found = []
+    for module in _internal_modules():
+        source = inspect.getsource(module)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and len(node.body) > 1:
+                first, second = node.body[:2]
+                strings = [
+                    isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
+                    for s in (first, second)
+                ]
+                if all(strings):
+                    found.append(f"{module.__name__}.{node.name} (line {node.lineno})")
+    assert not found, f"functions with a second docstring: {found}"
