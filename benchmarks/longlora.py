@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+from peak_memory import peak_bytes
 from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_swift_ext import LongLoraConfig
@@ -69,16 +69,7 @@ def step(model, optimizer, input_ids: torch.Tensor) -> None:
 
 
 def peak_step_bytes(model, optimizer, input_ids: torch.Tensor) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, optimizer, input_ids)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(lambda: step(model, optimizer, input_ids))
 
 
 def measure(names: list[str], lengths: list[int], repeats: int) -> dict:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_bytes
 from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
 
 from peft_swift_ext import ResTuningConfig, SCEditConfig
 from peft_swift_ext.tuners.scedit.model import unet_skip_channels
@@ -101,23 +101,7 @@ def train_step(model, optimizer, loss_fn) -> None:
 
 def peak_step_bytes(model, optimizer, loss_fn, device: torch.device) -> int:
     """Peak bytes allocated during one training step above those live when it starts."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        train_step(model, optimizer, loss_fn)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, optimizer, loss_fn)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(lambda: train_step(model, optimizer, loss_fn), device)
 
 
 def compare(variants: dict, repeats: int, device: torch.device) -> dict:

@@ -27,27 +27,9 @@ import time
 import traceback
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from ..peak_memory import peak_bytes
 from . import models
-
-
-def peak_bytes(fn) -> int:
-    """Peak of bytes allocated while ``fn`` runs, above what was allocated when it started.
-
-    The CPU allocator keeps no statistics, so the allocation and free events of ``profile_memory=True`` are
-    replayed in time order and the running sum's maximum taken (as benchmarks/structural_memory.py does).
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 class Configuration:
