@@ -116,7 +116,9 @@ class ChunkedLinearCrossEntropyLoss(nn.Module):
         super().__init__()
         self.chunk_size, self.ignore_index, self.reduction = chunk_size, ignore_index, reduction
 
-    def forward(self, hidden, weight, labels, bias=None):
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss of `F.linear(hidden, weight, bias)` against `labels`; see `chunked_linear_cross_entropy`.
 
         Args:

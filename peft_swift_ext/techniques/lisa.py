@@ -9,11 +9,12 @@ follows the active layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..tuners.lisa.config import LisaConfig
 from ._unwrap import get_input_embeddings, get_output_embeddings, get_submodule_by_path, unwrap_model
@@ -145,6 +146,12 @@ class LisaScheduler:
         self.config = config
         self.optimizer = _inner_optimizer(optimizer) if optimizer is not None else None
         candidates = lisa_candidates(base, config, layers, only_trainable=True)
+        if not any(candidates.layer_params):
+            raise ValueError(
+                "no decoder layer has a trainable parameter, so LISA would train nothing: it only switches parameters "
+                "that are trainable when it starts (build the scheduler before freezing layers; a LisaConfig inside "
+                "a SwiftModel is not supported, use get_peft_model(model, LisaConfig(...)))"
+            )
         self.layer_params = candidates.layer_params
         self.embedding_params = candidates.embedding_params
         self.head_params = candidates.head_params
@@ -264,31 +271,49 @@ class LisaCallback(TrainerCallback):
         self.config = config
         self.scheduler: LisaScheduler | None = None
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Build the scheduler over the Trainer's model and optimizer (nothing is frozen before this).
 
         Args:
-            args, state, control: the Trainer's arguments, state and control object (as every callback gets).
+            args: the Trainer's `TrainingArguments`.
+            state: the Trainer's `TrainerState`.
+            control: the Trainer's `TrainerControl`.
             model: the Trainer's model (plain, `PeftModel` or `SwiftModel`).
             optimizer: the Trainer's optimizer, built over every trainable parameter.
             kwargs: the other objects the Trainer passes.
         """
         self.scheduler = LisaScheduler(model, self.config, optimizer)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Draw new active layers every `interval` steps.
 
         Args:
-            args, state, control: the Trainer's arguments, state and control object (as every callback gets).
+            args: the Trainer's `TrainingArguments`.
+            state: the Trainer's `TrainerState`.
+            control: the Trainer's `TrainerControl`.
             kwargs: the other objects the Trainer passes.
         """
         self.scheduler.step()
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Undo frozen-layer checkpointing, so the model runs as it did before training.
 
         Args:
-            args, state, control: the Trainer's arguments, state and control object (as every callback gets).
+            args: the Trainer's `TrainingArguments`.
+            state: the Trainer's `TrainerState`.
+            control: the Trainer's `TrainerControl`.
             kwargs: the other objects the Trainer passes.
         """
         if self.scheduler is not None:

@@ -290,3 +290,10 @@ def test_checkpointing_frozen_layers_trains_the_same_and_keeps_fewer_activations
         torch.testing.assert_close(
             checkpointed(**random_batch()).logits, plain(**random_batch()).logits, atol=1e-5, rtol=0
         )
+
+
+def test_a_model_without_trainable_layers_is_refused(llama):
+    for param in llama.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(ValueError, match="no decoder layer has a trainable parameter"):
+        LisaScheduler(llama, LisaConfig(n_layers=1))

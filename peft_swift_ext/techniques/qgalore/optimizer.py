@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -68,7 +69,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient (or, for INT8 weights, a float gradient).
 
         Args:
@@ -126,10 +127,11 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         if projected:
             update = state["projector"].project_back(update)
         if int8_layer is not None:
-            weight = int8_layer.dequantized_weight(torch.float32)
             delta = update.float().mul_(-step_size)
             if group["weight_decay"] > 0:
+                weight = int8_layer.dequantized_weight(torch.float32)
                 delta.add_(weight.add_(delta), alpha=-group["lr"] * group["weight_decay"])
+                del weight
             int8_layer.apply_update_(delta, stochastic=True)
             setattr(param, FLOAT_GRAD, None)
             return
