@@ -8,6 +8,7 @@ the function that needs them is called.
 from ._unwrap import unwrap_model
 from .chunked_ce import ChunkedLinearCrossEntropyLoss, causal_lm_chunked_loss, chunked_linear_cross_entropy
 from .galore import create_galore_optimizer, select_galore_parameters
+from .layerwise import create_layerwise_optimizer
 from .liger import LigerPatch, apply_liger_kernel
 from .lisa import LisaCallback, LisaConfig, LisaScheduler, find_decoder_layers
 from .qgalore import Int8WeightLinear, QGaLoreAdamW, QGaLoreProjector, quantize_linear_weights
@@ -26,6 +27,7 @@ __all__ = [
     "causal_lm_chunked_loss",
     "chunked_linear_cross_entropy",
     "create_galore_optimizer",
+    "create_layerwise_optimizer",
     "find_decoder_layers",
     "load_with_unsloth",
     "quantize_linear_weights",

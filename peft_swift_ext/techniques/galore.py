@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from ._unwrap import get_input_embeddings, get_output_embeddings, unwrap_model
+from .layerwise import LayerwiseStandIn, LayerwiseStandInScheduler, _per_layer_optimizer
+
+__all__ = ["LayerwiseStandIn", "LayerwiseStandInScheduler", "create_galore_optimizer", "select_galore_parameters"]
 
 _OPTIMIZERS = {"adamw": "GaLoreAdamW", "adafactor": "GaLoreAdafactor", "adamw8bit": "GaLoreAdamW8bit"}
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -119,76 +122,3 @@ def create_galore_optimizer(
     return _per_layer_optimizer(
         optimizer_cls, groups, lr, weight_decay, optim_kwargs, lr_scheduler_type, num_training_steps, num_warmup_steps
     )
-
-
-def _per_layer_optimizer(optimizer_cls, groups, lr, weight_decay, optim_kwargs, schedule, total_steps, warmup):
-    from transformers.optimization import get_scheduler
-
-    optimizers, schedulers = {}, {}
-    for group in groups:
-        options = {k: v for k, v in group.items() if k != "params"}
-        for param in group["params"]:
-            optimizer = optimizer_cls(
-                [{"params": [param], **options}], lr=lr, weight_decay=weight_decay, **optim_kwargs
-            )
-            optimizers[param] = optimizer
-            schedulers[param] = get_scheduler(
-                schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-            )
-
-    def step_and_free(param):
-        optimizers[param].step()
-        optimizers[param].zero_grad(set_to_none=True)
-        schedulers[param].step()
-
-    for param in optimizers:
-        param.register_post_accumulate_grad_hook(step_and_free)
-    stand_in = LayerwiseStandIn(optimizers, lr)
-    return stand_in, LayerwiseStandInScheduler(stand_in, next(iter(schedulers.values())))
-
-
-class LayerwiseStandIn(torch.optim.Optimizer):
-    """What the Trainer sees when each parameter has its own optimizer: `step()` and `zero_grad()` do nothing,
-    the work is done by gradient hooks.
-
-    Args:
-        optimizers: each parameter's own optimizer.
-        lr: the learning rate reported to the Trainer (for logging).
-    """
-
-    def __init__(self, optimizers: dict[nn.Parameter, torch.optim.Optimizer], lr: float):
-        super().__init__([torch.zeros(1)], {"lr": lr})
-        self.optimizers = optimizers
-
-    def step(self, closure=None) -> None:
-        """Nothing: each parameter was already stepped by its gradient hook.
-
-        Args:
-            closure: ignored.
-        """
-        return None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing: the hooks free each gradient right after its step.
-
-        Args:
-            set_to_none: ignored.
-        """
-        return None
-
-
-class LayerwiseStandInScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """A scheduler that only reports the learning rate of one per-parameter schedule (for logging).
-
-    Args:
-        stand_in: the `LayerwiseStandIn` the Trainer holds.
-        representative: one per-parameter scheduler whose learning rate is reported.
-    """
-
-    def __init__(self, stand_in: LayerwiseStandIn, representative: torch.optim.lr_scheduler.LRScheduler):
-        self.representative = representative
-        super().__init__(stand_in)
-
-    def get_lr(self) -> list[float]:
-        """The representative schedule's current learning rate."""
-        return self.representative.get_last_lr()[:1]

@@ -163,7 +163,11 @@ class LisaScheduler:
         self.steps = 0
 
     def _check_optimizer_holds_all_layers(self) -> None:
-        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        per_parameter = getattr(self.optimizer, "optimizers", None)  # create_layerwise_optimizer's stand-in
+        if isinstance(per_parameter, dict):
+            held = {id(p) for p in per_parameter}
+        else:
+            held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [i for i, params in enumerate(self.layer_params) if any(id(p) not in held for p in params)]
         if missing:
             raise ValueError(
@@ -252,6 +256,9 @@ def _set_trainable(param: nn.Parameter, trainable: bool, optimizer: torch.optim.
     if not trainable:
         # A leftover gradient would still move the weight, and Adam's moments would keep their memory.
         param.grad = None
+        per_parameter = getattr(optimizer, "optimizers", None)
+        if isinstance(per_parameter, dict) and param in per_parameter:
+            optimizer = per_parameter[param]
         if optimizer is not None:
             optimizer.state.pop(param, None)
 

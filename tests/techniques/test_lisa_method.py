@@ -236,3 +236,23 @@ def test_scheduler_refuses_a_second_config_for_a_lisa_model(llama):
         LisaScheduler(peft_model, LisaConfig(n_layers=2))
     with pytest.raises(ValueError, match="needs a LisaConfig"):
         LisaScheduler(tiny_llama())
+
+
+def test_layerwise_optimizer_trains_exactly_like_adamw_and_keeps_no_gradients():
+    from peft_swift_ext.techniques import create_layerwise_optimizer
+
+    reference, draws = _train(tiny_llama(), LisaConfig(n_layers=1, interval=2, seed=6), steps=4)
+    peft_model = get_peft_model(tiny_llama(), LisaConfig(n_layers=1, interval=2, seed=6))
+    optimizer, _ = create_layerwise_optimizer(peft_model, lr=1e-2, weight_decay=0.01)  # AdamW's default
+    scheduler = LisaScheduler(peft_model, optimizer=optimizer)
+    for step in range(4):
+        scheduler.step()
+        peft_model(**random_batch(seed=step)).loss.backward()
+        assert all(p.grad is None for p in peft_model.parameters()), "each gradient is freed once applied"
+        optimizer.step()  # a stand-in: the hooks did the work
+    for a, b in zip(reference.parameters(), peft_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    active = {id(p) for i in scheduler.active_layers for p in peft_model.get_base_model().model.layers[i].parameters()}
+    layer_params = [p for layer in peft_model.get_base_model().model.layers for p in layer.parameters()]
+    with_state = {id(p) for p in layer_params if optimizer.optimizers[p].state}
+    assert with_state == active, "refrozen layers keep no optimizer state"
