@@ -159,7 +159,8 @@ def _average_grad(param: torch.Tensor, group=None) -> None:
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    wrapped = isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if wrapped else model
 
 
 def _rank() -> int:
@@ -175,7 +176,8 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``PeftModel`` (sharded or not); returns CPU tensors.
 
     Args:
-        model: a ``PeftModel``, possibly FSDP2-sharded or inside ``DistributedDataParallel``.
+        model: a ``PeftModel``, possibly FSDP2-sharded, ZeRO-3 partitioned, or inside
+            ``DistributedDataParallel`` / a DeepSpeed engine.
     """
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
@@ -183,17 +185,37 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model = _unwrap_ddp(model)
     if not isinstance(model, PeftModel):
         raise TypeError(f"full_adapter_state_dict needs a PeftModel, got {type(model).__name__}")
-    state = model.state_dict()
-    # PEFT's own filter picks the adapter tensors; it returns the same tensor objects under new keys.
-    wanted: set[int] = set()
-    for name in model.peft_config:
-        wanted.update(id(t) for t in get_peft_model_state_dict(model, state_dict=state, adapter_name=name).values())
+    adapters = list(model.peft_config)
+    # ZeRO-3 keeps only a partition in each parameter: gather the adapter ones (trainable, or named after an
+    # adapter) while the state dict is read. FSDP2's DTensors are gathered one by one below.
+    candidates = [
+        param
+        for name, param in model.named_parameters()
+        if param.requires_grad or any(f".{adapter}." in f".{name}." for adapter in adapters)
+    ]
     full = {}
-    for key, value in state.items():
-        if id(value) in wanted:
-            value = value.full_tensor() if hasattr(value, "full_tensor") else value
-            full[key] = value.detach().cpu()
+    with _zero3_gathered(candidates):
+        state = model.state_dict()
+        # PEFT's own filter picks the adapter tensors; it returns the same tensor objects under new keys.
+        wanted: set[int] = set()
+        for adapter in adapters:
+            picked = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
+            wanted.update(id(t) for t in picked.values())
+        for key, value in state.items():
+            if id(value) in wanted:
+                value = value.full_tensor() if hasattr(value, "full_tensor") else value
+                full[key] = value.detach().cpu().clone()
     return full
+
+
+def _zero3_gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """DeepSpeed's ``GatheredParameters`` over the ZeRO-3 partitioned ones among ``params`` (a collective)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -205,7 +227,8 @@ def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **
     process) are saved from rank 0 as they are.
 
     Args:
-        model: a ``PeftModel`` or ``SwiftModel``, possibly FSDP2-sharded or inside ``DistributedDataParallel``.
+        model: a ``PeftModel`` or ``SwiftModel``, possibly FSDP2-sharded, ZeRO-3 partitioned, or inside
+            ``DistributedDataParallel`` / a DeepSpeed engine.
         save_directory: the checkpoint folder (written by rank 0 only).
         kwargs: passed to ``save_pretrained`` (e.g. ``selected_adapters``, ``safe_serialization``).
     """
@@ -240,10 +263,11 @@ def _full_adapter_parameters(model: nn.Module) -> Iterator[None]:
     try:
         for module in model.modules():
             for name, param in list(module._parameters.items()):
-                if param is not None and id(param) in adapter_ids and is_sharded(param):
+                if param is not None and id(param) in adapter_ids and hasattr(param, "full_tensor"):
                     module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
                     swapped.append((module, name, param))
-        yield
+        with _zero3_gathered([p for p in model.parameters() if id(p) in adapter_ids]):
+            yield
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param

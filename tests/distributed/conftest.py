@@ -57,6 +57,22 @@ def fsdp_run(tmp_path_factory) -> Path:
     return _run_engine(tmp_path_factory, "fsdp")
 
 
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory) -> Path:
+    pytest.importorskip(
+        "deepspeed", reason="DeepSpeed is optional (not in the test extra); see docs/guides/distributed.md"
+    )
+    return _run_engine(tmp_path_factory, "zero2")
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory) -> Path:
+    pytest.importorskip(
+        "deepspeed", reason="DeepSpeed is optional (not in the test extra); see docs/guides/distributed.md"
+    )
+    return _run_engine(tmp_path_factory, "zero3")
+
+
 @pytest.fixture
 def engine_run(request) -> Path:
     """The output folder of the engine named by the test's ``engine`` parameter."""

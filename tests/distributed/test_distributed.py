@@ -23,10 +23,23 @@ from peft_swift_ext.techniques.lisa import LisaConfig, LisaScheduler
 from ..contract.cases import ALL_CASES
 from . import common as C
 
-ENGINES = ["ddp", "fsdp"]
+ENGINES = ["ddp", "fsdp", "zero2", "zero3"]  # DeepSpeed's run only where it is installed (else skipped)
+TORCH_ENGINES = ["ddp", "fsdp"]
+SHARDING = {"fsdp", "zero3"}  # engines whose parameters are sharded
 CASES = {case.id: case for case in C.TUNER_CASES}
 CONTRACT = {case.id: case for case in ALL_CASES}
 ATOL = 1e-5
+# Found with deepspeed 0.19.8 on CPU (not installed in CI, so these runs are skipped there).
+DEEPSPEED_DEFECTS = {
+    "adapter-vit": "ZeRO-2/3 weights differ by up to 2.7e-2 from one process (DDP/FSDP2 < 1e-5), cause unknown",
+    "restuning-unet": "ZeRO-2/3 weights differ by up to 1.1e-3 from one process (DDP/FSDP2 < 1e-5), cause unknown",
+    "side-bert": "DeepSpeed's initial broadcast fails on Side's 0-d side_alpha (cannot view a 0-d tensor as bytes)",
+}
+
+
+def mark_deepspeed_defects(request, engine: str, case_id: str, applies: bool = True) -> None:
+    if engine.startswith("zero") and case_id in DEEPSPEED_DEFECTS and applies:
+        request.applymarker(pytest.mark.xfail(reason=DEEPSPEED_DEFECTS[case_id], strict=True))
 
 
 def case_folder(run: Path, case_id: str) -> Path:
@@ -54,7 +67,9 @@ def trained_weights(model: torch.nn.Module) -> dict:
 
 @pytest.mark.parametrize("case_id", list(CASES))
 @pytest.mark.parametrize("engine", ENGINES)
-def test_adapter_weights_equal_single_process_run(engine, engine_run, case_id):
+def test_adapter_weights_equal_single_process_run(engine, case_id, request):
+    mark_deepspeed_defects(request, engine, case_id)
+    engine_run = request.getfixturevalue("engine_run")
     folder = case_folder(engine_run, case_id)
     want = trained_weights(reference(case_id))
     assert_weights_close(load_file(str(folder / "weights.safetensors")), want, f"{engine}/{case_id}")
@@ -65,7 +80,9 @@ def test_adapter_weights_equal_single_process_run(engine, engine_run, case_id):
 
 @pytest.mark.parametrize("case_id", list(CASES))
 @pytest.mark.parametrize("engine", ENGINES)
-def test_base_frozen_and_counts_full_sizes(engine, engine_run, case_id):
+def test_base_frozen_and_counts_full_sizes(engine, case_id, request):
+    mark_deepspeed_defects(request, engine, case_id, applies=case_id == "side-bert")
+    engine_run = request.getfixturevalue("engine_run")
     info = json.loads((case_folder(engine_run, case_id) / "info.json").read_text())
     assert info["trainable_after"] and info["frozen_after"], "the set of trainable parameters changed"
     assert info["frozen_grads_none"], "a frozen base parameter got a gradient"
@@ -77,13 +94,15 @@ def test_base_frozen_and_counts_full_sizes(engine, engine_run, case_id):
         assert info["trainable_count"] == list(single.get_nb_trainable_parameters())
     assert info["full_numel_trainable"] == sum(p.numel() for p in single.parameters() if p.requires_grad)
     if engine == "fsdp":
-        assert info["sharded_params"] > 0 and info["grad_is_sharded"]
-        assert info["fsdp_units"] > 0
+        assert info["grad_is_sharded"] and info["fsdp_units"] > 0
+    assert (info["sharded_params"] > 0) == (engine in SHARDING)
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
 @pytest.mark.parametrize("engine", ENGINES)
-def test_rank0_checkpoint_loads_in_one_process(engine, engine_run, case_id):
+def test_rank0_checkpoint_loads_in_one_process(engine, case_id, request):
+    mark_deepspeed_defects(request, engine, case_id)
+    engine_run = request.getfixturevalue("engine_run")
     folder = case_folder(engine_run, case_id) / "ckpt"
     case, want_model = CASES[case_id], reference(case_id)
     if case.swift:
@@ -127,7 +146,7 @@ def test_reference_of_one_rank_differs(ddp_run):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_swift_offload_of_sharded_adapter_refused(engine, engine_run):
     info = json.loads((case_folder(engine_run, "swift-lora+adapter-llama") / "info.json").read_text())["offload"]
-    if engine == "ddp":  # DDP keeps whole tensors on every rank, so offloading works
+    if engine not in SHARDING:  # whole tensors on every rank, so offloading works
         assert info["messages"] == ["ok", "ok"]
     else:
         assert info["active_unchanged"]
@@ -241,7 +260,7 @@ def test_neftune_noise_independent_per_rank_and_seeded(ddp_run):
         assert want.abs().max() > 0
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", TORCH_ENGINES)
 def test_lora_with_neftune_matches_per_rank_seeded_reference(engine, engine_run):
     got = load_file(str(case_folder(engine_run, "neftune") / "weights.safetensors"))
     want = C.train_single_per_rank_rng(C.NEFTUNE_CASE, C.NEFTUNE_SEED)

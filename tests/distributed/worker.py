@@ -1,7 +1,8 @@
 """Trains every tuner case under DDP or FSDP2 in one process group and writes what the tests compare.
 
 Run by ``tests/distributed/test_distributed.py`` as
-``python -m torch.distributed.run --nproc_per_node 2 -m tests.distributed.worker --engine ddp --out DIR``.
+``python -m torch.distributed.run --nproc_per_node 2 -m tests.distributed.worker --engine ddp --out DIR``
+(engines: ``ddp``, ``fsdp``, and DeepSpeed's ``zero2`` / ``zero3`` where deepspeed is installed).
 Rank 0 writes, per case, ``DIR/<engine>/<case>/``: ``weights.safetensors`` (full trainable tensors after
 ``STEPS`` steps), ``ckpt/`` (saved with ``save_pretrained_full``) and ``info.json`` (checks made in the
 process group). It also trains LoRA with NEFTune (both engines), and LISA and GaLore (DDP).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from peft_swift_ext.distributed import (
+    _zero3_gathered,
     full_numel,
     fully_shard_peft_model,
     is_sharded,
@@ -50,7 +53,48 @@ def wrap(model: nn.Module, engine: str) -> nn.Module:
 
 
 def inner(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    wrapped = isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if wrapped else model
+
+
+def deepspeed_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": C.GLOBAL_BATCH // 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "SGD", "params": {"lr": C.LR}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**6,
+    }
+
+
+def setup(model: nn.Module, engine: str):
+    """``(module to call, step(loss, info))`` for one engine; the optimizer is plain SGD in every engine."""
+    if engine.startswith("zero"):
+        import deepspeed
+
+        ds, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=C.trainable(model), config=deepspeed_config(int(engine[-1]))
+        )
+
+        def ds_step(loss: torch.Tensor, info: dict) -> None:
+            ds.backward(loss)
+            ds.step()
+
+        return ds, ds_step
+    wrapped = wrap(model, engine)
+    optimizer = torch.optim.SGD(C.trainable(model), lr=C.LR)
+
+    def step(loss: torch.Tensor, info: dict) -> None:
+        loss.backward()
+        if engine == "fsdp":
+            # 0-d parameters (Side's side_alpha) stay replicated: fully_shard cannot shard them
+            grads = [p.grad for p in C.trainable(model) if p.grad is not None and p.dim() > 0]
+            info.setdefault("grad_is_sharded", all(is_sharded(g) for g in grads))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    return wrapped, step
 
 
 def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int) -> None:
@@ -58,7 +102,7 @@ def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int
     names_before = C.trainable_names(model)
     frozen_before = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     units = len(wrap_modules(model)) if engine == "fsdp" else 0
-    model = wrap(model, engine)
+    model, step = setup(model, engine)
     plain = inner(model)
     info: dict = {"fsdp_units": units}
     info["sharded_params"] = sum(is_sharded(p) for p in plain.parameters())
@@ -67,21 +111,15 @@ def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int
     else:
         info["trainable_count"] = list(plain.get_nb_trainable_parameters())
     info["full_numel_trainable"] = sum(full_numel(p) for p in plain.parameters() if p.requires_grad)
-    optimizer = torch.optim.SGD(C.trainable(plain), lr=C.LR)
     inputs = C.shard_inputs(C.global_inputs(case), rank, world)
     for _ in range(C.STEPS):
-        C.loss_of(case, model, inputs).backward()
-        if engine == "fsdp":
-            # 0-d parameters (Side's side_alpha) stay replicated: fully_shard cannot shard them
-            grads = [p.grad for p in C.trainable(plain) if p.grad is not None and p.dim() > 0]
-            info.setdefault("grad_is_sharded", all(is_sharded(g) for g in grads))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        step(C.loss_of(case, model, inputs), info)
     params = dict(plain.named_parameters())
     info["trainable_after"] = C.trainable_names(plain) == names_before
     info["frozen_after"] = sorted(n for n, p in params.items() if not p.requires_grad) == frozen_before
     info["frozen_grads_none"] = all(p.grad is None for n, p in params.items() if not p.requires_grad)
-    weights = {name: full(params[name]) for name in names_before}
+    with _zero3_gathered(list(params.values())):
+        weights = {name: full(params[name]) for name in names_before}
     if case.swift:
         info["offload"] = offload_refusal(plain)
     save_pretrained_full(model, folder / "ckpt")
@@ -196,12 +234,19 @@ def run_neftune(folder: Path, engine: str, rank: int, world: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", choices=["ddp", "fsdp"], required=True)
+    parser.add_argument("--engine", choices=["ddp", "fsdp", "zero2", "zero3"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default=None, help="comma-separated case ids (debugging)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.engine.startswith("zero"):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     root = args.out / args.engine
     cases = [c for c in C.TUNER_CASES if args.only is None or c.id in args.only.split(",")]
@@ -213,7 +258,9 @@ def main() -> None:
         except Exception:  # recorded for the test to report; the other cases still run
             (folder / f"error{rank}.txt").write_text(traceback.format_exc())
         dist.barrier()
-    jobs = {"neftune": lambda f: run_neftune(f, args.engine, rank, world)}
+    jobs = {}
+    if args.engine in ("ddp", "fsdp"):
+        jobs["neftune"] = lambda f: run_neftune(f, args.engine, rank, world)
     if args.engine == "ddp":
         jobs["lisa"] = lambda f: run_lisa(f, rank, world, seed_offset=0)
         jobs["lisa-rank-seeded"] = lambda f: run_lisa(f, rank, world, seed_offset=1)
