@@ -95,6 +95,19 @@ def test_base_frozen_and_counts_full_sizes(engine, case_id, request):
     assert info["full_numel_trainable"] == sum(p.numel() for p in single.parameters() if p.requires_grad)
     if engine == "fsdp":
         assert info["grad_is_sharded"] and info["fsdp_units"] > 0
+        assert info["fsdp_modules"] == info["fsdp_units"] + 1, "every unit and the root are FSDP modules"
+        # the modules the tuners add (or wrap the blocks with) get their own unit
+        expected = {
+            "restuning": "ResTuningBypass",
+            "side": "Mlp",
+            "scedit": "SCEditLayer",
+            "prompt": "PromptLayer",
+            "vpt": "PromptLayer",
+            "llamapro": "LlamaProLayer",
+            "adapter": "Linear",
+        }.get(case_id.split("-")[0])
+        if expected:
+            assert expected in info["unit_classes"], info["unit_classes"]
     assert (info["sharded_params"] > 0) == (engine in SHARDING)
 
 

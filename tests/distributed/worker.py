@@ -101,10 +101,14 @@ def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int
     model = C.prepare_for_training(case.build())
     names_before = C.trainable_names(model)
     frozen_before = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
-    units = len(wrap_modules(model)) if engine == "fsdp" else 0
+    units = [type(m).__name__ for m in wrap_modules(model)] if engine == "fsdp" else []
     model, step = setup(model, engine)
     plain = inner(model)
-    info: dict = {"fsdp_units": units}
+    info: dict = {"fsdp_units": len(units), "unit_classes": units}
+    if engine == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
+        info["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in plain.modules())
     info["sharded_params"] = sum(is_sharded(p) for p in plain.parameters())
     if case.swift:
         info["trainable_summary"] = plain.get_trainable_parameters().split(" || ")[:2]
