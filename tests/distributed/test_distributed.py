@@ -123,7 +123,9 @@ def test_rank0_checkpoint_loads_in_one_process(engine, case_id, request):
         loaded = Swift.from_pretrained(base, folder)
         for name in want_model.adapters:
             saved = load_file(str(folder / name / "adapter_model.safetensors"))
-            assert sorted(saved) == sorted(want_model.adapter_state_dict(name)), f"{name}: keys differ"
+            expected = want_model.adapter_state_dict(name)
+            assert sorted(saved) == sorted(expected), f"{name}: keys differ"
+            assert all(saved[k].shape == v.shape for k, v in expected.items()), f"{name}: shards, not full tensors"
     else:
         contract = CONTRACT[case_id]
         saved = load_file(str(folder / "adapter_model.safetensors"))
