@@ -256,3 +256,20 @@ def test_layerwise_optimizer_trains_exactly_like_adamw_and_keeps_no_gradients():
     layer_params = [p for layer in peft_model.get_base_model().model.layers for p in layer.parameters()]
     with_state = {id(p) for p in layer_params if optimizer.optimizers[p].state}
     assert with_state == active, "refrozen layers keep no optimizer state"
+
+
+def test_training_continues_after_loading_with_is_trainable(tmp_path):
+    first, draws = _train(tiny_llama(), LisaConfig(n_layers=1, interval=1, seed=8), steps=1)
+    first.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    config = loaded.peft_config["default"]
+    assert config.trained_layers == draws[0]
+    optimizer = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    scheduler = LisaScheduler(loaded, optimizer=optimizer)
+    scheduler.step()
+    loaded(**random_batch()).loss.backward()
+    optimizer.step()
+    assert config.trained_layers == sorted({*draws[0], *scheduler.active_layers})
+    loaded.save_pretrained(tmp_path / "again")
+    saved = safetensors.torch.load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted({int(k.split("layers-")[1].split("-")[0]) for k in saved if "layers-" in k}) == config.trained_layers
