@@ -148,9 +148,12 @@ def causal_lm_chunked_loss(
 
     Args:
         model: a `*ForCausalLM` model or a wrapper of one.
-        input_ids, labels, attention_mask: the usual batch tensors; `labels` are *not* shifted yet.
-        chunk_size, ignore_index: see `chunked_linear_cross_entropy`.
-        model_kwargs: passed on to the backbone (e.g. `position_ids`).
+        input_ids: the token ids of the batch.
+        labels: the target ids, *not* shifted yet (as for `model(..., labels=labels)`).
+        attention_mask: the usual padding mask, if any.
+        chunk_size: tokens per chunk of the loss (see `chunked_linear_cross_entropy`).
+        ignore_index: label value that contributes no loss.
+        **model_kwargs (Any): passed on to the backbone (e.g. `position_ids`).
     """
     base = unwrap_model(model)
     head = base.get_output_embeddings()

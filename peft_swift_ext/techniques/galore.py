@@ -83,17 +83,21 @@ def create_galore_optimizer(
 
     Args:
         model: a plain model, `PeftModel` or `SwiftModel`.
-        target_modules, include_embeddings: which matrices are projected; see `select_galore_parameters`.
-            Other trainable parameters get the same optimizer without projection.
+        target_modules: which matrices are projected (see `select_galore_parameters`); other trainable
+            parameters get the same optimizer without projection.
+        include_embeddings: also project embedding matrices (see `select_galore_parameters`).
         rank: rank of the gradient projection.
         update_proj_gap: steps between two SVDs refreshing the projection.
         scale: factor applied to the projected-back update.
         proj_type: `'std'`, `'reverse_std'`, `'right'`, `'left'` or `'full'`, as in galore-torch.
         optim: `'adamw'`, `'adafactor'` or `'adamw8bit'` (bitsandbytes, CUDA only).
         per_layer: one optimizer per parameter, stepped during backward.
-        lr, weight_decay, optim_kwargs: passed to the optimizer.
-        lr_scheduler_type, num_training_steps, num_warmup_steps: the per-layer learning-rate schedule, as in
-            `transformers.get_scheduler`.
+        lr: the optimizer's learning rate.
+        weight_decay: the optimizer's (decoupled) weight decay.
+        lr_scheduler_type: with `per_layer`, the learning-rate schedule's name, as in `transformers.get_scheduler`.
+        num_training_steps: with `per_layer`, the schedule's length in steps.
+        num_warmup_steps: with `per_layer`, the schedule's warm-up steps.
+        **optim_kwargs (Any): passed to the optimizer.
     """
     if optim not in _OPTIMIZERS:
         raise ValueError(f"optim must be one of {sorted(_OPTIMIZERS)}, got {optim!r}")

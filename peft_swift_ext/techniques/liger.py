@@ -132,7 +132,7 @@ def apply_liger_kernel(model: nn.Module, **options) -> LigerPatch:
 
     Args:
         model: a transformers model, `PeftModel` or `SwiftModel`; the wrapped model is patched.
-        options: the switches of liger-kernel's `apply_liger_kernel_to_<arch>`, e.g. `rms_norm=False`,
+        **options (bool): the switches of liger-kernel's `apply_liger_kernel_to_<arch>`, e.g. `rms_norm=False`,
             `fused_linear_cross_entropy=True`.
 
     Returns:

@@ -8,6 +8,7 @@ machine without a GPU it falls back to plain transformers code (see docs/techniq
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -51,7 +52,7 @@ def load_with_unsloth(
     load_in_4bit: bool = False,
     seed: int = 0,
     **from_pretrained_kwargs,
-):
+) -> tuple[torch.nn.Module, Any]:
     """Load `model_name_or_path` with `unsloth.FastLanguageModel` and, if given, add LoRA through unsloth.
 
     Args:
@@ -61,7 +62,7 @@ def load_with_unsloth(
         dtype: weight dtype; None lets unsloth choose.
         load_in_4bit: load 4-bit bitsandbytes weights (QLoRA); needs a CUDA GPU.
         seed: seed of the adapter initialisation (unsloth's `random_state`).
-        from_pretrained_kwargs: passed on to `FastLanguageModel.from_pretrained`.
+        **from_pretrained_kwargs (Any): passed on to `FastLanguageModel.from_pretrained`.
 
     Returns:
         `(model, tokenizer)`; `model` is a `peft.PeftModel` when `lora_config` is given.

@@ -26,9 +26,12 @@ class QGaLoreAdamW(torch.optim.Optimizer):
     Groups without `rank` are plain AdamW. The arithmetic of each step matches galore-torch's `GaLoreAdamW`.
 
     Args:
-        params: parameters or groups; a group's `rank`, `update_proj_gap`, `scale`, `proj_type`,
+        params (Iterable): parameters or groups; a group's `rank`, `update_proj_gap`, `scale`, `proj_type`,
             `cos_threshold`, `gamma_proj`, `queue_size` configure its projector (see `QGaLoreProjector`).
-        lr, betas, eps, weight_decay: AdamW's options (decoupled weight decay).
+        lr: AdamW's learning rate.
+        betas: AdamW's moment decay rates.
+        eps: AdamW's denominator term.
+        weight_decay: decoupled weight decay.
         proj_bits: bits of the projection matrices (4 or 8), or None for float projections (plain GaLore).
         proj_group_size: values per quantisation group of the projections.
         moment_dtype: dtype of the low-rank Adam moments (bfloat16 halves them; float32 is GaLore's).
@@ -37,7 +40,9 @@ class QGaLoreAdamW(torch.optim.Optimizer):
             as INT8 (`Int8WeightLinear`, see `quantize_linear_weights`) are always rounded back to INT8
             stochastically, whatever this says.
         weight_group_size: values per quantisation group of the weights.
-        cos_threshold, gamma_proj, queue_size: defaults of the lazy SVD refresh (Q-GaLore's values).
+        cos_threshold: default of the lazy SVD refresh: the mean cosine above which a subspace counts as stable.
+        gamma_proj: default factor by which a stable layer's SVD gap grows.
+        queue_size: default number of recent cosines averaged.
     """
 
     def __init__(

@@ -25,7 +25,9 @@ class QGaLoreProjector:
         proj_type: `'std'` (project the smaller side), `'left'` or `'right'`.
         bits: bits of the stored projection (4 or 8), or None to keep it in float.
         group_size: values per quantisation group (reduced to a divisor of the matrix size when needed).
-        cos_threshold, gamma_proj, queue_size: the lazy-refresh rule above.
+        cos_threshold: mean cosine at or above which the subspace counts as stable.
+        gamma_proj: factor by which a stable layer's gap grows.
+        queue_size: how many recent cosines are averaged.
     """
 
     def __init__(
