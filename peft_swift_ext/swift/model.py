@@ -148,6 +148,7 @@ class SwiftModel(nn.Module):
             self._trainable.add(adapter_name)
         self._structure_changed()
         self.activation.activate(adapter_name)
+        self._refresh_in_place_trainable()
 
     @contextlib.contextmanager
     def _other_tuners_hidden(self, keep: type) -> Iterator[None]:
@@ -188,6 +189,7 @@ class SwiftModel(nn.Module):
             adapter_name: the adapter to remove.
         """
         self._check_known([adapter_name])
+        self._check_can_restore([adapter_name], f"delete adapter {adapter_name!r}")
         self._offload.forget(adapter_name)
         self._remove_layers_of(adapter_name, PeftType(self._configs.pop(adapter_name).peft_type))
         self._trainable.discard(adapter_name)
@@ -210,6 +212,21 @@ class SwiftModel(nn.Module):
         _unwrap_empty_layers(self.base_model)
         if not tuner.peft_config:
             del self._tuners[peft_type]
+
+    def _adapter_tensors(self, adapter_name: str) -> dict[Slot, tuple[str, torch.Tensor]]:
+        """``adapter_tensors`` of one adapter, including the base tensors an in-place tuner (LISA) saves.
+
+        Those are keyed by their plain-model path (SWIFT layout, like ``modules_to_save`` copies), and map to
+        their current key in the model (which may pass through other tuners' ``base_layer``).
+        """
+        tuner = self._in_place_tuner(adapter_name)
+        if tuner is None:
+            return adapter_tensors(self.base_model, adapter_name)
+        current = {id(param): key for key, param in self.base_model.named_parameters(remove_duplicate=False)}
+        return {
+            Slot(path, "", "", named=False): (current[id(param)], param)
+            for path, param in tuner.saved_tensors().items()
+        }
 
     def _check_known(self, names: Iterable[str]) -> None:
         unknown = [name for name in names if name not in self._configs]
@@ -235,6 +252,36 @@ class SwiftModel(nn.Module):
             # looked up on the class: wrappers forward unknown attributes to the modules they wrap
             if isinstance(module, BaseTunerLayer) and hasattr(type(module), "_freeze_non_trainable_peft_weights"):
                 module._freeze_non_trainable_peft_weights()
+        self._refresh_in_place_trainable()
+
+    # --- tuners that train base weights in place (LISA) ----------------------------------------------------------
+    # Such a tuner has no tuner layers: it names the base tensors it trains and saves itself (``saved_tensors``,
+    # ``trainable_parameters``) and says when it can no longer be switched off (``check_can_restore``).
+
+    def _in_place_tuner(self, adapter_name: str) -> BaseTuner | None:
+        tuner = self._tuners.get(PeftType(self._configs[adapter_name].peft_type))
+        return tuner if hasattr(tuner, "saved_tensors") else None
+
+    def _in_place_adapters(self) -> list[tuple[str, BaseTuner]]:
+        return [(name, tuner) for name in self._configs if (tuner := self._in_place_tuner(name)) is not None]
+
+    def _refresh_in_place_trainable(self) -> None:
+        """Make the base tensors that in-place tuners train trainable again, for trainable, active adapters.
+
+        An inactive in-place adapter trains nothing (it can only be inactive before it has trained).
+        """
+        active = set(self.activation.current())
+        for name, tuner in self._in_place_adapters():
+            on = name in self._trainable and name in active
+            for param in tuner.trainable_parameters():
+                param.requires_grad = on
+
+    def _check_can_restore(self, names: Iterable[str], action: str) -> None:
+        """Refuse ``action`` on in-place adapters among ``names`` that have trained (before anything changes)."""
+        for name in names:
+            tuner = self._in_place_tuner(name) if name in self._configs else None
+            if tuner is not None:
+                tuner.check_can_restore(action)
 
     # --- activation --------------------------------------------------------------------------------------------
 
@@ -249,6 +296,7 @@ class SwiftModel(nn.Module):
         self._check_known(names)
         self._check_offload_allowed(offload)
         self._check_not_merged()
+        self._check_can_restore([n for n in self.adapters if n not in names], "be deactivated")
         if offload is not None:
             for name in self.adapters:
                 if name not in names:  # all refusals before any change
@@ -259,6 +307,7 @@ class SwiftModel(nn.Module):
         for name in names:
             self._offload.restore(self._adapter_modules, name)
         self.activation.set(names)
+        self._refresh_in_place_trainable()
 
     def activate_adapter(self, adapter_name: str) -> None:
         """Activate one adapter (restoring it if it was offloaded), keeping the others as they are.
@@ -270,6 +319,7 @@ class SwiftModel(nn.Module):
         self._check_not_merged()
         self._offload.restore(self._adapter_modules, adapter_name)
         self.activation.activate(adapter_name)
+        self._refresh_in_place_trainable()
 
     def deactivate_adapter(self, adapter_name: str, offload: str | None = None) -> None:
         """Deactivate one adapter, optionally moving its weights away.
@@ -281,11 +331,14 @@ class SwiftModel(nn.Module):
         self._check_known([adapter_name])
         self._check_offload_allowed(offload)
         self._check_not_merged()
+        action = "be deactivated" if offload is None else f"be offloaded to {offload!r}"
+        self._check_can_restore([adapter_name], action)
         if offload is not None:
             self._offload.check(self._adapter_modules, adapter_name, offload)
         self.activation.deactivate(adapter_name)
         if offload is not None:
             self._offload.offload(self._adapter_modules, adapter_name, offload)
+        self._refresh_in_place_trainable()
 
     def _check_offload_allowed(self, offload: str | None) -> None:
         if offload is not None and self.activation.per_thread:
@@ -302,6 +355,7 @@ class SwiftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block; the adapters active before are restored after it."""
+        self._check_can_restore(self.adapters, "run the base model alone (disable_adapter)")
         previous = self.activation.current()
         self.activation.set(())
         try:
@@ -356,6 +410,7 @@ class SwiftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model."""
+        self._check_can_restore(self.adapters, "unload() back to the original model")
         self.unmerge()
         return self._unload(merged=False)
 
@@ -429,8 +484,15 @@ class SwiftModel(nn.Module):
                 else:
                     decay = _NO_DECAY.search(key) is None and tensor.ndim > 1
                     claim("decay" if decay else "no_decay", tensor, weight_decay=weight_decay if decay else 0.0)
+        # every layer an in-place tuner may draw (LISA), trainable now or not: the optimizer must hold them all
+        candidates = {
+            id(param)
+            for name, tuner in self._in_place_adapters()
+            if name in self._trainable
+            for param in tuner.trainable_parameters(all_candidates=True)
+        }
         for key, param in self.base_model.named_parameters():
-            if param.requires_grad and id(param) not in owner:
+            if (param.requires_grad or id(param) in candidates) and id(param) not in owner:
                 decay = _NO_DECAY.search(key) is None and param.ndim > 1
                 claim("decay" if decay else "no_decay", param, weight_decay=weight_decay if decay else 0.0)
         return list(groups.values())
@@ -453,11 +515,13 @@ class SwiftModel(nn.Module):
         not_lora = [name for name in adapters if PeftType(self._configs[name].peft_type) != PeftType.LORA]
         if not_lora:
             raise ValueError(f"add_weighted_adapter combines LoRA adapters only; not LoRA: {not_lora}")
+        self._check_can_restore(self.adapters, "be deactivated (add_weighted_adapter activates only the new adapter)")
         tuner = self._tuners[PeftType.LORA]
         tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
         self._configs[adapter_name] = tuner.peft_config[adapter_name]
         self._structure_changed()
         self.activation.set([adapter_name])
+        self._refresh_in_place_trainable()
 
     # --- saving and loading --------------------------------------------------------------------------------------
 
@@ -518,7 +582,7 @@ class SwiftModel(nn.Module):
         try:
             tensors: dict[str, torch.Tensor] = {}
             seen: set[int] = set()
-            for slot, (_, tensor) in adapter_tensors(self.base_model, adapter_name).items():
+            for slot, (_, tensor) in self._adapter_tensors(adapter_name).items():
                 value = tensor.detach().cpu()
                 # safetensors refuses tensors that share memory; adapters are small, so copy the repeats
                 tensors[slot.swift_key(adapter_name)] = value.clone() if value.data_ptr() in seen else value
@@ -541,7 +605,8 @@ class SwiftModel(nn.Module):
             saved_as: the adapter name the checkpoint was saved under.
             assign: replace the (meta) tensors instead of copying into them.
         """
-        slots = adapter_tensors(self.base_model, adapter_name)
+        slots = self._adapter_tensors(adapter_name)
+        in_place = self._in_place_tuner(adapter_name) is not None
         peft_layout = any(key.startswith(PEFT_KEY_PREFIX) for key in weights)
         key_of = (lambda slot: slot.peft_key()) if peft_layout else (lambda slot: slot.swift_key(saved_as))
         by_key: dict[str, tuple[Slot, str, torch.Tensor]] = {key_of(s): (s, k, t) for s, (k, t) in slots.items()}
@@ -571,6 +636,8 @@ class SwiftModel(nn.Module):
             for key, (_, model_key, tensor) in by_key.items()
             if key in weights
         }
+        # an in-place tuner's tensors are the base model's own: copy into them, never replace them
+        assign = assign and not in_place
         self.base_model.load_state_dict(state, strict=False, assign=assign)
         if assign:
             self._structure_changed()

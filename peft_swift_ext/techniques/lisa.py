@@ -107,6 +107,27 @@ def lisa_config_of(model: nn.Module) -> LisaConfig | None:
     return lisa[0] if lisa else None
 
 
+def lisa_tuner_of(model: nn.Module):
+    """The LISA tuner (`LisaModel`) of a `SwiftModel` holding a LISA adapter, else None.
+
+    Args:
+        model: any model or wrapper (a `SwiftModel` inside DDP-style `.module` wrappers is found).
+    """
+    from peft.utils import PeftType
+
+    from ..swift.model import SwiftModel
+
+    seen = set()
+    while not isinstance(model, SwiftModel) and isinstance(getattr(model, "module", None), nn.Module):
+        if id(model) in seen:
+            return None
+        seen.add(id(model))
+        model = model.module
+    if not isinstance(model, SwiftModel):
+        return None
+    return model._tuners.get(PeftType.LISA)
+
+
 def _inner_optimizer(optimizer):
     # accelerate's AcceleratedOptimizer (used by the Trainer) wraps the torch optimizer as `.optimizer`.
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
@@ -145,12 +166,23 @@ class LisaScheduler:
             raise ValueError(f"n_layers={config.n_layers} but the model has only {len(layers)} decoder layers")
         self.config = config
         self.optimizer = _inner_optimizer(optimizer) if optimizer is not None else None
-        candidates = lisa_candidates(base, config, layers, only_trainable=True)
+        # Inside a SwiftModel the LISA adapter names its own parameters: the base weights of the decoder layers
+        # (also those under another tuner's wrapper, e.g. LoRA's base_layer), never other adapters' weights.
+        self.tuner = lisa_tuner_of(model) if own is not None else None
+        if self.tuner is not None:
+            if config.inference_mode:
+                raise ValueError("the model's LISA adapter was loaded for inference (is_trainable=False)")
+            candidates = LisaCandidates(
+                [list(params) for params in self.tuner._layer_params],
+                list(self.tuner._embedding_params),
+                list(self.tuner._head_params),
+            )
+        else:
+            candidates = lisa_candidates(base, config, layers, only_trainable=True)
         if not any(candidates.layer_params):
             raise ValueError(
                 "no decoder layer has a trainable parameter, so LISA would train nothing: it only switches parameters "
-                "that are trainable when it starts (build the scheduler before freezing layers; a LisaConfig inside "
-                "a SwiftModel is not supported, use get_peft_model(model, LisaConfig(...)))"
+                "that are trainable when it starts (build the scheduler before freezing layers)"
             )
         self.layer_params = candidates.layer_params
         self.embedding_params = candidates.embedding_params
@@ -185,6 +217,8 @@ class LisaScheduler:
         """Freeze all decoder layers, then unfreeze `n_layers` drawn at random."""
         order = torch.randperm(len(self.layer_params), generator=self.generator)
         self.active_layers = sorted(order[: self.config.n_layers].tolist())
+        if self.tuner is not None:
+            self.tuner.lisa_active_layers = list(self.active_layers)  # kept by SwiftModel's trainability refresh
         # One decision per parameter: a head tied to the embeddings trains if either option asks for it.
         trainable = {}
         for param in self.embedding_params:

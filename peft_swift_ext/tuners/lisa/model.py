@@ -122,6 +122,10 @@ class LisaModel(SwiftBaseTuner):
         names = {id(p): name for name, p in model.named_parameters()}
 
         self._layer_params = candidates.layer_params
+        self._embedding_params = candidates.embedding_params if config.train_embeddings else []
+        self._head_params = candidates.head_params if config.train_head else []
+        # None until a LisaScheduler first draws: then every candidate layer trains (see trainable_parameters)
+        self.lisa_active_layers: list[int] | None = None
         self._param_names = names
         self._alias_targets: dict[str, nn.Parameter] = {}
         self._hooks: dict[int, list] = {}
@@ -170,6 +174,63 @@ class LisaModel(SwiftBaseTuner):
 
     def _aliases(self) -> dict[str, nn.ParameterDict]:
         return {name: self._modules[name] for name in self._alias_targets}
+
+    # --- inside a SwiftModel -----------------------------------------------------------------------------------
+    # A SwiftModel keeps this tuner outside its module tree and asks it, through the methods below, which base
+    # tensors LISA saves and trains (LISA has no tuner layers for SwiftModel's generic bookkeeping to find).
+
+    def saved_tensors(self) -> dict[str, nn.Parameter]:
+        """The base parameters this adapter's checkpoint carries, by their path in the plain model.
+
+        That is the embeddings / head when they train, and every decoder layer that has received a gradient (or was
+        listed in ``trained_layers`` when the adapter was made). Inside a SwiftModel the paths have no
+        ``base_layer`` segments (other tuners' wrappers are out of the tree while LISA is injected).
+        """
+        return {self._param_names[id(param)]: param for param in self._alias_targets.values()}
+
+    def trainable_parameters(self, all_candidates: bool = False) -> list[nn.Parameter]:
+        """The base parameters LISA wants trainable now: the drawn layers' (every layer's before the first draw),
+        plus the embeddings / head when configured; none for an adapter loaded for inference.
+
+        Args:
+            all_candidates: every layer's parameters, whatever is drawn (what an optimizer must hold).
+        """
+        if self.peft_config[self._adapter_name].inference_mode:
+            return []
+        active = self.lisa_active_layers
+        params = [
+            param
+            for index, layer in enumerate(self._layer_params)
+            if all_candidates or active is None or index in active
+            for param in layer
+        ]
+        params += self._embedding_params + self._head_params
+        return list({id(p): p for p in params}.values())
+
+    def check_can_restore(self, action: str) -> None:
+        """Raise a ``ValueError`` naming ``action`` once anything has trained (the base outputs are gone).
+
+        Args:
+            action: what was asked, for the message (e.g. ``"deactivate adapter 'lisa'"``).
+        """
+        self._refuse_restore(action)
+
+    def remove_adapter_structures(self, adapter_name: str) -> None:
+        """Drop the gradient hooks and checkpoint aliases of ``adapter_name`` (SwiftModel's deletion/rollback).
+
+        Args:
+            adapter_name: the LISA adapter being removed.
+        """
+        if adapter_name == getattr(self, "_adapter_name", None):
+            self._unload_and_optionally_merge(merge=True)
+
+    def finalize_unload(self, merged: bool) -> None:
+        """SwiftModel's unload: the trained weights stay in the base model; only the bookkeeping goes.
+
+        Args:
+            merged: whether the other adapters were merged (SwiftModel refuses a plain unload once LISA trained).
+        """
+        self._unload_and_optionally_merge(merge=True)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # Trainability is decided in inject_adapter and then by the LISA scheduler.
