@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared peak-memory measurement
+from peak_memory import peak_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def peak_allocated_bytes(fn) -> tuple[int, object]:
-    """Peak of bytes allocated by `fn` above what was allocated when it started, and its result.
-
-    The CPU allocator keeps no statistics, so the allocation and free events that the profiler records
-    (`profile_memory=True`) are replayed in time order; the running sum's maximum is the allocator's peak.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, result
+    """Peak of bytes allocated by `fn` above what was allocated when it started, and its result."""
+    results = []
+    peak = peak_bytes(lambda: results.append(fn()))
+    return peak, results[0]
 
 
 def median_seconds(fn, repeats: int = 5) -> float:
