@@ -6,9 +6,11 @@ from peft import PeftConfig
 from peft.utils import PeftType
 from transformers.activations import ACT2CLS
 
+from ..swift_config import SwiftFieldsMixin
+
 
 @dataclass
-class AdapterConfig(PeftConfig):
+class AdapterConfig(SwiftFieldsMixin, PeftConfig):
     """Houlsby-style bottleneck adapters (Houlsby et al., 2019), with SWIFT's field names and defaults.
 
     The hidden state a targeted module returns becomes ``h + W2·act(W1·h)`` (``dim -> adapter_length ->
@@ -63,22 +65,3 @@ class AdapterConfig(PeftConfig):
             raise ValueError(
                 f"AdapterConfig.act_layer={self.act_layer!r} is unknown; choose one of {', '.join(sorted(ACT2CLS))}"
             )
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[AdapterConfig], dict]:
-        """The fields of an ms-swift ``AdapterConfig`` JSON (SWIFT's bookkeeping keys dropped).
-
-        Args:
-            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
-
-        Returns:
-            This class and the keyword arguments to build it with.
-        """
-        return cls, swift_fields(config, "AdapterConfig")
-
-
-def swift_fields(config: dict, config_name: str) -> dict:
-    """An ms-swift config dict without ``swift_type`` / ``peft_type`` and the unused ``model_key_mapping``."""
-    if config.get("model_key_mapping") is not None:
-        raise ValueError(f"{config_name}: SWIFT's model_key_mapping is not supported; set target_modules instead")
-    return {k: v for k, v in config.items() if k not in ("swift_type", "peft_type", "model_key_mapping")}

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..adapter.config import swift_fields
+from ..swift_config import SwiftFieldsMixin
 
 
 @dataclass
-class PromptConfig(PeftConfig):
+class PromptConfig(SwiftFieldsMixin, PeftConfig):
     """Prompt tuning inside the layers; Visual Prompt Tuning (Jia et al., 2022) on a ViT.
 
     ``prompt_length`` learnable tokens are concatenated to the hidden states entering the first targeted
@@ -82,15 +82,3 @@ class PromptConfig(PeftConfig):
         for name in ("attach_front", "extract_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PromptConfig.{name} must be a bool, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[PromptConfig], dict]:
-        """The fields of an ms-swift ``PromptConfig`` JSON (SWIFT's bookkeeping keys dropped).
-
-        Args:
-            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
-
-        Returns:
-            This class and the keyword arguments to build it with.
-        """
-        return cls, swift_fields(config, "PromptConfig")

@@ -5,14 +5,14 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..adapter.config import swift_fields
+from ..swift_config import SwiftFieldsMixin
 from .spec import check_tuner_cfg
 
 _HOOKS = ("input", "output")
 
 
 @dataclass
-class ResTuningConfig(PeftConfig):
+class ResTuningConfig(SwiftFieldsMixin, PeftConfig):
     """Res-Tuning (Jiang et al., 2023) in bypass mode, with ms-swift's field names and defaults.
 
     Detached features of a root module and of each stem module feed a small bypass network (one block of
@@ -113,15 +113,3 @@ class ResTuningConfig(PeftConfig):
         if not self.use_bypass:
             raise ValueError("ResTuningConfig.use_bypass=False is not implemented (ms-swift only has bypass mode)")
         check_tuner_cfg(self.tuner_cfg)
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[ResTuningConfig], dict]:
-        """The fields of an ms-swift ``ResTuningConfig`` JSON (SWIFT's bookkeeping keys dropped).
-
-        Args:
-            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
-
-        Returns:
-            This class and the keyword arguments to build it with.
-        """
-        return cls, swift_fields(config, "ResTuningConfig")

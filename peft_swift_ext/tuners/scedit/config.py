@@ -5,13 +5,13 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..adapter.config import swift_fields
+from ..swift_config import SwiftFieldsMixin
 
 TUNER_MODES = ("decoder", "encoder", "identity")
 
 
 @dataclass
-class SCEditConfig(PeftConfig):
+class SCEditConfig(SwiftFieldsMixin, PeftConfig):
     """SCEdit's SC-Tuner (Jiang et al., 2023) on a UNet's skip connections, with ms-swift's field names.
 
     ``decoder`` mode edits the skip half of each target's input ``[hidden, skip]``; ``encoder`` and
@@ -66,15 +66,3 @@ class SCEditConfig(PeftConfig):
         too_narrow = [d for d in dims if int(d * ratio) < 1]
         if too_narrow:
             raise ValueError(f"SCEditConfig.down_ratio={ratio} leaves no hidden units for dims {too_narrow}")
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[SCEditConfig], dict]:
-        """The fields of an ms-swift ``SCETuningConfig`` JSON (SWIFT's bookkeeping keys dropped).
-
-        Args:
-            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
-
-        Returns:
-            This class and the keyword arguments to build it with.
-        """
-        return cls, swift_fields(config, "SCEditConfig")

@@ -5,12 +5,12 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..adapter.config import swift_fields
+from ..swift_config import SwiftFieldsMixin
 from .networks import SIDE_NETWORKS
 
 
 @dataclass
-class SideConfig(PeftConfig):
+class SideConfig(SwiftFieldsMixin, PeftConfig):
     """Side-tuning (Zhang et al., 2019), with SWIFT's field names and defaults.
 
     A targeted module's output becomes ``σ(α)·main + (1-σ(α))·side_net(input)`` with a learnable scalar
@@ -64,15 +64,3 @@ class SideConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise ValueError(f"SideConfig.{name} must be an int or a str, got {value!r}")
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[SideConfig], dict]:
-        """The fields of an ms-swift ``SideConfig`` JSON (SWIFT's bookkeeping keys dropped).
-
-        Args:
-            config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
-
-        Returns:
-            This class and the keyword arguments to build it with.
-        """
-        return cls, swift_fields(config, "SideConfig")
