@@ -195,7 +195,7 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ]
     full = {}
     with _zero3_gathered(candidates):
-        state = model.state_dict()
+        state = model.state_dict(keep_vars=True)
         # PEFT's own filter picks the adapter tensors; it returns the same tensor objects under new keys.
         wanted: set[int] = set()
         for adapter in adapters:
@@ -203,8 +203,8 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             wanted.update(id(t) for t in picked.values())
         for key, value in state.items():
             if id(value) in wanted:
-                value = value.full_tensor() if hasattr(value, "full_tensor") else value
-                full[key] = value.detach().cpu().clone()
+                whole = value.full_tensor() if hasattr(value, "full_tensor") else value
+                full[key] = _saved_shape(value, whole.detach().cpu().clone())
     return full
 
 
@@ -251,7 +251,8 @@ def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **
 @contextlib.contextmanager
 def _full_adapter_parameters(model: nn.Module) -> Iterator[None]:
     """Within the block, every sharded adapter parameter of a ``SwiftModel`` is replaced by its full value
-    (a collective); the very same parameter objects are put back afterwards, so optimizers keep working."""
+    (a collective), and one reshaped by :func:`vectorize_scalar_parameters` by a 0-d one; the very same
+    parameter objects are put back afterwards, so optimizers keep working."""
     from .swift.keys import adapter_tensors
 
     adapter_ids = {
@@ -261,16 +262,73 @@ def _full_adapter_parameters(model: nn.Module) -> Iterator[None]:
     }
     swapped = []
     try:
-        for module in model.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and id(param) in adapter_ids and hasattr(param, "full_tensor"):
-                    module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
-                    swapped.append((module, name, param))
         with _zero3_gathered([p for p in model.parameters() if id(p) in adapter_ids]):
+            for module in model.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is None or id(param) not in adapter_ids:
+                        continue
+                    if hasattr(param, "full_tensor") or getattr(param, _SCALAR_MARK, False):
+                        whole = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+                        saved = nn.Parameter(_saved_shape(param, whole), requires_grad=param.requires_grad)
+                        module._parameters[name] = saved
+                        swapped.append((module, name, param))
             yield
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+
+
+_SCALAR_MARK = "_peft_swift_ext_was_0d"
+
+
+def vectorize_scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Give every 0-d parameter of ``model`` (Side's ``side_alpha``) the shape ``(1,)``, in place, for DeepSpeed.
+
+    Call it before ``deepspeed.initialize`` (or ``accelerator.prepare`` / the Trainer with a DeepSpeed
+    config): DeepSpeed's initial broadcast views every parameter as bytes, which a 0-d tensor cannot do
+    ("self.dim() cannot be 0 to view Float as Byte"). The parameter objects stay the same and keep their
+    values; Side's blend broadcasts a ``(1,)`` weight like a scalar, so training is unchanged.
+    :func:`save_pretrained_full` and :func:`full_adapter_state_dict` write these tensors with shape ``()``
+    again, the shape ms-swift's checkpoints store; a plain ``save_pretrained`` would write ``(1,)``, so call
+    :func:`restore_scalar_parameters` first when saving that way after training.
+
+    Args:
+        model: the model to be given to DeepSpeed, not yet wrapped.
+
+    Returns:
+        The parameters that were reshaped (empty when there are none).
+    """
+    scalars = [param for param in model.parameters() if param.dim() == 0]
+    for param in scalars:
+        param.data = param.data.reshape(1)
+        setattr(param, _SCALAR_MARK, True)
+    return scalars
+
+
+def restore_scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Undo :func:`vectorize_scalar_parameters`: shape ``()`` again for the parameters it reshaped.
+
+    For after training (DeepSpeed keeps using the shape it was given). Under ZeRO-3 call it inside
+    ``deepspeed.zero.GatheredParameters`` of those parameters, or leave them to :func:`save_pretrained_full`.
+
+    Args:
+        model: the model, or the DeepSpeed engine around it.
+
+    Returns:
+        The parameters that got shape ``()`` back.
+    """
+    restored = []
+    for param in _unwrap_ddp(model).parameters():
+        if getattr(param, _SCALAR_MARK, False) and param.shape == (1,):
+            param.data = param.data.reshape(())
+            delattr(param, _SCALAR_MARK)
+            restored.append(param)
+    return restored
+
+
+def _saved_shape(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    # a parameter reshaped by vectorize_scalar_parameters is saved 0-d, as ms-swift and PEFT checkpoints hold it
+    return value.reshape(()) if getattr(param, _SCALAR_MARK, False) and value.numel() == 1 else value
 
 
 def seed_per_rank(seed: int) -> int:
