@@ -60,7 +60,7 @@ def fsdp_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def zero2_run(tmp_path_factory) -> Path:
     pytest.importorskip(
-        "deepspeed", reason="DeepSpeed is optional (not in the test extra); see docs/guides/distributed.md"
+        "deepspeed", reason="deepspeed is not installed (it is in the test extra); see docs/guides/distributed.md"
     )
     return _run_engine(tmp_path_factory, "zero2")
 
@@ -68,7 +68,7 @@ def zero2_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory) -> Path:
     pytest.importorskip(
-        "deepspeed", reason="DeepSpeed is optional (not in the test extra); see docs/guides/distributed.md"
+        "deepspeed", reason="deepspeed is not installed (it is in the test extra); see docs/guides/distributed.md"
     )
     return _run_engine(tmp_path_factory, "zero3")
 

@@ -27,8 +27,10 @@ from peft_swift_ext.distributed import (
     full_numel,
     fully_shard_peft_model,
     is_sharded,
+    restore_scalar_parameters,
     save_pretrained_full,
     seed_per_rank,
+    vectorize_scalar_parameters,
     wrap_modules,
 )
 
@@ -58,10 +60,14 @@ def inner(model: nn.Module) -> nn.Module:
 
 
 def deepspeed_config(stage: int) -> dict:
+    """Plain SGD on the averaged gradient, as in the other engines and the single-process reference."""
     return {
         "train_micro_batch_size_per_gpu": C.GLOBAL_BATCH // 2,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
+        # DeepSpeed clips the global gradient norm to 1.0 unless told otherwise (deepspeed 0.19.8); the
+        # reference does not clip, and adapter-vit / restuning-unet have gradient norms above 1
+        "gradient_clipping": 0.0,
         "optimizer": {"type": "SGD", "params": {"lr": C.LR}},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**6,
@@ -73,6 +79,7 @@ def setup(model: nn.Module, engine: str):
     if engine.startswith("zero"):
         import deepspeed
 
+        vectorize_scalar_parameters(model)  # Side's 0-d side_alpha: DeepSpeed cannot broadcast it
         ds, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=C.trainable(model), config=deepspeed_config(int(engine[-1]))
         )
@@ -110,6 +117,8 @@ def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int
 
         info["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in plain.modules())
     info["sharded_params"] = sum(is_sharded(p) for p in plain.parameters())
+    if engine.startswith("zero"):
+        info["gradient_clipping"] = model.gradient_clipping()
     if case.swift:
         info["trainable_summary"] = plain.get_trainable_parameters().split(" || ")[:2]
     else:
@@ -122,11 +131,13 @@ def run_tuner(case: C.DistCase, engine: str, folder: Path, rank: int, world: int
     info["trainable_after"] = C.trainable_names(plain) == names_before
     info["frozen_after"] = sorted(n for n, p in params.items() if not p.requires_grad) == frozen_before
     info["frozen_grads_none"] = all(p.grad is None for n, p in params.items() if not p.requires_grad)
-    with _zero3_gathered(list(params.values())):
-        weights = {name: full(params[name]) for name in names_before}
     if case.swift:
         info["offload"] = offload_refusal(plain)
+    # saved with shape () although DeepSpeed trained vectorize_scalar_parameters' (1,)
     save_pretrained_full(model, folder / "ckpt")
+    with _zero3_gathered(list(params.values())):
+        restore_scalar_parameters(plain)
+        weights = {name: full(params[name]) for name in names_before}
     rank_weights = gather_objects({k: v for k, v in weights.items()} if world <= 2 else None)
     info["ranks_agree"] = all(torch.equal(rank_weights[0][k], rank_weights[1][k]) for k in weights)
     if rank == 0:
