@@ -119,16 +119,24 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     if extra:
         check_extra_states(model, extra, root / checkpoint.EXTRA_STATES_DIR)
     added: list[str] = []
+    # An in-place adapter (LISA) writes into the base weights, which a rollback cannot take back: its weights
+    # are loaded last, once every other adapter has loaded (its own keys and shapes are checked before writing).
+    in_place: list[PlannedAdapter] = []
     try:
         for item in plan:
             model.add_adapter(item.new_name, item.config, trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
             added.append(item.new_name)
+            if model._in_place_tuner(item.new_name) is not None:
+                in_place.append(item)
+                continue
             model.load_adapter_weights(
                 item.new_name, item.weights, str(item.source), item.saved_name, assign=low_cpu_mem_usage
             )
+        for item in in_place:
+            model.load_adapter_weights(item.new_name, item.weights, str(item.source), item.saved_name)
     except BaseException:
         for name in reversed(added):
-            model.delete_adapter(name)
+            model._delete_adapter(name)
         raise
     if extra:
         model.base_model.load_state_dict(extra, strict=False)

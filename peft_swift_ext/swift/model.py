@@ -190,6 +190,10 @@ class SwiftModel(nn.Module):
         """
         self._check_known([adapter_name])
         self._check_can_restore([adapter_name], f"delete adapter {adapter_name!r}")
+        self._delete_adapter(adapter_name)
+
+    def _delete_adapter(self, adapter_name: str) -> None:
+        """``delete_adapter`` without the in-place refusal: for rolling back an adapter that was just added."""
         self._offload.forget(adapter_name)
         self._remove_layers_of(adapter_name, PeftType(self._configs.pop(adapter_name).peft_type))
         self._trainable.discard(adapter_name)
@@ -606,9 +610,16 @@ class SwiftModel(nn.Module):
             assign: replace the (meta) tensors instead of copying into them.
         """
         slots = self._adapter_tensors(adapter_name)
-        in_place = self._in_place_tuner(adapter_name) is not None
-        peft_layout = any(key.startswith(PEFT_KEY_PREFIX) for key in weights)
-        key_of = (lambda slot: slot.peft_key()) if peft_layout else (lambda slot: slot.swift_key(saved_as))
+        tuner = self._in_place_tuner(adapter_name)
+        in_place = tuner is not None
+        if in_place:
+            # an in-place tuner saved through PEFT (get_peft_model) names its tensors its own way
+            peft_layout = any(tuner.peft_checkpoint_key(slot.path) in weights for slot in slots)
+            peft_key = tuner.peft_checkpoint_key
+            key_of = (lambda slot: peft_key(slot.path)) if peft_layout else (lambda slot: slot.swift_key(saved_as))
+        else:
+            peft_layout = any(key.startswith(PEFT_KEY_PREFIX) for key in weights)
+            key_of = (lambda slot: slot.peft_key()) if peft_layout else (lambda slot: slot.swift_key(saved_as))
         by_key: dict[str, tuple[Slot, str, torch.Tensor]] = {key_of(s): (s, k, t) for s, (k, t) in slots.items()}
         missing = [key for key, (slot, _, _) in by_key.items() if slot.required and key not in weights]
         unexpected = [key for key in weights if key not in by_key]

@@ -46,7 +46,7 @@ class Swift:
                 added.append(name)
         except BaseException:
             for name in reversed(added):
-                swift_model.delete_adapter(name)
+                swift_model._delete_adapter(name)  # just added: nothing has trained
             raise
         return swift_model
 

@@ -351,3 +351,39 @@ def test_trainer_callback_drives_the_lisa_adapter_of_a_swift_model(tmp_path):
         }
     )
     assert changed == trained == swift.peft_config["lisa"].trained_layers
+
+
+def test_a_lisa_checkpoint_saved_through_peft_loads_into_a_swift_model(tmp_path):
+    peft_model = get_peft_model(tiny_llama(), _lisa_config())
+    optimizer = torch.optim.AdamW(peft_model.parameters(), lr=LR)
+    scheduler = LisaScheduler(peft_model, optimizer=optimizer)
+    for step in range(3):
+        scheduler.step()
+        peft_model(**random_batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path)
+    loaded = Swift.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert loaded.adapters == ["default"]
+    batch = random_batch(seed=99)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, peft_model(**batch).logits)
+
+
+@pytest.mark.parametrize("broken", ["lora", "lisa"])
+def test_a_failed_load_leaves_the_base_weights_as_they_were(tmp_path, broken):
+    swift = _build_swift("lisa_first")  # saved order lisa, lora: LISA's weights would be written before LoRA fails
+    _train_swift(swift, steps=2)
+    swift.save_pretrained(tmp_path)
+    weights_file = tmp_path / broken / "adapter_model.safetensors"
+    weights = safetensors.torch.load_file(weights_file)
+    weights.pop(sorted(weights)[-1])
+    safetensors.torch.save_file(weights, weights_file)
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"does not fit adapter '{broken}'.*missing keys"):
+        Swift.from_pretrained(model, tmp_path)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n], before[n]) for n in before)

@@ -188,6 +188,15 @@ class LisaModel(SwiftBaseTuner):
         """
         return {self._param_names[id(param)]: param for param in self._alias_targets.values()}
 
+    @staticmethod
+    def peft_checkpoint_key(path: str) -> str:
+        """The key under which PEFT's ``save_pretrained`` writes the base parameter at ``path`` (its alias).
+
+        Args:
+            path: the parameter's path in the plain model.
+        """
+        return f"base_model.{ALIAS_PREFIX}{path.replace('.', '-')}"
+
     def trainable_parameters(self, all_candidates: bool = False) -> list[nn.Parameter]:
         """The base parameters LISA wants trainable now: the drawn layers' (every layer's before the first draw),
         plus the embeddings / head when configured; none for an adapter loaded for inference.
