@@ -153,7 +153,10 @@ class LisaScheduler:
     def __init__(
         self, model: nn.Module, config: LisaConfig | None = None, optimizer: torch.optim.Optimizer | None = None
     ):
+        tuner = lisa_tuner_of(model)
         own = lisa_config_of(model)
+        if own is None and tuner is not None:  # a SwiftModel inside a DDP-style wrapper
+            own = tuner.peft_config[tuner._adapter_name]
         if config is None:
             config = own
         if config is None:
@@ -168,7 +171,7 @@ class LisaScheduler:
         self.optimizer = _inner_optimizer(optimizer) if optimizer is not None else None
         # Inside a SwiftModel the LISA adapter names its own parameters: the base weights of the decoder layers
         # (also those under another tuner's wrapper, e.g. LoRA's base_layer), never other adapters' weights.
-        self.tuner = lisa_tuner_of(model) if own is not None else None
+        self.tuner = tuner
         if self.tuner is not None:
             if config.inference_mode:
                 raise ValueError("the model's LISA adapter was loaded for inference (is_trainable=False)")
