@@ -12,6 +12,12 @@ supported peft version) and ``PeftModel.from_pretrained`` loads them back into t
 holds the embeddings / head when they train and every decoder layer that has received a gradient (recorded by a
 gradient hook and kept in ``LisaConfig.trained_layers``); other layers are untouched by training, so a fresh copy
 of the same base model supplies them.
+
+Inside a SwiftModel (``Swift.prepare_model(model, {"lisa": LisaConfig(...), ...})``) this tuner stays outside the
+module tree; the SwiftModel asks it which base tensors it saves (``saved_tensors``) and trains
+(``trainable_parameters``), and whether it may be switched off (``check_can_restore``). Other tuners' wrappers are
+out of the tree while LISA is injected, so its candidates are the base weights only (a LoRA-wrapped projection's
+``base_layer.weight`` included), never another adapter's weights.
 """
 
 from __future__ import annotations
