@@ -1,7 +1,8 @@
-"""Launching the 2-process workers once per engine (torchrun, gloo, CPU) and sharing their output folders."""
+"""Launching the 2-process workers once for all engines (torchrun, gloo, CPU) and sharing their output folders."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -41,36 +42,60 @@ def torchrun(args: list[str], cwd: Path = REPO, nproc: int = 2) -> subprocess.Co
     return result
 
 
-def _run_engine(tmp_path_factory, engine: str) -> Path:
-    out = tmp_path_factory.mktemp(f"dist-{engine}")
-    torchrun(["-m", "tests.distributed.worker", "--engine", engine, "--out", str(out)])
-    return out / engine
+ENGINES = ("ddp", "fsdp", "zero2", "zero3")  # the order they run in, in one launch
+
+
+def has_deepspeed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def engines_used(items) -> list[str]:
+    """The engines whose runs the selected tests read (by fixture name or ``engine`` parameter)."""
+    used = set()
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        used.update(e for e in ENGINES if f"{e}_run" in names or ("engine_run" in names and params.get("engine") == e))
+    return [e for e in ENGINES if e in used and (has_deepspeed() or not e.startswith("zero"))]
 
 
 @pytest.fixture(scope="session")
-def ddp_run(tmp_path_factory) -> Path:
-    return _run_engine(tmp_path_factory, "ddp")
+def engine_runs(request, tmp_path_factory) -> dict[str, Path]:
+    """One 2-process launch trains every case under every engine the selected tests need, one after another
+    (DeepSpeed's where it is installed): one start-up of the processes instead of one per engine."""
+    engines = engines_used(request.session.items)
+    out = tmp_path_factory.mktemp("dist")
+    if engines:
+        torchrun(["-m", "tests.distributed.worker", "--engine", ",".join(engines), "--out", str(out)])
+    return {engine: out / engine for engine in engines}
+
+
+def _engine_folder(engine_runs: dict[str, Path], engine: str) -> Path:
+    if engine.startswith("zero"):
+        pytest.importorskip(
+            "deepspeed", reason="deepspeed is not installed (it is in the test extra); see docs/guides/distributed.md"
+        )
+    return engine_runs[engine]
 
 
 @pytest.fixture(scope="session")
-def fsdp_run(tmp_path_factory) -> Path:
-    return _run_engine(tmp_path_factory, "fsdp")
+def ddp_run(engine_runs) -> Path:
+    return _engine_folder(engine_runs, "ddp")
 
 
 @pytest.fixture(scope="session")
-def zero2_run(tmp_path_factory) -> Path:
-    pytest.importorskip(
-        "deepspeed", reason="deepspeed is not installed (it is in the test extra); see docs/guides/distributed.md"
-    )
-    return _run_engine(tmp_path_factory, "zero2")
+def fsdp_run(engine_runs) -> Path:
+    return _engine_folder(engine_runs, "fsdp")
 
 
 @pytest.fixture(scope="session")
-def zero3_run(tmp_path_factory) -> Path:
-    pytest.importorskip(
-        "deepspeed", reason="deepspeed is not installed (it is in the test extra); see docs/guides/distributed.md"
-    )
-    return _run_engine(tmp_path_factory, "zero3")
+def zero2_run(engine_runs) -> Path:
+    return _engine_folder(engine_runs, "zero2")
+
+
+@pytest.fixture(scope="session")
+def zero3_run(engine_runs) -> Path:
+    return _engine_folder(engine_runs, "zero3")
 
 
 @pytest.fixture

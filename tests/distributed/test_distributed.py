@@ -44,6 +44,24 @@ def reference(case_id: str) -> torch.nn.Module:
     return C.train_single(CASES[case_id])
 
 
+@functools.cache
+def untrained(case_id: str) -> torch.nn.Module:
+    """The case's model before training (read only)."""
+    return C.prepare_for_training(CASES[case_id].build())
+
+
+@functools.cache
+def reference_output(case_id: str) -> torch.Tensor:
+    """The trained single-process model's output on the global batch, in eval mode."""
+    model = reference(case_id)
+    model.eval()
+    try:
+        with torch.no_grad():
+            return CASES[case_id].output(model(**C.global_inputs(CASES[case_id]))).float()
+    finally:
+        model.train()
+
+
 def assert_weights_close(got: dict, want: dict, label: str) -> None:
     assert sorted(got) == sorted(want), f"{label}: different trainable tensors"
     shapes = {k: (tuple(got[k].shape), tuple(want[k].shape)) for k in want if got[k].shape != want[k].shape}
@@ -63,7 +81,7 @@ def test_adapter_weights_equal_single_process_run(engine, case_id, engine_run):
     want = trained_weights(reference(case_id))
     assert_weights_close(load_file(str(folder / "weights.safetensors")), want, f"{engine}/{case_id}")
     # the steps really moved the weights, so equality is not trivial
-    initial = dict(C.prepare_for_training(CASES[case_id].build()).named_parameters())
+    initial = dict(untrained(case_id).named_parameters())
     assert max((initial[k] - want[k]).abs().max().item() for k in want) > 5 * ATOL
 
 
@@ -74,7 +92,7 @@ def test_base_frozen_and_counts_full_sizes(engine, case_id, engine_run):
     assert info["trainable_after"] and info["frozen_after"], "the set of trainable parameters changed"
     assert info["frozen_grads_none"], "a frozen base parameter got a gradient"
     assert info["ranks_agree"], "the ranks ended with different adapter weights"
-    single = C.prepare_for_training(CASES[case_id].build())
+    single = untrained(case_id)
     if CASES[case_id].swift:
         assert info["trainable_summary"] == single.get_trainable_parameters().split(" || ")[:2]
     else:
@@ -124,12 +142,9 @@ def test_rank0_checkpoint_loads_in_one_process(engine, case_id, engine_run):
             assert saved[key].shape == tensor.shape, key
         loaded = PeftModel.from_pretrained(contract.make_model(), folder)
     loaded.eval()
-    want_model.eval()
-    inputs = C.global_inputs(case)
     with torch.no_grad():
-        got, want = case.output(loaded(**inputs)).float(), case.output(want_model(**inputs)).float()
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    want_model.train()
+        got = case.output(loaded(**C.global_inputs(case))).float()
+    torch.testing.assert_close(got, reference_output(case_id), atol=1e-4, rtol=1e-4)
 
 
 def test_reference_of_one_rank_differs(ddp_run):

@@ -1,11 +1,11 @@
-"""Trains every tuner case under DDP or FSDP2 in one process group and writes what the tests compare.
+"""Trains every tuner case under DDP, FSDP2 and DeepSpeed ZeRO-2/3 in one process group; writes what tests compare.
 
-Run by ``tests/distributed/test_distributed.py`` as
-``python -m torch.distributed.run --nproc_per_node 2 -m tests.distributed.worker --engine ddp --out DIR``
-(engines: ``ddp``, ``fsdp``, and DeepSpeed's ``zero2`` / ``zero3`` where deepspeed is installed).
+Run by ``tests/distributed/conftest.py`` once for all engines, as
+``python -m torch.distributed.run --nproc_per_node 2 -m tests.distributed.worker --engine ddp,fsdp,zero2,zero3
+--out DIR`` (DeepSpeed's ``zero2`` / ``zero3`` where deepspeed is installed), the engines one after another.
 Rank 0 writes, per case, ``DIR/<engine>/<case>/``: ``weights.safetensors`` (full trainable tensors after
 ``STEPS`` steps), ``ckpt/`` (saved with ``save_pretrained_full``) and ``info.json`` (checks made in the
-process group). It also trains LoRA with NEFTune (both engines), and LISA and GaLore (DDP).
+process group). It also trains LoRA with NEFTune (DDP and FSDP2), and LISA and GaLore (DDP).
 """
 
 from __future__ import annotations
@@ -247,40 +247,25 @@ def run_neftune(folder: Path, engine: str, rank: int, world: int) -> None:
         save_file(weights, str(folder / "weights.safetensors"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--engine", choices=["ddp", "fsdp", "zero2", "zero3"], required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", default=None, help="comma-separated case ids (debugging)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    if args.engine.startswith("zero"):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    root = args.out / args.engine
-    cases = [c for c in C.TUNER_CASES if args.only is None or c.id in args.only.split(",")]
+def run_engine(engine: str, root: Path, only: str | None, rank: int, world: int) -> None:
+    """Every tuner case, then (unless ``only``) the techniques, under one engine."""
+    cases = [c for c in C.TUNER_CASES if only is None or c.id in only.split(",")]
     for case in cases:
         folder = root / case.id
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            run_tuner(case, args.engine, folder, rank, world)
+            run_tuner(case, engine, folder, rank, world)
         except Exception:  # recorded for the test to report; the other cases still run
             (folder / f"error{rank}.txt").write_text(traceback.format_exc())
         dist.barrier()
     jobs = {}
-    if args.engine in ("ddp", "fsdp"):
-        jobs["neftune"] = lambda f: run_neftune(f, args.engine, rank, world)
-    if args.engine == "ddp":
+    if engine in ("ddp", "fsdp"):
+        jobs["neftune"] = lambda f: run_neftune(f, engine, rank, world)
+    if engine == "ddp":
         jobs["lisa"] = lambda f: run_lisa(f, rank, world, seed_offset=0)
         jobs["lisa-rank-seeded"] = lambda f: run_lisa(f, rank, world, seed_offset=1)
         jobs["galore"] = lambda f: run_galore(f, rank, world)
-    if args.only is None:
+    if only is None:
         for name, job in jobs.items():
             folder = root / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -289,6 +274,31 @@ def main() -> None:
             except Exception:
                 (folder / f"error{rank}.txt").write_text(traceback.format_exc())
             dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", required=True, help="comma-separated, run in this order: ddp,fsdp,zero2,zero3")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default=None, help="comma-separated case ids (debugging)")
+    args = parser.parse_args()
+    engines = args.engine.split(",")
+    unknown = set(engines) - {"ddp", "fsdp", "zero2", "zero3"}
+    if unknown:
+        parser.error(f"unknown engines {sorted(unknown)}")
+    torch.set_num_threads(1)
+    if any(engine.startswith("zero") for engine in engines):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        # the default process group, which DDP and FSDP2 use as well
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for engine in engines:
+        run_engine(engine, args.out / engine, args.only, rank, world)
     dist.destroy_process_group()
 
 
