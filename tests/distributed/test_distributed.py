@@ -1,6 +1,6 @@
-"""Every tuner under DDP and FSDP2 with 2 real processes, compared with single-process runs in this process.
+"""Every tuner under DDP, FSDP2 and DeepSpeed ZeRO-2/3 with 2 real processes, compared with one-process runs.
 
-The workers (``worker.py``) are launched once per engine and train every case inside one process group; the
+The workers (``worker.py``) are launched once for all engines and train every case inside one process group; the
 references are computed here with the same seeds on the same global batch.
 """
 
