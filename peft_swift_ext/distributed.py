@@ -6,7 +6,8 @@ DDP needs nothing from this module: wrap the ``PeftModel`` (or ``SwiftModel``) i
 tensors first. :func:`fully_shard_peft_model` shards a model with one FSDP unit per decoder layer and per
 module that a tuner adds (Res-Tuning bypass, Side network, SCEdit and Adapter blocks, LLaMA-PRO blocks);
 :func:`wrap_class_names` gives the same choice as class names for ``accelerate``'s
-``fsdp_transformer_layer_cls_to_wrap``. See ``docs/guides/distributed.md``.
+``fsdp_transformer_layer_cls_to_wrap``. For DeepSpeed, :func:`vectorize_scalar_parameters` gives 0-d
+parameters (Side's alpha) the shape its broadcast needs. See ``docs/guides/distributed.md``.
 """
 
 from __future__ import annotations
@@ -284,10 +285,12 @@ _SCALAR_MARK = "_peft_swift_ext_was_0d"
 def vectorize_scalar_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Give every 0-d parameter of ``model`` (Side's ``side_alpha``) the shape ``(1,)``, in place, for DeepSpeed.
 
-    Call it before ``deepspeed.initialize`` (or ``accelerator.prepare`` / the Trainer with a DeepSpeed
-    config): DeepSpeed's initial broadcast views every parameter as bytes, which a 0-d tensor cannot do
-    ("self.dim() cannot be 0 to view Float as Byte"). The parameter objects stay the same and keep their
-    values; Side's blend broadcasts a ``(1,)`` weight like a scalar, so training is unchanged.
+    Call it before ``deepspeed.initialize`` and before building an optimizer (likewise before
+    ``accelerator.prepare`` or a ``Trainer`` with a DeepSpeed config, which call ``deepspeed.initialize``;
+    those two paths are not tested): DeepSpeed's initial broadcast views every parameter as bytes, which a
+    0-d tensor cannot do ("self.dim() cannot be 0 to view Float as Byte"). The parameter objects stay the
+    same and keep their values; Side's blend broadcasts a ``(1,)`` weight like a scalar, so training is
+    unchanged.
     :func:`save_pretrained_full` and :func:`full_adapter_state_dict` write these tensors with shape ``()``
     again, the shape ms-swift's checkpoints store; a plain ``save_pretrained`` would write ``(1,)``, so call
     :func:`restore_scalar_parameters` first when saving that way after training.
