@@ -387,3 +387,32 @@ def test_a_failed_load_leaves_the_base_weights_as_they_were(tmp_path, broken):
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
     assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("partner", ["lora_with_its_own_head", "dora"])
+def test_lisa_next_to_adapters_that_own_the_head_or_read_the_base_weight(tmp_path, partner):
+    # LoRA's modules_to_save copy of lm_head is what runs, so LISA's head option leaves the original head untouched;
+    # DoRA renormalises with the base weight LISA trains, so both must be saved for the reload to agree.
+    if partner == "dora":
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    else:
+        config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    torch.manual_seed(1)
+    swift = Swift.prepare_model(tiny_llama(), {"adapter": config, "lisa": _lisa_config()})
+    before = {name: param.detach().clone() for name, param in swift.named_parameters()}
+    _, draws = _train_swift(swift)
+    changed = {name for name, param in swift.named_parameters() if not torch.equal(param, before[name])}
+    drawn = {i for d in draws for i in d}
+    assert {f"base_model.model.layers.{i}.self_attn.q_proj.base_layer.weight" for i in drawn} <= changed
+    if partner == "dora":
+        assert any("lora_magnitude_vector" in name for name in changed)
+    else:
+        assert "base_model.lm_head.modules_to_save.adapter.weight" in changed
+        assert "base_model.lm_head.original_module.weight" not in changed
+
+    swift.eval()
+    swift.save_pretrained(tmp_path)
+    loaded = Swift.from_pretrained(tiny_llama(), tmp_path).eval()
+    batch = random_batch(seed=99)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, swift(**batch).logits)
