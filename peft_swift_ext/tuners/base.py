@@ -119,6 +119,23 @@ def _adapter_key_prefixes(module: SwiftTunerLayer, prefix: str) -> Iterator[str]
                 yield f"{prefix}{attr}.{adapter_name}."
 
 
+def follow_parent_mode(layer: SwiftTunerLayer, parent: nn.Module) -> None:
+    """Put a tuner layer and its adapters in the train/eval mode of the module that holds it.
+
+    New modules start in training mode, and so do wrappers other tuners put around a target (PEFT's
+    ``ModulesToSaveWrapper``): without this an eval model would add NEFTune noise or dropout. The wrapped
+    module keeps its own modes.
+
+    Args:
+        layer: the tuner layer, already in place.
+        parent: the module that holds it.
+    """
+    wrapped = set(layer.base_layer.modules())
+    for module in layer.modules():
+        if module not in wrapped:
+            module.training = parent.training
+
+
 def adapter_parameters(layer: SwiftTunerLayer, adapter_name: str) -> Iterator[nn.Parameter]:
     """The parameters that belong to ``adapter_name`` inside one tuner layer."""
     for attr in layer.adapter_layer_names:
@@ -264,13 +281,7 @@ class SwiftBaseTuner(BaseTuner):
         layer.update_layer(adapter_name, *args, **kwargs)
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
-        # New modules start in training mode, and so do wrappers other tuners put around the target (PEFT's
-        # ModulesToSaveWrapper): the layer follows the model it joins, or an eval model would add NEFTune noise
-        # or dropout. The wrapped module keeps its own modes.
-        wrapped = set(layer.base_layer.modules())
-        for module in layer.modules():
-            if module not in wrapped:
-                module.training = parent.training
+        follow_parent_mode(layer, parent)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # PEFT's version copies child.weight/bias and moves by them; wrapped blocks have neither, and

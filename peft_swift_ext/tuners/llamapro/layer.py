@@ -30,7 +30,6 @@ class LlamaProLayer(SwiftTunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.llamapro_blocks = nn.ModuleDict()
-        self.train(base_layer.training)
 
     def update_layer(self, adapter_name: str, num_blocks: int, output_projections: list[str]) -> None:
         """Add ``num_blocks`` identity-initialised copies of the wrapped layer for ``adapter_name``."""

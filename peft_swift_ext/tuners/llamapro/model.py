@@ -9,7 +9,7 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..base import SwiftBaseTuner
+from ..base import SwiftBaseTuner, follow_parent_mode
 from .config import LlamaProConfig
 from .layer import LlamaProLayer, output_projection_names, set_layer_index
 
@@ -71,6 +71,7 @@ class LlamaProModel(SwiftBaseTuner):
                 layer = LlamaProLayer(layer)
                 layers[index] = layer
             layer.update_layer(adapter_name, count, config.output_projections)
+            follow_parent_mode(layer, layers)
         self._renumber_blocks(model)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)

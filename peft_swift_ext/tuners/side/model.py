@@ -4,7 +4,7 @@ import torch
 from peft import PeftConfig
 from torch import nn
 
-from ..base import SwiftBaseTuner, rename_swift_keys
+from ..base import SwiftBaseTuner, follow_parent_mode, rename_swift_keys
 from ..positions import ArgumentSlot
 from .config import SideConfig
 from .layer import ROOT_SIDE_ATTR, RootCall, SideLayer, attach_to_root
@@ -59,9 +59,9 @@ class SideModel(SwiftBaseTuner):
         existing = getattr(root, ROOT_SIDE_ATTR, None)
         layer = existing if isinstance(existing, SideLayer) else SideLayer(RootCall(root), type(root).__name__)
         layer.update_layer(adapter_name, **options)
-        layer.train(root.training)
         if layer is not existing:
             attach_to_root(root, layer)
+        follow_parent_mode(layer, root)
 
     @classmethod
     def from_swift_state_dict(
