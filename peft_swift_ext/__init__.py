@@ -4,7 +4,7 @@ Importing the package registers every tuner into PEFT's registry, so ``get_peft_
 ``PeftModel.from_pretrained`` and friends accept this package's configs.
 """
 
-from .registry import TUNERS, register_tuner
+from .core.registry import TUNERS, register_tuner
 from .swift import Swift, SwiftModel
 from .tuners import (
     AdapterConfig,

@@ -18,57 +18,28 @@ import os
 from collections.abc import Iterable, Iterator
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds only a shard of its values: an FSDP2 ``DTensor`` or a DeepSpeed ZeRO-3 parameter.
-
-    Args:
-        tensor: a parameter or buffer.
-    """
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor) or hasattr(tensor, "ds_id")
-
-
-def full_numel(tensor: torch.Tensor) -> int:
-    """The number of elements of the whole tensor, also when only a shard of it lives on this rank.
-
-    A ``DTensor`` reports its global shape already; a ZeRO-3 parameter keeps its full size in ``ds_numel``.
-
-    Args:
-        tensor: a parameter or buffer.
-    """
-    return int(getattr(tensor, "ds_numel", tensor.numel()))
+from .core.decoder_layers import repeated_block_lists
+from .core.keys import adapter_tensors
+from .core.layer import SwiftTunerLayer
+from .core.sharding import full_numel, is_sharded
 
 
 def _tuner_layers(model: nn.Module) -> Iterable[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return (module for module in model.modules() if isinstance(module, BaseTunerLayer))
 
 
-def _block_class(module: nn.Module) -> type:
-    # a block wrapped by a tuner layer (Prompt, LLaMA-PRO) counts as the class it wraps
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return type(module.get_base_layer()) if isinstance(module, BaseTunerLayer) else type(module)
-
-
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """Entries of every ``nn.ModuleList`` of two or more blocks of one class (decoder layers, encoder layers)."""
-    blocks = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({_block_class(m) for m in module}) == 1:
-            blocks.extend(block for block in module if any(True for _ in block.parameters()))
-    return blocks
+    """Entries of every list of two or more blocks of one class (decoder layers, encoder layers)."""
+    return [
+        block for _, layers in repeated_block_lists(model) for block in layers if any(True for _ in block.parameters())
+    ]
 
 
 def _added_networks(model: nn.Module) -> list[nn.Module]:
     """The per-adapter modules of this package's tuner layers that own parameters and are called as modules."""
-    from .tuners.base import SwiftTunerLayer
-
     networks = []
     for layer in _tuner_layers(model):
         if not isinstance(layer, SwiftTunerLayer):
@@ -254,8 +225,6 @@ def _full_adapter_parameters(model: nn.Module) -> Iterator[None]:
     """Within the block, every sharded adapter parameter of a ``SwiftModel`` is replaced by its full value
     (a collective), and one reshaped by :func:`vectorize_scalar_parameters` by a 0-d one; the very same
     parameter objects are put back afterwards, so optimizers keep working."""
-    from .swift.keys import adapter_tensors
-
     adapter_ids = {
         id(tensor)
         for name in getattr(model, "adapters", [])
@@ -348,3 +317,17 @@ def seed_per_rank(seed: int) -> int:
     rank_seed = seed + _rank()
     torch.manual_seed(rank_seed)
     return rank_seed
+
+
+__all__ = [
+    "full_adapter_state_dict",
+    "full_numel",
+    "fully_shard_peft_model",
+    "is_sharded",
+    "restore_scalar_parameters",
+    "save_pretrained_full",
+    "seed_per_rank",
+    "vectorize_scalar_parameters",
+    "wrap_class_names",
+    "wrap_modules",
+]

@@ -9,7 +9,7 @@ from peft import PeftModel
 from torch import nn
 
 from peft_swift_ext import SwiftModel
-from peft_swift_ext.swift.keys import adapter_tensors
+from peft_swift_ext.core.keys import adapter_tensors
 
 
 def base_of(model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..distributed import is_sharded
-from .keys import adapter_containers
+from ..core.keys import adapter_containers
+from ..core.sharding import is_sharded
 
 OFFLOAD_TARGETS = ("cpu", "meta")
 
@@ -102,6 +103,24 @@ class OffloadStore:
             put(value.to(record.devices[key]))
         if record.file is not None:
             record.file.unlink(missing_ok=True)
+
+    @contextmanager
+    def restored(self, modules: list[tuple[str, nn.Module]], adapter_name: str) -> Iterator[None]:
+        """Inside the block the adapter's tensors are back in place; an offloaded adapter is offloaded again after.
+
+        Args:
+            modules: the model's tuner modules.
+            adapter_name: the adapter to read.
+        """
+        record = self.records.get(adapter_name)
+        if record is None:
+            yield
+            return
+        self.restore(modules, adapter_name)
+        try:
+            yield
+        finally:
+            self.offload(modules, adapter_name, record.kind)
 
     def forget(self, adapter_name: str) -> None:
         """Drop the record of a deleted adapter."""

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from peft import PeftConfig, PeftModel, get_peft_model
 
-from . import checkpoint
+from ..conversion import save_to_peft_format
+from ..core import files
+from .io import load_into
 from .model import SwiftModel
 
 
@@ -32,22 +34,16 @@ class Swift:
         if not isinstance(config, dict) or not config:
             raise TypeError(f"config must be a PeftConfig or a non-empty dict of them, got {type(config).__name__}")
         for name, value in config.items():
-            checkpoint.check_adapter_name(name)
+            files.check_adapter_name(name)
             if not isinstance(value, PeftConfig):
                 raise TypeError(f"config[{name!r}] must be a PeftConfig, got {type(value).__name__}")
         swift_model = model if isinstance(model, SwiftModel) else SwiftModel(model, kwargs.pop("per_thread", None))
         duplicates = [name for name in config if name in swift_model.peft_config]
         if duplicates:
             raise ValueError(f"adapter(s) {duplicates} already exist; existing adapters: {swift_model.adapters}")
-        added: list[str] = []
-        try:
+        with swift_model.adding_adapters():
             for name, value in config.items():
                 swift_model.add_adapter(name, value, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
-                added.append(name)
-        except BaseException:
-            for name in reversed(added):
-                swift_model._delete_adapter(name)  # just added: nothing has trained
-            raise
         return swift_model
 
     @staticmethod
@@ -97,9 +93,7 @@ class Swift:
             ckpt_dir: the folder written by ``SwiftModel.save_pretrained`` or by ms-swift.
             output_dir: the folder to create (replaced as a whole if it exists).
         """
-        from ..tuners.lora_plus.convert import to_peft_lora_config
-
-        checkpoint.save_to_peft_format(ckpt_dir, output_dir, to_peft_lora_config)
+        save_to_peft_format(ckpt_dir, output_dir)
 
     @staticmethod
     def from_pretrained(
@@ -123,8 +117,6 @@ class Swift:
             is_trainable: whether the loaded adapters require grad.
             **kwargs (Any): ``per_thread``, ``low_cpu_mem_usage``.
         """
-        from .loading import load_into
-
         root = _resolve_checkpoint(model_id, revision)
         swift_model = model if isinstance(model, SwiftModel) else SwiftModel(model, kwargs.pop("per_thread", None))
         load_into(swift_model, root, adapter_name, is_trainable, kwargs.get("low_cpu_mem_usage", False))

@@ -5,12 +5,13 @@ They are not adapters: they make full or PEFT training cheaper, and work with pl
 the function that needs them is called.
 """
 
-from ._unwrap import unwrap_model
+from ..core.decoder_layers import find_decoder_layers
+from ..core.unwrap import unwrap_model
 from .chunked_ce import ChunkedLinearCrossEntropyLoss, causal_lm_chunked_loss, chunked_linear_cross_entropy
 from .galore import create_galore_optimizer, select_galore_parameters
 from .layerwise import create_layerwise_optimizer
 from .liger import LigerPatch, apply_liger_kernel
-from .lisa import LisaCallback, LisaConfig, LisaScheduler, find_decoder_layers
+from .lisa import LisaCallback, LisaConfig, LisaScheduler
 from .qgalore import Int8WeightLinear, QGaLoreAdamW, QGaLoreProjector, quantize_linear_weights
 from .unsloth import load_with_unsloth
 

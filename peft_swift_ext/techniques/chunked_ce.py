@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._unwrap import unwrap_model
+from ..core.unwrap import unwrap_model
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

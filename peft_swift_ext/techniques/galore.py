@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from ._unwrap import get_input_embeddings, get_output_embeddings, unwrap_model
+from ..core.unwrap import get_input_embeddings, get_output_embeddings, unwrap_model
 from .layerwise import LayerwiseStandIn, LayerwiseStandInScheduler, _per_layer_optimizer
 
 __all__ = ["LayerwiseStandIn", "LayerwiseStandInScheduler", "create_galore_optimizer", "select_galore_parameters"]

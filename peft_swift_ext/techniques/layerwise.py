@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._unwrap import unwrap_model
+from ..core.unwrap import unwrap_model
 
 
 def create_layerwise_optimizer(

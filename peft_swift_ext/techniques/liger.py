@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from ._unwrap import unwrap_model
+from ..core.unwrap import unwrap_model
 
 # Kernels that run under Triton's CPU interpreter (TRITON_INTERPRET=1); the others fail there.
 INTERPRETER_KERNELS = ("rope", "cross_entropy", "fused_linear_cross_entropy")

@@ -8,90 +8,20 @@ follows the active layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft.utils import PeftType
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..core.contract import TunerHost
+from ..core.decoder_layers import find_decoder_layers
+from ..core.unwrap import unwrap_model
+from ..tuners.lisa.candidates import lisa_candidates
 from ..tuners.lisa.config import LisaConfig
-from ._unwrap import get_input_embeddings, get_output_embeddings, get_submodule_by_path, unwrap_model
-
-
-def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
-    """The list of decoder blocks of `model`: the largest `nn.ModuleList` whose entries share one class.
-
-    Args:
-        model: a plain model (see `unwrap_model`).
-        layers_path: dotted path of the list, overriding the search.
-    """
-    if layers_path is not None:
-        layers = get_submodule_by_path(model, layers_path)
-        if not isinstance(layers, nn.ModuleList):
-            raise ValueError(f"{layers_path!r} is a {type(layers).__name__}, not an nn.ModuleList of layers")
-        return layers
-    candidates = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1
-    ]
-    if not candidates:
-        raise ValueError(f"no nn.ModuleList of repeated blocks in {type(model).__name__}; pass layers_path")
-    return max(candidates, key=lambda layers: sum(p.numel() for p in layers.parameters()))
-
-
-@dataclass
-class LisaCandidates:
-    """The parameters LISA switches: per decoder layer, and those of the input embeddings and output head.
-
-    Args:
-        layer_params: one list per decoder layer, in layer order.
-        embedding_params: parameters of the input embeddings not inside a decoder layer.
-        head_params: parameters of the output head not inside a decoder layer (the embeddings' own when tied).
-    """
-
-    layer_params: list[list[nn.Parameter]]
-    embedding_params: list[nn.Parameter] = field(default_factory=list)
-    head_params: list[nn.Parameter] = field(default_factory=list)
-
-    def all_params(self, config: LisaConfig | None = None) -> list[nn.Parameter]:
-        """Every layer parameter, plus the embeddings / head that `config` trains (all of them without a config)."""
-        params = [p for layer in self.layer_params for p in layer]
-        if config is None or config.train_embeddings:
-            params += self.embedding_params
-        if config is None or config.train_head:
-            params += self.head_params
-        return list({id(p): p for p in params}.values())
-
-
-def lisa_candidates(
-    model: nn.Module, config: LisaConfig, layers: nn.ModuleList | None = None, only_trainable: bool = False
-) -> LisaCandidates:
-    """Collect the parameters LISA switches in a plain model: decoder layers, embeddings, head.
-
-    Args:
-        model: a plain model (see `unwrap_model`).
-        config: the LISA options (`layers_path`, `train_embeddings`, `train_head`).
-        layers: the decoder layers, when already found.
-        only_trainable: keep only parameters that have `requires_grad` now (so LISA on top of PEFT adapters samples
-            which layers' adapters train).
-    """
-    if layers is None:
-        layers = find_decoder_layers(model, config.layers_path)
-
-    def keep(params):
-        return [p for p in params if p.requires_grad or not only_trainable]
-
-    layer_params = [keep(layer.parameters()) for layer in layers]
-    in_layers = {id(p) for params in layer_params for p in params}
-    in_layers |= {id(p) for p in layers.parameters()}
-    embeddings = get_input_embeddings(model)
-    head = get_output_embeddings(model)
-    embedding_params = [p for p in keep(embeddings.parameters() if embeddings else []) if id(p) not in in_layers]
-    head_params = [p for p in keep(head.parameters() if head else []) if id(p) not in in_layers]
-    return LisaCandidates(layer_params, embedding_params, head_params)
+from ..tuners.lisa.model import LisaModel
 
 
 def lisa_config_of(model: nn.Module) -> LisaConfig | None:
@@ -107,25 +37,22 @@ def lisa_config_of(model: nn.Module) -> LisaConfig | None:
     return lisa[0] if lisa else None
 
 
-def lisa_tuner_of(model: nn.Module):
+def lisa_tuner_of(model: nn.Module) -> LisaModel | None:
     """The LISA tuner (`LisaModel`) of a `SwiftModel` holding a LISA adapter, else None.
 
     Args:
         model: any model or wrapper (a `SwiftModel` inside DDP-style `.module` wrappers is found).
     """
-    from peft.utils import PeftType
-
-    from ..swift.model import SwiftModel
-
     seen = set()
-    while not isinstance(model, SwiftModel) and isinstance(getattr(model, "module", None), nn.Module):
+    while not isinstance(model, TunerHost) and isinstance(getattr(model, "module", None), nn.Module):
         if id(model) in seen:
             return None
         seen.add(id(model))
         model = model.module
-    if not isinstance(model, SwiftModel):
+    if not isinstance(model, TunerHost):
         return None
-    return model._tuners.get(PeftType.LISA)
+    tuner = model.tuner_for(PeftType.LISA)
+    return tuner if isinstance(tuner, LisaModel) else None
 
 
 def _inner_optimizer(optimizer):
@@ -156,7 +83,7 @@ class LisaScheduler:
         tuner = lisa_tuner_of(model)
         own = lisa_config_of(model)
         if own is None and tuner is not None:  # a SwiftModel inside a DDP-style wrapper
-            own = tuner.peft_config[tuner._adapter_name]
+            own = tuner.peft_config[tuner.adapter_name]
         if config is None:
             config = own
         if config is None:
@@ -164,7 +91,7 @@ class LisaScheduler:
         if own is not None and own is not config:
             raise ValueError("the model was made with its own LisaConfig; pass config=None to use it")
         base = unwrap_model(model)
-        layers = find_decoder_layers(base, config.layers_path)
+        layers = find_decoder_layers(base, config.layers_path, field="LisaConfig.layers_path")[1]
         if config.n_layers > len(layers):
             raise ValueError(f"n_layers={config.n_layers} but the model has only {len(layers)} decoder layers")
         self.config = config
@@ -175,11 +102,7 @@ class LisaScheduler:
         if self.tuner is not None:
             if config.inference_mode:
                 raise ValueError("the model's LISA adapter was loaded for inference (is_trainable=False)")
-            candidates = LisaCandidates(
-                [list(params) for params in self.tuner._layer_params],
-                list(self.tuner._embedding_params),
-                list(self.tuner._head_params),
-            )
+            candidates = self.tuner.candidates
         else:
             candidates = lisa_candidates(base, config, layers, only_trainable=True)
         if not any(candidates.layer_params):
@@ -221,7 +144,7 @@ class LisaScheduler:
         order = torch.randperm(len(self.layer_params), generator=self.generator)
         self.active_layers = sorted(order[: self.config.n_layers].tolist())
         if self.tuner is not None:
-            self.tuner.lisa_active_layers = list(self.active_layers)  # kept by SwiftModel's trainability refresh
+            self.tuner.set_active_layers(self.active_layers)  # kept by SwiftModel's trainability refresh
         # One decision per parameter: a head tied to the embeddings trains if either option asks for it.
         trainable = {}
         for param in self.embedding_params:

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_swift_ext import Swift, SwiftModel
-from peft_swift_ext.swift.keys import adapter_tensors
+from peft_swift_ext.core.keys import adapter_tensors
 
 from ..helpers import base_of, randomize_adapter, run, state_hash
 from .cases import ALL_CASES

@@ -13,7 +13,7 @@ API_DIR = Path(__file__).resolve().parents[2] / "docs" / "api"
 DIRECTIVE = re.compile(r"^:::\s+([\w.]+)\s*$", re.MULTILINE)
 PUBLIC_MODULES = ["peft_swift_ext", "peft_swift_ext.techniques"]
 # Names documented as part of a module directive rather than on their own.
-COVERED_BY_MODULE = {"TUNERS": "peft_swift_ext.registry", "register_tuner": "peft_swift_ext.registry"}
+COVERED_BY_MODULE = {"TUNERS": "peft_swift_ext.core.registry", "register_tuner": "peft_swift_ext.core.registry"}
 
 
 def _directives() -> list[str]:

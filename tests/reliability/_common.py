@@ -52,7 +52,7 @@ def cast_adapter(model: SwiftModel, adapter_name: str, dtype: torch.dtype) -> No
     ``modules_to_save`` copies (LongLoRA's trainable norms) are copies of base modules and keep the base's
     dtype, as PEFT does when it casts adapters.
     """
-    from peft_swift_ext.swift.keys import adapter_containers, tuner_modules
+    from peft_swift_ext.core.keys import adapter_containers, tuner_modules
 
     for _, module, attr, entry, _ in list(adapter_containers(tuner_modules(model.base_model), adapter_name)):
         if attr == "modules_to_save":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from peft_swift_ext import Swift
-from peft_swift_ext.swift import checkpoint
+from peft_swift_ext.core import files as checkpoint
 
 from ..helpers import randomize_adapter
 from ..tiny_models import tiny_llama

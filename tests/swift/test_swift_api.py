@@ -41,14 +41,14 @@ def logits(model, inputs=None) -> torch.Tensor:
 
 
 def test_import_registers_each_method_once_even_after_reload():
-    importlib.reload(peft_swift_ext.registry)
+    importlib.reload(peft_swift_ext.core.registry)
     importlib.reload(peft_swift_ext.tuners.lora_plus)
     importlib.reload(peft_swift_ext)
     members = [member for member in PeftType if member.value == "LORAPLUS"]
     assert len(members) == 1
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LORAPLUS].__name__ == "LoraPlusModel"
     assert "loraplus" in peft_swift_ext.TUNERS
-    assert {"adapter", "restuning", "neftune"} <= set(peft_swift_ext.registry.TUNERS), "reload forgot tuners"
+    assert {"adapter", "restuning", "neftune"} <= set(peft_swift_ext.core.registry.TUNERS), "reload forgot tuners"
 
 
 def test_registration_is_visible_to_peft_in_a_fresh_process(tmp_path):
@@ -205,7 +205,7 @@ def test_save_of_an_offloaded_adapter_writes_its_real_weights(tmp_path):
     expected = logits(model)
     model.deactivate_adapter("a", offload="meta")
     model.save_pretrained(tmp_path)
-    assert model._offload.is_offloaded("a")
+    assert model.offload_store.is_offloaded("a")
     loaded = Swift.from_pretrained(tiny_llama(), tmp_path)
     torch.testing.assert_close(logits(loaded), expected, atol=1e-6, rtol=0)
 
@@ -400,7 +400,7 @@ def test_failed_save_keeps_previous_checkpoint_and_leaves_no_partial_folder(tmp_
             raise OSError("disk full (injected)")
         return original_save(*args, **kwargs)
 
-    from peft_swift_ext.swift import checkpoint
+    from peft_swift_ext.core import files as checkpoint
 
     original_save = checkpoint.save_file
     monkeypatch.setattr(checkpoint, "save_file", failing_save)

@@ -44,11 +44,11 @@ def test_more_layers_than_the_model_has_is_refused_before_freezing(llama):
 
 
 def test_decoder_layers_are_found_or_taken_from_the_path(llama):
-    assert find_decoder_layers(llama) is llama.model.layers
-    assert find_decoder_layers(llama, "model.layers") is llama.model.layers
-    with pytest.raises(ValueError, match="no submodule at 'model.blocks'"):
+    assert find_decoder_layers(llama) == ("model.layers", llama.model.layers)
+    assert find_decoder_layers(llama, "model.layers")[1] is llama.model.layers
+    with pytest.raises(ValueError, match="'model.blocks' is not a module"):
         find_decoder_layers(llama, "model.blocks")
-    with pytest.raises(ValueError, match="not an nn.ModuleList"):
+    with pytest.raises(ValueError, match="not a non-empty nn.ModuleList"):
         find_decoder_layers(llama, "model.norm")
 
 

@@ -207,8 +207,8 @@ def test_bad_config_fields_are_refused(kwargs, message):
     "kwargs, message",
     [
         ({"n_layers": 5}, "only 4 layers"),
-        ({"n_layers": 1, "layers_path": "model.blocks"}, "layers_path.*no submodule"),
-        ({"n_layers": 1, "layers_path": "model.norm"}, "layers_path.*not an nn.ModuleList"),
+        ({"n_layers": 1, "layers_path": "model.blocks"}, "layers_path.*is not a module"),
+        ({"n_layers": 1, "layers_path": "model.norm"}, "layers_path.*not a non-empty nn.ModuleList"),
         ({"n_layers": 1, "trained_layers": [4]}, "trained_layers names layers \\[4\\]"),
     ],
 )

@@ -8,7 +8,8 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
-from peft_swift_ext import LlamaProConfig, LlamaProModel, Swift
+from peft_swift_ext import LlamaProConfig, Swift
+from peft_swift_ext.conversion import state_dict_from_swift
 from peft_swift_ext.tuners.llamapro.layer import LlamaProLayer
 
 from ..helpers import randomize_adapter, state_hash
@@ -173,8 +174,8 @@ def test_swift_checkpoint_with_substring_selected_extra_layers_is_refused():
     extras = [f"model.layers.{i}.mlp.down_proj.weight" for i in (10, 12, 14, 16, 18)]
     weights = {key: torch.zeros(1) for key in blocks + extras}
     with pytest.raises(ValueError, match="substring"):
-        LlamaProModel.from_swift_state_dict(weights, "default")
-    renamed = LlamaProModel.from_swift_state_dict({key: torch.zeros(1) for key in blocks}, "default")
+        state_dict_from_swift("llamapro", weights, "default", None, None)
+    renamed = state_dict_from_swift("llamapro", {key: torch.zeros(1) for key in blocks}, "default", None, None)
     # expanded index 2k + 1 is the block after original layer k
     assert set(renamed) == {f"model.layers.{k}.llamapro_blocks.default.0.mlp.down_proj.weight" for k in range(12)}
 

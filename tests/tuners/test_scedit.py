@@ -9,6 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_swift_ext import SCEditConfig
+from peft_swift_ext.conversion import state_dict_from_swift
 from peft_swift_ext.tuners.scedit.layer import SCEditLayer
 
 from ..helpers import base_of, randomize_adapter, run, state_hash
@@ -185,10 +186,10 @@ def test_merge_is_refused_naming_the_tuner_and_unload_restores_base():
 
 
 def test_swift_checkpoint_keys_are_translated():
-    from peft_swift_ext.tuners.scedit.model import SCEditModel
 
     weights = {"up_blocks.0.resnets.1.scetuner_a.tuner_op.ln2.bias": torch.zeros(3)}
-    assert list(SCEditModel.from_swift_state_dict(weights, "a")) == ["up_blocks.0.resnets.1.scedit_ln2.a.bias"]
+    translated = state_dict_from_swift("scedit", weights, "a", None, None)
+    assert list(translated) == ["up_blocks.0.resnets.1.scedit_ln2.a.bias"]
 
 
 @pytest.mark.parametrize(

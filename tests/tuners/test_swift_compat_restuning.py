@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from peft_swift_ext import ResTuningConfig, Swift
-from peft_swift_ext.tuners.restuning.model import ResTuningModel
+from peft_swift_ext.conversion import state_dict_from_swift
 
 from ..swift_fixtures import FIXTURES, load_case
 
@@ -41,7 +41,7 @@ def test_swift_keys_move_under_the_target_layer():
             if k not in ("swift_type", "model_key_mapping")
         }
     )
-    translated = ResTuningModel.from_swift_state_dict(saved, "default", config=config, model=base)
+    translated = state_dict_from_swift("restuning", saved, "default", config, base)
     key = "restuning_default.bypass_blocks.1.vertical_tuner.tuner.ln2.weight"
     assert torch.equal(translated["vit.layernorm.restuning_bypass.default.blocks.1.vertical.ln2.weight"], saved[key])
     assert len(translated) == len(saved)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._unwrap import get_output_embeddings, unwrap_model
+from ...core.unwrap import get_output_embeddings, unwrap_model
 from .quantization import QuantizedTensor, dequantize, pick_group_size, quantize
 
 #: Attribute of an INT8 weight parameter holding its float gradient (an integer tensor cannot have `.grad`).

@@ -6,11 +6,9 @@ from peft import PeftConfig
 from peft.utils import PeftType
 from transformers.activations import ACT2CLS
 
-from ..swift_config import SwiftFieldsMixin
-
 
 @dataclass
-class AdapterConfig(SwiftFieldsMixin, PeftConfig):
+class AdapterConfig(PeftConfig):
     """Houlsby-style bottleneck adapters (Houlsby et al., 2019), with SWIFT's field names and defaults.
 
     The hidden state a targeted module returns becomes ``h + W2·act(W1·h)`` (``dim -> adapter_length ->

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2CLS
 
-from ..base import SwiftTunerLayer
-from ..positions import Position, output_value, replace_output_value
+from ...compat import move_adapter_to_base_device
+from ...core.layer import SwiftTunerLayer
+from ...core.slots import Position, output_value, replace_output_value
 
 # One lock for all layers (a lock attribute would make the model impossible to deepcopy); it guards only
 # the install/remove bookkeeping of intercepted methods, never a forward.
@@ -56,7 +57,7 @@ class AdapterLayer(SwiftTunerLayer):
         self.adapter_act[adapter_name] = ACT2CLS[act_layer]()
         self.hidden_pos[adapter_name] = hidden_pos
         self.method_name[adapter_name] = method_name
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
 
     def adapt(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden + up(act(down(hidden)))`` computed in the adapter's dtype, returned in ``hidden``'s dtype."""

@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import torch
-from peft import PeftConfig
 from torch import nn
 
-from ..base import SwiftBaseTuner, rename_swift_keys
+from ...core.tuner import SwiftBaseTuner
 from .config import AdapterConfig
 from .layer import AdapterLayer
 
@@ -49,22 +47,3 @@ class AdapterModel(SwiftBaseTuner):
         self._update_or_wrap(
             target, parent, target_name, lambda module: AdapterLayer(module, current_key), adapter_name, **options
         )
-
-    @classmethod
-    def from_swift_state_dict(
-        cls,
-        weights: dict[str, torch.Tensor],
-        adapter_name: str,
-        config: PeftConfig | None = None,
-        model: nn.Module | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift keys into ours: ``<path>.adapter_<name>.linear1.*`` -> ``<path>.adapter_down.<name>.*``.
-
-        Args:
-            weights: the tensors of an ms-swift Adapter checkpoint.
-            adapter_name: the adapter name it was saved under.
-            config: the adapter's config (not needed for this renaming).
-            model: the model it will be loaded into (not needed for this renaming).
-        """
-        containers = {"linear1": "adapter_down", "linear2": "adapter_up"}
-        return rename_swift_keys(weights, f"adapter_{adapter_name}", adapter_name, containers)

@@ -1,6 +1,6 @@
 """LISA as a registered PEFT method: ``get_peft_model(model, LisaConfig(...))``."""
 
-from ...registry import add_peft_type, register_tuner
+from ...core.registry import add_peft_type, register_tuner
 
 add_peft_type("lisa")
 

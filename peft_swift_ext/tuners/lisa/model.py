@@ -29,7 +29,9 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..base import SwiftBaseTuner
+from ...core.decoder_layers import find_decoder_layers
+from ...core.tuner import SwiftBaseTuner
+from .candidates import LisaCandidates, lisa_candidates
 from .config import LisaConfig
 
 ALIAS_PREFIX = "lisa_"
@@ -100,8 +102,6 @@ class LisaModel(SwiftBaseTuner):
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
             **kwargs (Any): PEFT's ``inject_adapter`` options; unused (no module is created).
         """
-        from ...techniques.lisa import find_decoder_layers, lisa_candidates
-
         config: LisaConfig = self.peft_config[adapter_name]
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
@@ -110,10 +110,7 @@ class LisaModel(SwiftBaseTuner):
                 "so a model takes one LISA adapter"
             )
         # Everything that can fail is checked before the model changes.
-        try:
-            layers = find_decoder_layers(model, config.layers_path)
-        except ValueError as err:
-            raise ValueError(f"LisaConfig.layers_path: {err}") from None
+        layers = find_decoder_layers(model, config.layers_path, field="LisaConfig.layers_path")[1]
         if config.n_layers > len(layers):
             raise ValueError(
                 f"LisaConfig.n_layers={config.n_layers} but {type(model).__name__} has only {len(layers)} layers"
@@ -159,6 +156,26 @@ class LisaModel(SwiftBaseTuner):
                         for param in params
                     ]
         self.register_load_state_dict_post_hook(_write_loaded_aliases_into_the_model)
+
+    @property
+    def adapter_name(self) -> str:
+        """The name of this model's (only) LISA adapter."""
+        return self._adapter_name
+
+    @property
+    def candidates(self) -> LisaCandidates:
+        """The parameters LISA switches: each decoder layer's, and the embeddings' / head's when they train."""
+        return LisaCandidates(
+            [list(params) for params in self._layer_params], list(self._embedding_params), list(self._head_params)
+        )
+
+    def set_active_layers(self, indices: list[int]) -> None:
+        """Record the decoder layers a LISA scheduler drew (what :meth:`trainable_parameters` reports from now on).
+
+        Args:
+            indices: the drawn layers' indices.
+        """
+        self.lisa_active_layers = list(indices)
 
     def _register_alias(self, param: nn.Parameter) -> None:
         name = ALIAS_PREFIX + self._param_names[id(param)].replace(".", "-")

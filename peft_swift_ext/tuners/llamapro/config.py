@@ -62,15 +62,3 @@ class LlamaProConfig(PeftConfig):
             raise ValueError(
                 f"LlamaProConfig.output_projections must be non-empty names, got {self.output_projections!r}"
             )
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[LlamaProConfig], dict]:
-        """Map an ms-swift ``LLaMAProConfig`` dict to this config's fields.
-
-        ms-swift inserts one block after each of ``num_groups`` groups whatever ``num_new_blocks`` says, so its
-        checkpoints hold ``num_groups`` blocks; the translation describes exactly that.
-        """
-        blocks = config.get("num_groups") or config.get("num_new_blocks")
-        fields = {key: value for key, value in config.items() if key not in _SWIFT_BOOKKEEPING}
-        fields.update(num_new_blocks=blocks, num_groups=blocks)
-        return cls, fields

@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..base import SwiftTunerLayer
+from ...core.layer import SwiftTunerLayer
 
 
 class LlamaProLayer(SwiftTunerLayer):

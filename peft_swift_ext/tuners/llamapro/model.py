@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
-import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..base import SwiftBaseTuner, follow_parent_mode
+from ...core.decoder_layers import find_decoder_layers
+from ...core.layer import follow_parent_mode
+from ...core.tuner import SwiftBaseTuner
 from .config import LlamaProConfig
 from .layer import LlamaProLayer, output_projection_names, set_layer_index
-
-# Where Llama, Mistral, Qwen2/3, Gemma and Phi-3 style models (bare, causal-LM head, or inside a VLM) keep them.
-_LAYER_LIST_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.model.layers")
-_SWIFT_LAYER_KEY = re.compile(r"^(?P<list>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 class LlamaProModel(SwiftBaseTuner):
@@ -171,81 +166,25 @@ class LlamaProModel(SwiftBaseTuner):
 
     # --- ms-swift checkpoints --------------------------------------------------------------------------------------
 
-    @classmethod
-    def from_swift_state_dict(
-        cls,
-        weights: dict[str, torch.Tensor],
-        adapter_name: str,
-        config: PeftConfig | None = None,
-        model: nn.Module | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Rename an ms-swift LLaMA-PRO checkpoint (new blocks under their expanded-model indices) to our keys.
-
-        ms-swift puts one block after each group, so the k-th saved index ``e`` (in order) is the block after
-        original layer ``e - k - 1``. The saved indices must be evenly spaced: ms-swift selects blocks by
-        substring (layer ``1`` also matches ``10``), and a checkpoint carrying such extra layers is refused.
-
-        Args:
-            weights: the tensors of an ms-swift LLaMA-PRO checkpoint.
-            adapter_name: the adapter name it was saved under.
-            config: the adapter's config (not needed: the saved indices give the layout).
-            model: the model it will be loaded into (not needed for this renaming).
-        """
-        by_list: dict[str, set[int]] = {}
-        for key in weights:
-            match = _SWIFT_LAYER_KEY.match(key)
-            if match is None:
-                raise ValueError(f"ms-swift LLaMA-PRO key {key!r} is not of the form '<layer list>.<index>.<name>'")
-            by_list.setdefault(match["list"], set()).add(int(match["index"]))
-        if len(by_list) != 1:
-            raise ValueError(f"ms-swift LLaMA-PRO checkpoint spans several layer lists: {sorted(by_list)}")
-        indices = sorted(next(iter(by_list.values())))
-        spacing = indices[0] + 1
-        if any(index != (k + 1) * spacing - 1 for k, index in enumerate(indices)):
-            raise ValueError(
-                f"ms-swift LLaMA-PRO checkpoint holds layers {indices}, which are not evenly spaced new blocks; "
-                "ms-swift's substring selection may have saved original layers too (e.g. layer 10 with block 1)"
-            )
-        renamed = {}
-        for key, tensor in weights.items():
-            match = _SWIFT_LAYER_KEY.match(key)
-            k = indices.index(int(match["index"]))
-            original = int(match["index"]) - k - 1
-            renamed[f"{match['list']}.{original}.llamapro_blocks.{adapter_name}.0.{match['rest']}"] = tensor
-        return renamed
-
 
 def find_layer_list(model: nn.Module, config: LlamaProConfig) -> tuple[str, nn.ModuleList]:
-    """``(path, list)`` of the decoder layers: ``config.layers_path`` or the first known path that fits."""
-    if config.layers_path is not None:
-        try:
-            layers = model.get_submodule(config.layers_path)
-        except AttributeError:
-            raise ValueError(
-                f"LlamaProConfig.layers_path={config.layers_path!r} is not a module of {type(model).__name__}"
-            ) from None
-        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            raise ValueError(
-                f"LlamaProConfig.layers_path={config.layers_path!r} is a {type(layers).__name__}, not a non-empty "
-                "nn.ModuleList of decoder layers"
-            )
-        return config.layers_path, layers
-    for path in _LAYER_LIST_PATHS:
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if (
-            isinstance(layers, nn.ModuleList)
-            and len(layers)
-            and output_projection_names(layers[-1], config.output_projections)
-        ):
-            return path, layers
-    raise ValueError(
-        "LlamaProConfig.layers_path is None and no decoder-layer list whose layers hold "
-        f"LlamaProConfig.output_projections={config.output_projections} was found in "
-        f"{type(model).__name__} (looked at {', '.join(_LAYER_LIST_PATHS)}); set layers_path to the nn.ModuleList "
-        "of decoder layers"
+    """``(path, list)`` of the decoder layers: ``config.layers_path``, or the largest list of repeated blocks
+    whose layers hold ``config.output_projections``.
+
+    Args:
+        model: the model to expand.
+        config: the adapter's config.
+    """
+
+    def has_projections(layers: nn.ModuleList) -> bool:
+        return bool(output_projection_names(layers[-1], config.output_projections))
+
+    return find_decoder_layers(
+        model,
+        config.layers_path,
+        accept=has_projections,
+        field="LlamaProConfig.layers_path",
+        accept_description=f"whose layers hold LlamaProConfig.output_projections={config.output_projections}",
     )
 
 

@@ -5,8 +5,6 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 from peft.utils import PeftType
 
-from ..lora_plus.config import LoraPlusConfig
-
 # ms-swift LongLoRA fields with no effect here: the model family is detected from the attention interface, and
 # LoRA+ learning rates are not part of LongLoRA (build LoRA+ groups separately if wanted).
 _SWIFT_IGNORED = ("model_type", "lorap_lr_ratio", "lorap_emb_lr")
@@ -55,9 +53,3 @@ class LongLoraConfig(LoraConfig):
             raise ValueError(
                 f"LongLoraConfig.embedder_and_normalizer must be a regex or a list of names, got {names!r}"
             )
-
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[LongLoraConfig], dict]:
-        """Map an ms-swift ``LongLoRAConfig`` dict to this config's fields (SWIFT-only LoRA options raise)."""
-        _, fields = LoraPlusConfig.from_swift_dict({k: v for k, v in config.items() if k not in _SWIFT_IGNORED})
-        return cls, fields

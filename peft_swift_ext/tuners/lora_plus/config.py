@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from dataclasses import InitVar, dataclass, field
 
+import torch
 from peft import LoraConfig
 from peft.utils import PeftType
 
-# SWIFT's LoRA options that PEFT's LoraConfig cannot express; a checkpoint that sets them is refused.
-_SWIFT_ONLY_LORA_FIELDS = {"lora_dtype": None, "use_qa_lora": False, "use_merged_linear": False, "enable_lora": None}
-_SWIFT_BOOKKEEPING = {"swift_type", "model_key_mapping", "lorap_lr_ratio", "lorap_emb_lr"}
+from ...core.validators import positive_number
 
 
 @dataclass
@@ -36,28 +35,26 @@ class LoraPlusConfig(LoraConfig):
             self.loraplus_lr_ratio = lorap_lr_ratio
         if lorap_emb_lr is not None:
             self.loraplus_lr_embedding = lorap_emb_lr
-        for name in ("loraplus_lr_ratio", "loraplus_lr_embedding"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"LoraPlusConfig.{name} must be a positive number, got {value!r}")
+        positive_number(self, "loraplus_lr_ratio")
+        positive_number(self, "loraplus_lr_embedding")
 
-    @classmethod
-    def from_swift_dict(cls, config: dict) -> tuple[type[LoraConfig], dict]:
-        """Map an ms-swift ``LoRAConfig`` dict to a config class and its fields.
+    def optimizer_group(
+        self, container: str, param: torch.Tensor, lr: float | None, weight_decay: float
+    ) -> tuple[str, dict]:
+        """The LoRA+ optimizer group of one of this adapter's parameters (``OptimizerGroupPolicy``).
 
-        Plain LoRA when ``lorap_lr_ratio`` is unset, LoRA+ otherwise; SWIFT-only options that change the
-        adapter (e.g. ``lora_dtype``) raise ``ValueError``.
+        Args:
+            container: the container the parameter sits in (``lora_A``, ``lora_B``, ``lora_embedding_A``...).
+            param: the parameter (1-D parameters such as DoRA magnitudes go with B, as in PEFT).
+            lr: the base learning rate (that of A); required.
+            weight_decay: weight decay of the decayed groups.
         """
-        set_options = {
-            key: config[key] for key, default in _SWIFT_ONLY_LORA_FIELDS.items() if config.get(key, default) != default
-        }
-        if set_options:
-            raise ValueError(f"SWIFT LoRA options without a PEFT equivalent are set: {set_options}")
-        fields = {k: v for k, v in config.items() if k not in _SWIFT_BOOKKEEPING and k not in _SWIFT_ONLY_LORA_FIELDS}
-        fields.pop("peft_type", None)
-        if config.get("lorap_lr_ratio") is None:
-            return LoraConfig, fields
-        fields["loraplus_lr_ratio"] = config["lorap_lr_ratio"]
-        if config.get("lorap_emb_lr") is not None:
-            fields["loraplus_lr_embedding"] = config["lorap_emb_lr"]
-        return cls, fields
+        if lr is None:
+            raise ValueError("create_optimizer_param_groups needs lr=... for LoRA+ adapters (B's lr is lr * ratio)")
+        if container.startswith("lora_embedding"):
+            return "lora_plus_embedding", {"lr": self.loraplus_lr_embedding, "weight_decay": weight_decay}
+        if container == "lora_B":
+            return "lora_plus_B", {"lr": lr * self.loraplus_lr_ratio, "weight_decay": weight_decay}
+        if param.ndim == 1:
+            return "lora_plus_B_no_decay", {"lr": lr * self.loraplus_lr_ratio, "weight_decay": 0.0}
+        return "lora_plus_A", {"lr": lr, "weight_decay": weight_decay}

@@ -1,37 +1,13 @@
-"""LoRA+ optimizer groups, for SwiftModel and for any PeftModel."""
+"""A LoRA+ optimizer for any PeftModel, or for a model that builds its own groups (a SwiftModel)."""
 
 from __future__ import annotations
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
-
-def lora_plus_group_of(
-    config: PeftConfig, attr: str, param: torch.Tensor, lr: float | None, weight_decay: float
-) -> tuple[str, dict] | None:
-    """The LoRA+ group of one adapter parameter, or None when ``config`` is not LoRA+.
-
-    Args:
-        config: the adapter's config; LoRA+ when it has ``loraplus_lr_ratio``.
-        attr: the container the parameter sits in (``lora_A``, ``lora_B``, ``lora_embedding_A``...).
-        param: the parameter (1-D parameters such as DoRA magnitudes go with B, as in PEFT).
-        lr: the base learning rate (that of A); required for LoRA+.
-        weight_decay: weight decay of the decayed groups.
-    """
-    ratio = getattr(config, "loraplus_lr_ratio", None)
-    if ratio is None:
-        return None
-    if lr is None:
-        raise ValueError("create_optimizer_param_groups needs lr=... for LoRA+ adapters (B's lr is lr * ratio)")
-    if attr.startswith("lora_embedding"):
-        return "lora_plus_embedding", {"lr": config.loraplus_lr_embedding, "weight_decay": weight_decay}
-    if attr == "lora_B":
-        return "lora_plus_B", {"lr": lr * ratio, "weight_decay": weight_decay}
-    if param.ndim == 1:
-        return "lora_plus_B_no_decay", {"lr": lr * ratio, "weight_decay": 0.0}
-    return "lora_plus_A", {"lr": lr, "weight_decay": weight_decay}
+from ...core.contract import OptimizerGroupSource
 
 
 def create_lora_plus_optimizer(
@@ -48,9 +24,7 @@ def create_lora_plus_optimizer(
         lr: learning rate of the A matrices.
         **kwargs (Any): passed to the optimizer (``weight_decay`` also sets the groups' decay).
     """
-    from ...swift.model import SwiftModel
-
-    if isinstance(model, SwiftModel):
+    if isinstance(model, OptimizerGroupSource):
         groups = model.create_optimizer_param_groups(lr=lr, weight_decay=kwargs.get("weight_decay", 0.0))
         return optimizer_cls(groups, **{"lr": lr, **kwargs})
     if not isinstance(model, PeftModel):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import SwiftTunerLayer
+from ...core.layer import SwiftTunerLayer
 
 # The attribute the HF Trainer (and TRL's SFTTrainer through it) sets on the input embeddings when its own
 # ``neftune_noise_alpha`` is in use; its hook would add a second dose of noise on top of ours.

@@ -3,7 +3,7 @@ from __future__ import annotations
 from peft import PeftConfig
 from torch import nn
 
-from ..base import SwiftBaseTuner
+from ...core.tuner import SwiftBaseTuner
 from .config import NEFTuneConfig
 from .layer import NEFTuneEmbedding
 

@@ -1,4 +1,4 @@
-from ...registry import add_peft_type, register_tuner
+from ...core.registry import add_peft_type, register_tuner
 
 add_peft_type("prompt")
 

@@ -5,11 +5,9 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..swift_config import SwiftFieldsMixin
-
 
 @dataclass
-class PromptConfig(SwiftFieldsMixin, PeftConfig):
+class PromptConfig(PeftConfig):
     """Prompt tuning inside the layers; Visual Prompt Tuning (Jia et al., 2022) on a ViT.
 
     ``prompt_length`` learnable tokens are concatenated to the hidden states entering the first targeted

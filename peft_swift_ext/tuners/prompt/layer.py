@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..base import SwiftTunerLayer
-from ..positions import ArgumentSlot, Position
+from ...compat import move_adapter_to_base_device
+from ...core.layer import SwiftTunerLayer
+from ...core.slots import ArgumentSlot, Position
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class PromptLayer(SwiftTunerLayer):
             nn.init.xavier_uniform_(token)
         self.prompt_token[adapter_name] = token
         self.prompt_settings[adapter_name] = settings
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
 
     def forward(self, *args, **kwargs):
         names = list(self.adapters_to_apply())

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import torch
-from peft import PeftConfig
 from torch import nn
 
-from ..base import SwiftBaseTuner, find_target_modules, rename_swift_keys
-from ..positions import ArgumentSlot
+from ...core.paths import find_target_modules
+from ...core.slots import ArgumentSlot
+from ...core.tuner import SwiftBaseTuner
 from .config import PromptConfig
 from .layer import PromptLayer, PromptSettings
 
@@ -72,24 +71,6 @@ class PromptModel(SwiftBaseTuner):
             peft_config.prompt_length,
             settings,
         )
-
-    @classmethod
-    def from_swift_state_dict(
-        cls,
-        weights: dict[str, torch.Tensor],
-        adapter_name: str,
-        config: PeftConfig | None = None,
-        model: nn.Module | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift keys (``<path>.prompt_<name>.prompt_token``) into ours (``<path>.prompt_token.<name>``).
-
-        Args:
-            weights: the tensors of an ms-swift Prompt checkpoint.
-            adapter_name: the adapter name it was saved under.
-            config: the adapter's config (not needed for this renaming).
-            model: the model it will be loaded into (not needed for this renaming).
-        """
-        return rename_swift_keys(weights, f"prompt_{adapter_name}", adapter_name, {"prompt_token": "prompt_token"})
 
 
 def _without_base_layer(path: str) -> str:

@@ -5,14 +5,13 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..swift_config import SwiftFieldsMixin
 from .spec import check_tuner_cfg
 
 _HOOKS = ("input", "output")
 
 
 @dataclass
-class ResTuningConfig(SwiftFieldsMixin, PeftConfig):
+class ResTuningConfig(PeftConfig):
     """Res-Tuning (Jiang et al., 2023) in bypass mode, with ms-swift's field names and defaults.
 
     Detached features of a root module and of each stem module feed a small bypass network (one block of

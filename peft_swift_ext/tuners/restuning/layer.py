@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import SwiftTunerLayer
-from .probes import FeatureProbes, ProbeSource
+from ...compat import move_adapter_to_base_device
+from ...core.layer import SwiftTunerLayer
+from ...core.probes import FeatureProbes, ProbeSource
 from .spec import BlockSpec, OpSpec
 
 
@@ -268,7 +269,7 @@ class ResTuningLayer(SwiftTunerLayer):
         self.restuning_sources[adapter_name] = [source.name for source in sources]
         self.layer_name = layer_name
         self.probes.attach(adapter_name, sources, self._capturing)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
 
     def _capturing(self, adapter_name: str) -> bool:
         # Capture only for adapters that will consume the features, so nothing is held otherwise.

@@ -3,21 +3,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
-from ..base import SwiftBaseTuner, base_module_names
+from ...core.paths import base_module_names
+from ...core.probes import ProbeSource
+from ...core.tuner import SwiftBaseTuner
+from ...core.widths import feature_width
 from .config import ResTuningConfig
 from .layer import ResTuningLayer
-from .probes import ProbeSource
 from .spec import BlockSpec, block_specs
-from .widths import feature_width
-
-_SWIFT_KEY = re.compile(
-    r"^restuning_(?P<adapter>.+?)\.bypass_blocks\.(?P<block>\d+)\.(?P<role>lateral|vertical|aux)_tuner\.tuner\.(?P<rest>.+)$"
-)
 
 
 @dataclass
@@ -79,42 +75,6 @@ class ResTuningModel(SwiftBaseTuner):
             peft_config.target_hidden_pos,
             current_key,
         )
-
-    @classmethod
-    def from_swift_state_dict(
-        cls,
-        weights: dict[str, torch.Tensor],
-        adapter_name: str,
-        config: ResTuningConfig | None = None,
-        model: nn.Module | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift's keys (``restuning_<a>.bypass_blocks.<i>.lateral_tuner.tuner.ln1.weight``) into ours.
-
-        ms-swift keeps the bypass on the model's root; here the target module's layer owns it, so the
-        target's path (resolved from ``config`` on ``model``) is needed.
-
-        Args:
-            weights: the tensors of an ms-swift Res-Tuning checkpoint.
-            adapter_name: the adapter name it was saved under.
-            config: the adapter's config, already translated (gives the target).
-            model: the model it will be loaded into (not yet changed), where the target is looked up.
-        """
-        if not any(_SWIFT_KEY.match(key) for key in weights):
-            return weights
-        if config is None or model is None:
-            raise ValueError(
-                "loading an ms-swift Res-Tuning checkpoint needs the config and the model to find the target module"
-            )
-        target = plan_adapter(model, config).target
-        translated = {}
-        for key, value in weights.items():
-            match = _SWIFT_KEY.match(key)
-            if match is None or match["adapter"] != adapter_name:
-                raise ValueError(f"unexpected key {key!r} in an ms-swift Res-Tuning checkpoint of {adapter_name!r}")
-            translated[
-                f"{target}.restuning_bypass.{adapter_name}.blocks.{match['block']}.{match['role']}.{match['rest']}"
-            ] = value
-        return translated
 
 
 def plan_adapter(model: nn.Module, config: ResTuningConfig) -> ResTuningPlan:

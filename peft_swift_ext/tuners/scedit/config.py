@@ -5,13 +5,11 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..swift_config import SwiftFieldsMixin
-
 TUNER_MODES = ("decoder", "encoder", "identity")
 
 
 @dataclass
-class SCEditConfig(SwiftFieldsMixin, PeftConfig):
+class SCEditConfig(PeftConfig):
     """SCEdit's SC-Tuner (Jiang et al., 2023) on a UNet's skip connections, with ms-swift's field names.
 
     ``decoder`` mode edits the skip half of each target's input ``[hidden, skip]``; ``encoder`` and

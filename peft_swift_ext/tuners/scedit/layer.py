@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import SwiftTunerLayer
-from ..restuning.probes import FeatureProbes, ProbeSource, first_argument, first_tensor
+from ...compat import move_adapter_to_base_device
+from ...core.layer import SwiftTunerLayer
+from ...core.probes import FeatureProbes, ProbeSource, first_argument, first_tensor
 
 
 class SCEditLayer(SwiftTunerLayer):
@@ -67,7 +68,7 @@ class SCEditLayer(SwiftTunerLayer):
         if hint is not None:
             self.hinted.add(adapter_name)
             self.probes.attach(adapter_name, [hint], self._capturing)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
 
     def _capturing(self, adapter_name: str) -> bool:
         return adapter_name in self.adapters_to_apply()

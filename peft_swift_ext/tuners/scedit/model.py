@@ -3,20 +3,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..base import SwiftBaseTuner, base_module_names
-from ..restuning.probes import ProbeSource
-from ..restuning.widths import feature_width
+from ...core.paths import base_module_names
+from ...core.probes import ProbeSource
+from ...core.tuner import SwiftBaseTuner
+from ...core.widths import feature_width
 from .config import SCEditConfig
 from .layer import SCEditLayer
-
-_SWIFT_KEY = re.compile(
-    r"^(?P<path>.+)\.scetuner_(?P<adapter>.+?)\.tuner_op\.(?P<linear>ln1|ln2)\.(?P<rest>weight|bias)$"
-)
 
 
 @dataclass
@@ -75,33 +71,6 @@ class SCEditModel(SwiftBaseTuner):
             planned.hint,
             current_key,
         )
-
-    @classmethod
-    def from_swift_state_dict(
-        cls,
-        weights: dict[str, torch.Tensor],
-        adapter_name: str,
-        config: PeftConfig | None = None,
-        model: nn.Module | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift's keys into ours.
-
-        ``<target>.scetuner_<a>.tuner_op.ln1.weight`` becomes ``<target>.scedit_ln1.<a>.weight``.
-
-        Args:
-            weights: the tensors of an ms-swift SCEdit (``SCETuning``) checkpoint.
-            adapter_name: the adapter name it was saved under (``<a>`` above).
-            config: the adapter's config (not needed for this renaming).
-            model: the model it will be loaded into (not needed for this renaming).
-        """
-        translated = {}
-        for key, value in weights.items():
-            match = _SWIFT_KEY.match(key)
-            if match is None:
-                translated[key] = value
-            else:
-                translated[f"{match['path']}.scedit_{match['linear']}.{match['adapter']}.{match['rest']}"] = value
-        return translated
 
 
 def plan_adapter(model: nn.Module, config: SCEditConfig) -> list[SCEditTarget]:

@@ -5,12 +5,11 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from ..swift_config import SwiftFieldsMixin
 from .networks import SIDE_NETWORKS
 
 
 @dataclass
-class SideConfig(SwiftFieldsMixin, PeftConfig):
+class SideConfig(PeftConfig):
     """Side-tuning (Zhang et al., 2019), with SWIFT's field names and defaults.
 
     A targeted module's output becomes ``σ(α)·main + (1-σ(α))·side_net(input)`` with a learnable scalar

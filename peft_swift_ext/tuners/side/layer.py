@@ -7,8 +7,9 @@ import inspect
 import torch
 from torch import nn
 
-from ..base import SwiftTunerLayer
-from ..positions import ArgumentSlot, Position, output_value, replace_output_value
+from ...compat import move_adapter_to_base_device
+from ...core.layer import SwiftTunerLayer
+from ...core.slots import ArgumentSlot, Position, output_value, replace_output_value
 from .networks import SIDE_NETWORKS
 
 
@@ -39,7 +40,7 @@ class SideLayer(SwiftTunerLayer):
         self.side_alpha[adapter_name] = nn.Parameter(torch.zeros(()))
         self.source_hidden_pos[adapter_name] = source_hidden_pos
         self.target_hidden_pos[adapter_name] = target_hidden_pos
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
 
     def forward(self, *args, **kwargs):
         output = self.base_layer(*args, **kwargs)

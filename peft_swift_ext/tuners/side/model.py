@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import torch
-from peft import PeftConfig
 from torch import nn
 
-from ..base import SwiftBaseTuner, follow_parent_mode, rename_swift_keys
-from ..positions import ArgumentSlot
+from ...core.layer import follow_parent_mode
+from ...core.slots import ArgumentSlot
+from ...core.tuner import SwiftBaseTuner
 from .config import SideConfig
 from .layer import ROOT_SIDE_ATTR, RootCall, SideLayer, attach_to_root
 
@@ -62,27 +61,3 @@ class SideModel(SwiftBaseTuner):
         if layer is not existing:
             attach_to_root(root, layer)
         follow_parent_mode(layer, root)
-
-    @classmethod
-    def from_swift_state_dict(
-        cls,
-        weights: dict[str, torch.Tensor],
-        adapter_name: str,
-        config: PeftConfig | None = None,
-        model: nn.Module | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Rewrite ms-swift keys (``<path>.side_<name>.side_net.*``, ``.alpha``) into ours.
-
-        Ours are ``<path>.side_net.<name>.*`` and ``<path>.side_alpha.<name>``.
-
-        Args:
-            weights: the tensors of an ms-swift Side checkpoint.
-            adapter_name: the adapter name it was saved under.
-            config: the adapter's config (not needed for this renaming).
-            model: the model it will be loaded into (not needed for this renaming).
-        """
-        containers = {"side_net": "side_net", "alpha": "side_alpha"}
-        renamed = rename_swift_keys(weights, f"side_{adapter_name}", adapter_name, containers)
-        # ms-swift keeps a root-model side network at the top level (an empty module path); ours is a sub-module.
-        on_root = tuple(f"{attr}.{adapter_name}" for attr in SideLayer.adapter_layer_names)
-        return {f"{ROOT_SIDE_ATTR}.{k}" if k.startswith(on_root) else k: v for k, v in renamed.items()}

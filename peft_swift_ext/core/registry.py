@@ -1,8 +1,8 @@
 """Registration of this package's tuners into PEFT's own registry.
 
-PEFT only accepts methods whose upper-case name is a member of its ``PeftType`` enum, and it has no
-plugin hook for adding members, so the member is added at run time before ``register_peft_method``
-is called. Both steps are idempotent: importing or reloading this package twice leaves one entry.
+The ``PeftType`` member is added first (:func:`peft_swift_ext.compat.add_peft_type`), then
+``register_peft_method`` is called. Both steps are idempotent: importing or reloading this package twice
+leaves one entry.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
+
+from ..compat import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, add_peft_type
 
 
 @dataclass(frozen=True)
@@ -40,27 +41,6 @@ class TunerSpec:
 #: name -> spec of every tuner this package registered, in registration order. A reload of this module
 #: keeps the table: the tuners' own modules, which filled it, are not reloaded with it.
 TUNERS: dict[str, TunerSpec] = globals().get("TUNERS", {})
-
-
-def add_peft_type(name: str) -> PeftType:
-    """Return ``PeftType[NAME]``, adding the member to the enum if it is missing.
-
-    Args:
-        name: the method name; the member's name and value are its upper-case form.
-    """
-    value = name.upper()
-    if value in PeftType._value2member_map_:
-        return PeftType._value2member_map_[value]
-    member = str.__new__(PeftType, value)
-    member._name_ = value
-    member._value_ = value
-    member.__objclass__ = PeftType
-    PeftType._member_map_[value] = member
-    PeftType._value2member_map_[value] = member
-    PeftType._member_names_.append(value)
-    # Attribute access (PeftType.NAME) goes through the class dict on some Python versions.
-    type.__setattr__(PeftType, value, member)
-    return member
 
 
 def register_tuner(name: str, config_cls: type, model_cls: type, swift_types: tuple[str, ...] = ()) -> TunerSpec:

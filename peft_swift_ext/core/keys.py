@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..tuners.base import canonical_path
+from .paths import canonical_path
 
 PEFT_KEY_PREFIX = "base_model.model."
 

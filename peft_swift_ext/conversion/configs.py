@@ -1,0 +1,149 @@
+"""ms-swift ``adapter_config.json`` -> this package's (or PEFT's) config objects.
+
+ms-swift writes ``swift_type`` for its own tuners and ``peft_type`` for PEFT's; the field names of most of its
+tuners are ours already. The translations that differ (LoRA with LoRA+ options, LongLoRA, LLaMA-PRO) live here,
+next to the generic one, so the tuner packages know nothing of ms-swift's file format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from peft import LoraConfig, PeftConfig
+
+from ..core.registry import config_class_for, spec_for_swift_type
+from ..core.validators import check_field_types
+from ..tuners.llamapro import LlamaProConfig
+from ..tuners.longlora import LongLoraConfig
+from ..tuners.lora_plus import LoraPlusConfig
+
+# Keys of an ms-swift adapter_config.json that are SWIFT's bookkeeping, not fields of the tuner.
+_BOOKKEEPING = ("swift_type", "peft_type", "model_key_mapping")
+# SWIFT's LoRA options that PEFT's LoraConfig cannot express; a checkpoint that sets them is refused.
+_SWIFT_ONLY_LORA_FIELDS = {"lora_dtype": None, "use_qa_lora": False, "use_merged_linear": False, "enable_lora": None}
+_LORA_BOOKKEEPING = ("lorap_lr_ratio", "lorap_emb_lr")
+# ms-swift LongLoRA fields with no effect here: the model family is detected from the attention interface, and
+# LoRA+ learning rates are not part of LongLoRA (build LoRA+ groups separately if wanted).
+_LONGLORA_IGNORED = ("model_type", "lorap_lr_ratio", "lorap_emb_lr")
+# ms-swift LLaMA-PRO fields that carry no meaning here: the layer list is found structurally, not by model type.
+_LLAMAPRO_IGNORED = ("model_type", "num_new_blocks", "num_groups")
+
+Translation = Callable[[dict], tuple[type[PeftConfig], dict]]
+
+
+def swift_fields(config: dict, config_name: str) -> dict:
+    """An ms-swift config dict without ``swift_type`` / ``peft_type`` and the unused ``model_key_mapping``.
+
+    Args:
+        config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+        config_name: the config class's name, for the error message.
+
+    Raises:
+        ValueError: when the checkpoint relies on SWIFT's ``model_key_mapping``, which is not supported.
+    """
+    if config.get("model_key_mapping") is not None:
+        raise ValueError(f"{config_name}: SWIFT's model_key_mapping is not supported; set target_modules instead")
+    return {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+
+
+def lora_fields(config: dict) -> tuple[type[LoraConfig], dict]:
+    """Map an ms-swift ``LoRAConfig`` dict to a config class and its fields.
+
+    Plain LoRA when ``lorap_lr_ratio`` is unset, LoRA+ otherwise; SWIFT-only options that change the adapter
+    (e.g. ``lora_dtype``) raise ``ValueError``.
+
+    Args:
+        config: the ``adapter_config.json`` of an ms-swift LoRA checkpoint.
+    """
+    set_options = {
+        key: config[key] for key, default in _SWIFT_ONLY_LORA_FIELDS.items() if config.get(key, default) != default
+    }
+    if set_options:
+        raise ValueError(f"SWIFT LoRA options without a PEFT equivalent are set: {set_options}")
+    fields = swift_fields(config, "LoraConfig")
+    fields = {k: v for k, v in fields.items() if k not in _LORA_BOOKKEEPING and k not in _SWIFT_ONLY_LORA_FIELDS}
+    if config.get("lorap_lr_ratio") is None:
+        return LoraConfig, fields
+    fields["loraplus_lr_ratio"] = config["lorap_lr_ratio"]
+    if config.get("lorap_emb_lr") is not None:
+        fields["loraplus_lr_embedding"] = config["lorap_emb_lr"]
+    return LoraPlusConfig, fields
+
+
+def _longlora_fields(config: dict) -> tuple[type[PeftConfig], dict]:
+    _, fields = lora_fields({k: v for k, v in config.items() if k not in _LONGLORA_IGNORED})
+    return LongLoraConfig, fields
+
+
+def _llamapro_fields(config: dict) -> tuple[type[PeftConfig], dict]:
+    # ms-swift inserts one block after each of num_groups groups whatever num_new_blocks says, so its checkpoints
+    # hold num_groups blocks; the translation describes exactly that.
+    blocks = config.get("num_groups") or config.get("num_new_blocks")
+    fields = {k: v for k, v in swift_fields(config, "LlamaProConfig").items() if k not in _LLAMAPRO_IGNORED}
+    return LlamaProConfig, {**fields, "num_new_blocks": blocks, "num_groups": blocks}
+
+
+#: registered tuner name -> translation of its ms-swift config; other tuners take SWIFT's fields as they are.
+TRANSLATIONS: dict[str, Translation] = {
+    "loraplus": lora_fields,
+    "longlora": _longlora_fields,
+    "llamapro": _llamapro_fields,
+}
+
+
+def is_swift_native(config_dict: dict) -> bool:
+    """Whether a config written by ms-swift describes one of SWIFT's own tuner types.
+
+    Args:
+        config_dict: the parsed ``adapter_config.json``.
+    """
+    return "swift_type" in config_dict
+
+
+def config_from_dict(config_dict: dict, source: Path | str) -> PeftConfig:
+    """Build the config object an ``adapter_config.json`` describes.
+
+    ``swift_type`` configs (ms-swift) map to the registered tuner that reads them; ``peft_type`` configs to
+    PEFT's registry. Field types are checked against the dataclass, so a hostile or broken file fails
+    here, naming the file and field, rather than deep inside a model.
+
+    Args:
+        config_dict: the parsed JSON.
+        source: the file it came from, for error messages.
+    """
+    if is_swift_native(config_dict):
+        spec = spec_for_swift_type(str(config_dict["swift_type"]))
+        if spec is None:
+            raise ValueError(f"{source}: unknown swift_type {config_dict['swift_type']!r}")
+        translate = TRANSLATIONS.get(spec.name)
+        try:
+            if translate is None:
+                config_cls, fields = spec.config_cls, swift_fields(config_dict, spec.config_cls.__name__)
+            else:
+                config_cls, fields = translate(config_dict)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+    elif "peft_type" in config_dict:
+        try:
+            config_cls = config_class_for(config_dict["peft_type"])
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+        fields = dict(config_dict)
+    else:
+        raise ValueError(f"{source}: neither 'peft_type' nor 'swift_type' is set, so the tuner type is unknown")
+    known = {field.name for field in dataclasses.fields(config_cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        warnings.warn(
+            f"{source}: ignoring fields {config_cls.__name__} does not have: {', '.join(unknown)}", stacklevel=3
+        )
+    fields = {key: value for key, value in fields.items() if key in known}
+    check_field_types(config_cls, fields, source)
+    fields.pop("peft_type", None)
+    try:
+        return config_cls(**fields)
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise ValueError(f"{source}: invalid {config_cls.__name__}: {error}") from None

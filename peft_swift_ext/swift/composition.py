@@ -1,0 +1,185 @@
+"""Putting adapters of several tuner types into one model, and taking them out again.
+
+Each tuner type gets one PEFT ``BaseTuner`` over the shared base model. PEFT never injects below an existing
+tuner layer, so while one tuner injects, the other types' layers are taken out of the module tree and put back
+afterwards around whatever then occupies their place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import PeftType
+from torch import nn
+
+from ..compat import (
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    AuxiliaryTrainingWrapper,
+    ModulesToSaveWrapper,
+    adapter_names_in,
+    delete_wrapper_adapter,
+    has_adapters,
+)
+from ..core.contract import StructureOwner
+from ..core.paths import find_target_modules
+
+
+def tuner_class_for(config: PeftConfig, adapter_name: str) -> type[BaseTuner]:
+    """The registered ``BaseTuner`` class that injects ``config``, with clear errors for anything else.
+
+    Args:
+        config: the adapter's config.
+        adapter_name: its name, for the message.
+    """
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"config for {adapter_name!r} must be a PeftConfig, got {type(config).__name__}")
+    peft_type = PeftType(config.peft_type)
+    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"{type(config).__name__} ({peft_type.value}) is not an injectable tuner type")
+    return PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
+
+
+def inject(
+    model: nn.Module,
+    tuners: dict[PeftType, BaseTuner],
+    adapter_name: str,
+    config: PeftConfig,
+    low_cpu_mem_usage: bool = False,
+) -> None:
+    """Inject one adapter into ``model`` with its type's tuner (created on first use); all or nothing.
+
+    Args:
+        model: the shared base model.
+        tuners: the tuner of each type already in ``model``; a new one is added here.
+        adapter_name: the new adapter's name.
+        config: its config.
+        low_cpu_mem_usage: create its weights on the meta device (to be filled by a load).
+    """
+    tuner_cls = tuner_class_for(config, adapter_name)
+    peft_type = PeftType(config.peft_type)
+    had_peft_config = hasattr(model, "peft_config")
+    try:
+        with _other_tuners_hidden(model, tuner_cls.tuner_layer_cls):
+            targets = getattr(config, "target_modules", None)
+            if isinstance(targets, (list, tuple, set)) or (isinstance(targets, str) and targets != "all-linear"):
+                find_target_modules(model, config)
+            tuner = tuners.get(peft_type)
+            if tuner is None:
+                tuners[peft_type] = tuner_cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            else:
+                tuner.peft_config[adapter_name] = config
+                tuner.inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    except BaseException:
+        remove(model, tuners, adapter_name, peft_type)
+        raise
+    finally:
+        # PEFT's tuners set model.peft_config; the adapters' configs belong to the SwiftModel
+        if not had_peft_config and hasattr(model, "peft_config"):
+            del model.peft_config
+
+
+@contextlib.contextmanager
+def _other_tuners_hidden(model: nn.Module, keep: type) -> Iterator[None]:
+    """Take other tuner types' layers out of the module tree for the duration of an injection.
+
+    PEFT never injects below an existing tuner layer, and names below a layer gain a ``base_layer`` segment;
+    with the layers out, every module sits at its original path. On exit each layer goes back around
+    whatever now occupies its place (possibly the new tuner's own layer).
+    """
+    hidden: list[tuple[str, str, BaseTunerLayer]] = []
+    while True:
+        found = next(
+            (
+                (path, module)
+                for path, module in model.named_modules()
+                if isinstance(module, BaseTunerLayer) and not isinstance(module, keep)
+            ),
+            None,
+        )
+        if found is None:
+            break
+        path, layer = found
+        parent, child = parent_of(model, path)
+        setattr(parent, child, layer.base_layer)
+        hidden.append((path, child, layer))
+    try:
+        yield
+    finally:
+        for path, child, layer in reversed(hidden):
+            parent, _ = parent_of(model, path)
+            layer.base_layer = getattr(parent, child)
+            setattr(parent, child, layer)
+
+
+def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: str, peft_type: PeftType) -> None:
+    """Delete one adapter's layers and entries; modules left without adapters get their original module back.
+
+    Args:
+        model: the shared base model.
+        tuners: the tuner of each type; a tuner left without adapters is dropped.
+        adapter_name: the adapter to remove.
+        peft_type: its type.
+    """
+    tuner = tuners.get(peft_type)
+    if tuner is None:
+        return
+    tuner.peft_config.pop(adapter_name, None)
+    for module in list(model.modules()):
+        if adapter_name not in adapter_names_in(module):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            module.delete_adapter(adapter_name)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            delete_wrapper_adapter(module, adapter_name)
+    if isinstance(tuner, StructureOwner):
+        tuner.remove_adapter_structures(adapter_name)
+    _unwrap_empty_layers(model)
+    if not tuner.peft_config:
+        del tuners[peft_type]
+
+
+def unwrap_all(model: nn.Module, tuners: dict[PeftType, BaseTuner], merged: bool) -> None:
+    """Remove every tuner layer and wrapper; ``modules_to_save`` copies win when ``merged``.
+
+    Args:
+        model: the shared base model.
+        tuners: the tuner of each type (told first, so each can undo what it did outside its layers).
+        merged: whether the adapters were merged into the base weights.
+    """
+    for tuner in tuners.values():
+        if isinstance(tuner, StructureOwner):
+            tuner.finalize_unload(merged)
+    for path, module in reversed(list(model.named_modules())):
+        if isinstance(module, BaseTunerLayer):
+            parent, child = parent_of(model, path)
+            setattr(parent, child, module.base_layer)
+        elif isinstance(module, ModulesToSaveWrapper):
+            parent, child = parent_of(model, path)
+            active = [name for name in module.active_adapters if name in module.modules_to_save]
+            setattr(parent, child, module.modules_to_save[active[0]] if merged and active else module.original_module)
+    tuners.clear()
+
+
+def _unwrap_empty_layers(model: nn.Module) -> None:
+    """Put the original module back wherever a tuner layer or wrapper has no adapter left."""
+    for path, module in reversed(list(model.named_modules())):
+        if isinstance(module, BaseTunerLayer) and not has_adapters(module):
+            parent, child = parent_of(model, path)
+            setattr(parent, child, module.base_layer)
+        elif isinstance(module, ModulesToSaveWrapper) and not has_adapters(module):
+            parent, child = parent_of(model, path)
+            setattr(parent, child, module.original_module)
+
+
+def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """``(parent module, attribute name)`` of the module at ``path``.
+
+    Args:
+        model: the root module.
+        path: a dotted module path.
+    """
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child

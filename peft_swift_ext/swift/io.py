@@ -1,0 +1,271 @@
+"""Reading and writing a SwiftModel's checkpoints: SWIFT's layout, PEFT's, and ms-swift's own formats.
+
+Loading discovers, reads and checks everything before the model changes, then adds the adapters; a failure
+removes whatever was added. Saving writes every adapter into a staging folder and moves it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from peft import PeftConfig
+
+from ..conversion import config_from_dict, is_swift_native, state_dict_from_swift
+from ..core import files
+from ..core.contract import InPlaceTuner
+from ..core.keys import PEFT_KEY_PREFIX, Slot
+from ..core.registry import spec_for_swift_type
+
+if TYPE_CHECKING:  # annotations only: the model imports this module
+    from .model import SwiftModel
+
+
+@dataclass
+class PlannedAdapter:
+    """One adapter read from disk and checked, waiting to be injected."""
+
+    saved_name: str
+    new_name: str
+    config: PeftConfig
+    weights: dict[str, torch.Tensor]
+    source: Path
+
+
+def discover_adapters(root: Path) -> dict[str, Path]:
+    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder."""
+    found: dict[str, Path] = {}
+    if (root / files.CONFIG_NAME).is_file():
+        found["default"] = root
+    for name in files.list_adapter_folders(root):
+        if name in found:
+            raise ValueError(f"{root} has both a root adapter and a sub-folder named {name!r}")
+        found[name] = files.adapter_subfolder(root, name)
+    if not found:
+        raise ValueError(f"{root} holds no adapter ({files.CONFIG_NAME} at its root or in sub-folders)")
+    marker = root / files.ORDER_FILE
+    order = files.read_json(marker).get("adapter_order", []) if marker.is_file() else []
+    rank = {name: index for index, name in enumerate(order) if isinstance(name, str)}
+    return dict(sorted(found.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
+def select_adapters(found: dict[str, Path], adapter_name) -> dict[str, str]:
+    """Saved name -> name to load under, from SWIFT's ``adapter_name`` argument (None, str, list or dict)."""
+    if adapter_name is None:
+        wanted = {name: name for name in found}
+    elif isinstance(adapter_name, str):
+        wanted = {adapter_name: adapter_name}
+    elif isinstance(adapter_name, dict):
+        wanted = dict(adapter_name)
+    elif isinstance(adapter_name, (list, tuple)):
+        wanted = {name: name for name in adapter_name}
+    else:
+        raise TypeError(f"adapter_name must be None, a str, a list or a dict, got {type(adapter_name).__name__}")
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise ValueError(f"adapter(s) {missing} not found in the checkpoint; it holds: {sorted(found)}")
+    for new_name in wanted.values():
+        files.check_adapter_name(new_name)
+    return wanted
+
+
+def read_adapter(
+    folder: Path, saved_name: str, new_name: str, is_trainable: bool, model: torch.nn.Module
+) -> PlannedAdapter:
+    """Read one adapter folder, translating ms-swift's own formats, without changing ``model``."""
+    config_file = folder / files.CONFIG_NAME
+    config_dict = files.read_json(config_file)
+    config = config_from_dict(config_dict, config_file)
+    config.inference_mode = not is_trainable
+    weights = files.read_weights(folder)
+    if is_swift_native(config_dict):
+        spec = spec_for_swift_type(str(config_dict["swift_type"]))
+        weights = state_dict_from_swift(spec.name, weights, saved_name, config, model)
+    return PlannedAdapter(saved_name, new_name, config, weights, folder)
+
+
+def read_extra_states(root: Path) -> dict[str, torch.Tensor]:
+    """SWIFT's extra trainable base weights (``extra_states/``), or nothing when absent."""
+    if not (root / files.EXTRA_STATES_DIR).is_dir():
+        return {}
+    folder = (root / files.EXTRA_STATES_DIR).resolve()
+    if folder.parent != root.resolve():
+        raise ValueError(f"{root / files.EXTRA_STATES_DIR} resolves to {folder}, outside the checkpoint directory")
+    return files.read_weights(folder)
+
+
+def check_extra_states(model: SwiftModel, extra: dict[str, torch.Tensor], source: Path) -> None:
+    """Raise unless every tensor of a checkpoint's extra states has a parameter of the same shape in the model.
+
+    Args:
+        model: the model the states will be loaded into.
+        extra: the saved tensors, by state-dict key.
+        source: the file they came from (named in the error).
+    """
+    params = dict(model.base_model.state_dict(keep_vars=True))
+    unexpected = [key for key in extra if key not in params]
+    mismatched = [key for key in extra if key in params and params[key].shape != extra[key].shape]
+    if unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not fit the model: unexpected keys {unexpected[:6]}, mismatched shapes {mismatched[:6]}"
+        )
+
+
+def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, low_cpu_mem_usage: bool) -> None:
+    """Load the selected adapters of ``root`` into ``model``; all or nothing.
+
+    Args:
+        model: the model to add the adapters to.
+        root: the checkpoint folder.
+        adapter_name: SWIFT's selection: None (all), a name, a list, or a dict ``{saved name: new name}``.
+        is_trainable: whether the loaded adapters require grad.
+        low_cpu_mem_usage: create the adapters' weights on the meta device and assign the loaded tensors.
+    """
+    found = discover_adapters(root)
+    wanted = select_adapters(found, adapter_name)
+    clashes = [new for new in wanted.values() if new in model.peft_config]
+    if clashes:
+        raise ValueError(f"adapter(s) {clashes} already exist in the model; pass a dict to load under new names")
+    plan = [read_adapter(found[saved], saved, new, is_trainable, model.base_model) for saved, new in wanted.items()]
+    extra = read_extra_states(root)
+    if extra:
+        check_extra_states(model, extra, root / files.EXTRA_STATES_DIR)
+    # An in-place adapter (LISA) writes into the base weights, which a rollback cannot take back: its weights
+    # are loaded last, once every other adapter has loaded (its own keys and shapes are checked before writing).
+    in_place: list[PlannedAdapter] = []
+    with model.adding_adapters():
+        for item in plan:
+            model.add_adapter(item.new_name, item.config, trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
+            if model.in_place_tuner(item.new_name) is not None:
+                in_place.append(item)
+                continue
+            model.load_adapter_weights(
+                item.new_name, item.weights, str(item.source), item.saved_name, assign=low_cpu_mem_usage
+            )
+        for item in in_place:
+            model.load_adapter_weights(item.new_name, item.weights, str(item.source), item.saved_name)
+    if extra:
+        model.base_model.load_state_dict(extra, strict=False)
+
+
+def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str], safe_serialization: bool) -> None:
+    """Write each adapter of ``names`` to ``save_directory/<adapter>/`` in SWIFT's layout, atomically.
+
+    Args:
+        model: the model holding the adapters.
+        save_directory: the checkpoint folder (created if needed; other content is kept).
+        names: the adapters to write.
+        safe_serialization: safetensors, or a torch pickle of plain tensors.
+    """
+    root = Path(save_directory)
+    with files.staging_directory(root) as staging:
+        for name in names:
+            folder = staging / files.check_adapter_name(name)
+            folder.mkdir()
+            config = model.peft_config[name].to_dict()
+            files.write_adapter_files(folder, config, adapter_state_dict(model, name), safe_serialization)
+        # the order matters where adapters share a layer (DoRA normalises what precedes it)
+        order = staging / files.ORDER_FILE
+        order.write_text(json.dumps({"adapter_order": _save_order(model, names)}))
+        root.mkdir(parents=True, exist_ok=True)
+        files.replace_paths([(staging / name, root / name) for name in names] + [(order, root / order.name)])
+
+
+def _save_order(model: SwiftModel, names: list[str]) -> list[str]:
+    active = [name for name in model.active_adapters if name in names]
+    return active + [name for name in names if name not in active]
+
+
+def adapter_state_dict(model: SwiftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.
+
+    Args:
+        model: the model holding the adapter.
+        adapter_name: the adapter to read.
+    """
+    with model.offload_store.restored(model.adapter_modules, adapter_name):
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for slot, (_, tensor) in model.adapter_slots(adapter_name).items():
+            value = tensor.detach().cpu()
+            # safetensors refuses tensors that share memory; adapters are small, so copy the repeats
+            tensors[slot.swift_key(adapter_name)] = value.clone() if value.data_ptr() in seen else value
+            seen.add(value.data_ptr())
+        return tensors
+
+
+def load_adapter_weights(
+    model: SwiftModel,
+    adapter_name: str,
+    weights: dict[str, torch.Tensor],
+    source: str,
+    saved_as: str,
+    assign: bool = False,
+) -> None:
+    """Copy a checkpoint's tensors into adapter ``adapter_name``, checking keys, shapes and dtypes first.
+
+    Args:
+        model: the model holding the (already injected) adapter.
+        adapter_name: the adapter to fill.
+        weights: the checkpoint's tensors, in SWIFT layout (keys with ``saved_as``) or PEFT layout
+            (``base_model.model.`` keys without adapter name).
+        source: the file, for error messages.
+        saved_as: the adapter name the checkpoint was saved under.
+        assign: replace the (meta) tensors instead of copying into them.
+    """
+    slots = model.adapter_slots(adapter_name)
+    key_of = _checkpoint_key(model.in_place_tuner(adapter_name), slots, weights, saved_as)
+    by_key = {key_of(slot): (slot, key, tensor) for slot, (key, tensor) in slots.items()}
+    _check_fit(adapter_name, weights, by_key, source)
+    state = {
+        model_key: weights[key].to(tensor.dtype) for key, (_, model_key, tensor) in by_key.items() if key in weights
+    }
+    # an in-place tuner's tensors are the base model's own: copy into them, never replace them
+    assign = assign and model.in_place_tuner(adapter_name) is None
+    model.base_model.load_state_dict(state, strict=False, assign=assign)
+    if assign:
+        model.structure_changed()
+
+
+def _checkpoint_key(tuner: InPlaceTuner | None, slots: dict[Slot, tuple], weights: dict, saved_as: str):
+    """How a slot is named in this checkpoint: SWIFT layout, PEFT layout, or an in-place tuner's PEFT keys."""
+    if tuner is not None:
+        # an in-place tuner saved through PEFT (get_peft_model) names its tensors its own way
+        if any(tuner.peft_checkpoint_key(slot.path) in weights for slot in slots):
+            return lambda slot: tuner.peft_checkpoint_key(slot.path)
+        return lambda slot: slot.swift_key(saved_as)
+    if any(key.startswith(PEFT_KEY_PREFIX) for key in weights):
+        return Slot.peft_key
+    return lambda slot: slot.swift_key(saved_as)
+
+
+def _check_fit(
+    adapter_name: str, weights: dict, by_key: dict[str, tuple[Slot, str, torch.Tensor]], source: str
+) -> None:
+    missing = [key for key, (slot, _, _) in by_key.items() if slot.required and key not in weights]
+    unexpected = [key for key in weights if key not in by_key]
+    mismatched = [
+        f"{key}: checkpoint {tuple(weights[key].shape)} vs model {tuple(tensor.shape)}"
+        for key, (_, _, tensor) in by_key.items()
+        if key in weights and tuple(weights[key].shape) != tuple(tensor.shape)
+    ]
+    mismatched += [
+        f"{key}: checkpoint dtype {weights[key].dtype} for a {tensor.dtype} tensor"
+        for key, (_, _, tensor) in by_key.items()
+        if key in weights and tensor.is_floating_point() and not weights[key].is_floating_point()
+    ]
+    if missing or unexpected or mismatched:
+        found = (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
+        raise ValueError(
+            f"{source} does not fit adapter {adapter_name!r} of this model: "
+            + "; ".join(f"{label} keys: {_preview(keys)}" for label, keys in found if keys)
+        )
+
+
+def _preview(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
