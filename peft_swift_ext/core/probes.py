@@ -10,7 +10,6 @@ and nothing is kept alive between forwards.
 from __future__ import annotations
 
 import copy
-import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .slots import first_argument, first_tensor
 
 
 @dataclass(frozen=True)
@@ -33,27 +34,6 @@ class ProbeSource:
     name: str
     module: nn.Module
     where: str
-
-
-def first_tensor(value: object) -> torch.Tensor:
-    """The tensor that carries the hidden states: ``value`` itself, or the first element of a tuple/list/dict."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value:
-        return first_tensor(value[0])
-    if isinstance(value, dict) and value:  # includes transformers' ModelOutput
-        return first_tensor(next(iter(value.values())))
-    raise TypeError(f"expected a tensor, or a tuple/list/dict starting with one, got {type(value).__name__}")
-
-
-def first_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
-    """The first argument of a call ``module(*args, **kwargs)``, passed by position or by keyword."""
-    if args:
-        return args[0]
-    parameters = list(inspect.signature(module.forward).parameters)
-    if parameters and parameters[0] in kwargs:
-        return kwargs[parameters[0]]
-    raise TypeError(f"{type(module).__name__} was called without a first argument to capture")
 
 
 class FeatureProbes:

@@ -4,7 +4,7 @@ SWIFT names a tensor either by an int (a positional argument / an output index) 
 argument / an output key). Model code does not always pass arguments the way a config assumes (BERT's
 layers get the mask positionally, Llama's by keyword), so arguments are resolved through the forward
 signature: an int also finds the keyword of that parameter, a str also finds its positional slot.
-The Adapter, Prompt and Side tuners share these helpers.
+Every tuner that reads or rewrites a module's arguments or output uses these helpers.
 """
 
 from __future__ import annotations
@@ -147,3 +147,52 @@ def _output_key(output, position: Position | None, field: str, module_name: str)
     raise ValueError(
         f"the output of {module_name} is a {type(output).__name__}; {field} needs a tensor, tuple or dict"
     )
+
+
+def first_tensor(value: object) -> torch.Tensor:
+    """The tensor that carries the hidden states: ``value`` itself, or the first element of a tuple/list/dict.
+
+    Args:
+        value: a module's output (or argument).
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value:
+        return first_tensor(value[0])
+    if isinstance(value, dict) and value:  # includes transformers' ModelOutput
+        return first_tensor(next(iter(value.values())))
+    raise TypeError(f"expected a tensor, or a tuple/list/dict starting with one, got {type(value).__name__}")
+
+
+def first_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
+    """The first argument of a call ``module(*args, **kwargs)``, passed by position or by keyword.
+
+    Args:
+        module: the called module.
+        args: the call's positional arguments.
+        kwargs: the call's keyword arguments.
+    """
+    value = ArgumentSlot(module, 0).get(args, kwargs)
+    if value is None:
+        raise TypeError(f"{type(module).__name__} was called without a first argument")
+    return value
+
+
+def replace_first_tensor(output, tensor: torch.Tensor):
+    """``output`` with its hidden states (itself, or its first element / value, recursively) replaced.
+
+    The other elements are kept (blocks may return several values).
+
+    Args:
+        output: a tensor, a tuple/list, or a mapping such as ``ModelOutput``.
+        tensor: the new hidden states.
+    """
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, (tuple, list)):
+        items = [replace_first_tensor(output[0], tensor), *output[1:]]
+        return tuple(items) if isinstance(output, tuple) else items
+    key = next(iter(output.keys()))
+    copied = type(output)(**output) if hasattr(output, "to_tuple") else output.copy()
+    copied[key] = tensor
+    return copied

@@ -26,7 +26,7 @@ def test_swift_aliases_give_the_same_config():
     "kwargs, message",
     [
         ({}, "needs n_layers"),
-        ({"n_layers": 0}, "at least 1"),
+        ({"n_layers": 0}, "n_layers must be a positive int"),
         ({"n_layers": 2, "interval": 0}, "interval must be"),
         ({"n_layers": 2, "lisa_activated_layers": 3}, "disagree"),
         ({"n_layers": 2, "interval": 4, "lisa_step_interval": 5}, "disagree"),

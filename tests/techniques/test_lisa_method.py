@@ -189,9 +189,9 @@ def test_trainer_callback_reads_the_config_of_the_peft_model(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"n_layers": "2"}, "n_layers must be an integer"),
-        ({"n_layers": True}, "n_layers must be an integer"),
-        ({"n_layers": 2, "interval": 0}, "interval must be at least 1"),
+        ({"n_layers": "2"}, "n_layers must be a positive int"),
+        ({"n_layers": True}, "n_layers must be a positive int"),
+        ({"n_layers": 2, "interval": 0}, "interval must be a positive int"),
         ({"n_layers": 2, "seed": 1.5}, "seed must be an integer"),
         ({"n_layers": 2, "train_head": "yes"}, "train_head must be True or False"),
         ({"n_layers": 2, "layers_path": ""}, "layers_path must be"),

@@ -232,7 +232,7 @@ def test_dims_wider_than_the_input_are_refused_on_any_model():
     [
         ({"tuner_mode": "middle"}, "tuner_mode must be one of"),
         ({"tuner_op": "LoRA"}, "tuner_op must be 'SCEAdapter'"),
-        ({"down_ratio": 0}, "down_ratio must be a positive number"),
+        ({"down_ratio": 0}, "down_ratio must be a finite number > 0"),
         ({"down_ratio": 0.01}, "leaves no hidden units"),
         ({"dims": [32, -1]}, "dims must be a positive int"),
     ],

@@ -6,6 +6,8 @@ from peft import PeftConfig
 from peft.utils import PeftType
 from transformers.activations import ACT2CLS
 
+from ...core import validators as check
+
 
 @dataclass
 class AdapterConfig(PeftConfig):
@@ -43,20 +45,13 @@ class AdapterConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        if hasattr(super(), "__post_init__"):
-            super().__post_init__()
+        super().__post_init__()
         self.peft_type = PeftType.ADAPTER
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"AdapterConfig.dim must be a positive int (the hidden size), got {self.dim!r}")
-        if self.target_modules is None:
-            raise ValueError("AdapterConfig.target_modules must be set (a regex or a list of module names)")
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
-        length = self.adapter_length
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-            raise ValueError(f"AdapterConfig.adapter_length must be a positive int, got {length!r}")
-        if isinstance(self.hidden_pos, bool) or not isinstance(self.hidden_pos, (int, str, type(None))):
-            raise ValueError(f"AdapterConfig.hidden_pos must be an int, a str or None, got {self.hidden_pos!r}")
+        check.positive_int(self, "dim", "the hidden size")
+        check.required(self, "target_modules", "a regex or a list of module names")
+        check.target_list(self)
+        check.positive_int(self, "adapter_length")
+        check.position(self, "hidden_pos", optional=True)
         if not isinstance(self.method_name, str) or not self.method_name.isidentifier():
             raise ValueError(f"AdapterConfig.method_name must be a method name, got {self.method_name!r}")
         if self.act_layer not in ACT2CLS:

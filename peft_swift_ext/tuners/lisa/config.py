@@ -7,6 +7,8 @@ from dataclasses import InitVar, dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
+
 _DEFAULT_INTERVAL = 20
 
 
@@ -73,23 +75,15 @@ class LisaConfig(PeftConfig):
             self.interval = lisa_step_interval
         if self.n_layers is None:
             raise ValueError("LisaConfig needs n_layers (SWIFT: lisa_activated_layers)")
-        for name in ("n_layers", "interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"LisaConfig.{name} must be an integer, got {value!r}")
-            if value < 1:
-                raise ValueError(f"LisaConfig.{name} must be at least 1, got {value}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        check.positive_int(self, "n_layers")
+        check.positive_int(self, "interval")
+        if not check.is_int(self.seed):
             raise ValueError(f"LisaConfig.seed must be an integer, got {self.seed!r}")
-        for name in ("train_embeddings", "train_head", "checkpoint_frozen_layers"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LisaConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        check.boolean(self, "train_embeddings", "train_head", "checkpoint_frozen_layers")
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
             raise ValueError(f"LisaConfig.layers_path must be a module path or None, got {self.layers_path!r}")
         layers = self.trained_layers
-        if not isinstance(layers, (list, tuple)) or any(
-            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers
-        ):
+        if not isinstance(layers, (list, tuple)) or not all(check.is_int(i) and i >= 0 for i in layers):
             raise ValueError(f"LisaConfig.trained_layers must be a list of layer indices, got {layers!r}")
         self.trained_layers = sorted(set(layers))
 

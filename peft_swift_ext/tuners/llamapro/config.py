@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
+
 # ms-swift fields that carry no meaning here: the layer list is found structurally, not by model type.
 _SWIFT_BOOKKEEPING = ("swift_type", "peft_type", "model_type", "model_key_mapping", "num_new_blocks", "num_groups")
 
@@ -48,10 +50,8 @@ class LlamaProConfig(PeftConfig):
         self.peft_type = PeftType.LLAMAPRO
         if self.num_groups is None:
             self.num_groups = self.num_new_blocks
-        for name in ("num_new_blocks", "num_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LlamaProConfig.{name} must be a positive integer, got {value!r}")
+        check.positive_int(self, "num_new_blocks")
+        check.positive_int(self, "num_groups")
         if self.num_new_blocks % self.num_groups:
             raise ValueError(
                 f"LlamaProConfig.num_new_blocks={self.num_new_blocks} must be a multiple of "

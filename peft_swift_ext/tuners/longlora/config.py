@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
+
 # ms-swift LongLoRA fields with no effect here: the model family is detected from the attention interface, and
 # LoRA+ learning rates are not part of LongLoRA (build LoRA+ groups separately if wanted).
 _SWIFT_IGNORED = ("model_type", "lorap_lr_ratio", "lorap_emb_lr")
@@ -40,12 +42,9 @@ class LongLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LONGLORA
-        ratio = self.group_size_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"LongLoraConfig.group_size_ratio must be in (0, 1], got {ratio!r}")
-        size = self.group_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
-            raise ValueError(f"LongLoraConfig.group_size must be None or an integer >= 2, got {size!r}")
+        check.positive_number(self, "group_size_ratio", upper=1)
+        if self.group_size is not None:
+            check.positive_int(self, "group_size", minimum=2)
         names = self.embedder_and_normalizer
         if isinstance(names, (list, tuple)):
             self.embedder_and_normalizer = names = list(names)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
 from peft.utils import PeftType
+
+from ...core import validators as check
 
 
 @dataclass
@@ -27,8 +28,6 @@ class NEFTuneConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.NEFTUNE
-        alpha = self.noise_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise ValueError(f"NEFTuneConfig.noise_alpha must be a positive finite number, got {alpha!r}")
+        check.positive_number(self, "noise_alpha")
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
+
 
 @dataclass
 class PromptConfig(PeftConfig):
@@ -58,25 +60,14 @@ class PromptConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        if hasattr(super(), "__post_init__"):
-            super().__post_init__()
+        super().__post_init__()
         self.peft_type = PeftType.PROMPT
-        dims = self.dim if isinstance(self.dim, list) else [self.dim]
-        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
-            raise ValueError(f"PromptConfig.dim must be a positive int or a list of them, got {self.dim!r}")
-        if self.target_modules is None:
-            raise ValueError("PromptConfig.target_modules must be set (a regex or a list of layer names)")
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
-        if self.embedding_pos is None:
-            raise ValueError("PromptConfig.embedding_pos must be set (the hidden-states argument of the layers)")
-        for name in ("embedding_pos", "attention_mask_pos", "position_embeddings_pos"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, str, type(None))):
-                raise ValueError(f"PromptConfig.{name} must be an int, a str or None, got {value!r}")
-        length = self.prompt_length
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-            raise ValueError(f"PromptConfig.prompt_length must be a positive int, got {length!r}")
-        for name in ("attach_front", "extract_embedding"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"PromptConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        check.positive_ints(self, "dim")
+        check.required(self, "target_modules", "a regex or a list of layer names")
+        check.target_list(self)
+        check.required(self, "embedding_pos", "the hidden-states argument of the layers")
+        check.position(self, "embedding_pos")
+        check.position(self, "attention_mask_pos", optional=True)
+        check.position(self, "position_embeddings_pos", optional=True)
+        check.positive_int(self, "prompt_length")
+        check.boolean(self, "attach_front", "extract_embedding")

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
 from .spec import check_tuner_cfg
 
 _HOOKS = ("input", "output")
@@ -75,9 +76,7 @@ class ResTuningConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        parent_post_init = getattr(super(), "__post_init__", None)
-        if parent_post_init is not None:
-            parent_post_init()
+        super().__post_init__()
         self.peft_type = PeftType.RESTUNING
         if self.target_hidden_pos is None:
             self.target_hidden_pos = 0
@@ -87,24 +86,19 @@ class ResTuningConfig(PeftConfig):
         for name in ("dims", "stem_modules", "target_modules"):
             if getattr(self, name) in (None, [], ""):
                 raise ValueError(f"ResTuningConfig.{name} must be set")
-        dims = self.dims if isinstance(self.dims, list) else [self.dims]
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-            raise ValueError(f"ResTuningConfig.dims must be a positive int or a list of them, got {self.dims!r}")
+        check.positive_ints(self, "dims")
         for name in ("root_modules_hook", "stem_modules_hook", "target_modules_hook"):
             if getattr(self, name) not in _HOOKS:
                 raise ValueError(f"ResTuningConfig.{name} must be 'input' or 'output', got {getattr(self, name)!r}")
         if self.root_modules is not None and not isinstance(self.root_modules, str):
             raise ValueError(f"ResTuningConfig.root_modules must be a regex string, got {self.root_modules!r}")
-        if isinstance(self.target_hidden_pos, bool) or not isinstance(self.target_hidden_pos, (int, str)):
-            raise ValueError(
-                f"ResTuningConfig.target_hidden_pos must be an int or a str, got {self.target_hidden_pos!r}"
-            )
+        check.position(self, "target_hidden_pos")
         channels = (
             self.upsample_out_channels
             if isinstance(self.upsample_out_channels, list)
             else [self.upsample_out_channels]
         )
-        if not all(c is None or (isinstance(c, int) and not isinstance(c, bool) and c > 0) for c in channels):
+        if not all(c is None or (check.is_int(c) and c > 0) for c in channels):
             raise ValueError(
                 "ResTuningConfig.upsample_out_channels must be None, a positive int or a list of those, "
                 f"got {self.upsample_out_channels!r}"

@@ -11,7 +11,6 @@ root feature, all backbone features detached):
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -21,7 +20,10 @@ from torch import nn
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.probes import FeatureProbes, ProbeSource
+from ...core.slots import ArgumentSlot, output_value, replace_output_value
 from .spec import BlockSpec, OpSpec
+
+_FIELD = "ResTuningConfig.target_hidden_pos"
 
 
 def make_scaling(kind: str | None, dim: int) -> nn.Module | nn.Parameter | None:
@@ -299,52 +301,20 @@ class ResTuningLayer(SwiftTunerLayer):
         active = list(self.adapters_to_apply())
         for name in active:
             if self.restuning_hook[name] == "input":
-                args, kwargs = _replace_argument(
-                    self.base_layer,
-                    args,
-                    kwargs,
-                    self.restuning_hidden_pos[name],
-                    lambda x, name=name: self._bypass_output(name, x),
-                )
+                slot = ArgumentSlot(self.base_layer, self.restuning_hidden_pos[name])
+                value = slot.get(args, kwargs)
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(
+                        f"ResTuningConfig.target_hidden_pos={slot.position!r}: {self.layer_name} was called without "
+                        "that argument"
+                    )
+                args, kwargs = slot.replace(args, kwargs, self._bypass_output(name, value))
         output = self.base_layer(*args, **kwargs)
         for name in active:
             if self.restuning_hook[name] == "output":
-                output = _replace_output(
-                    output, self.restuning_hidden_pos[name], lambda x, name=name: self._bypass_output(name, x)
+                position = self.restuning_hidden_pos[name]
+                value = output_value(output, position, _FIELD, self.layer_name)
+                output = replace_output_value(
+                    output, position, self._bypass_output(name, value), _FIELD, self.layer_name
                 )
         return output
-
-
-def _replace_argument(module: nn.Module, args: tuple, kwargs: dict, position: int | str, replace):
-    """``(args, kwargs)`` with the argument at ``position`` (index or keyword) passed through ``replace``."""
-    if isinstance(position, int) and position < len(args):
-        args = list(args)
-        args[position] = replace(args[position])
-        return tuple(args), kwargs
-    name = position
-    if isinstance(position, int):
-        parameters = list(inspect.signature(module.forward).parameters)
-        name = parameters[position] if position < len(parameters) else None
-    if name not in kwargs:
-        raise ValueError(
-            f"ResTuningConfig.target_hidden_pos={position!r}: {type(module).__name__} was called without that argument"
-        )
-    return args, {**kwargs, name: replace(kwargs[name])}
-
-
-def _replace_output(output, position: int | str, replace):
-    """``output`` with its hidden states (the tensor itself, or element / key ``position``) replaced."""
-    if isinstance(output, torch.Tensor):
-        return replace(output)
-    if isinstance(output, (tuple, list)) and isinstance(position, int):
-        items = list(output)
-        items[position] = replace(items[position])
-        return type(output)(items) if isinstance(output, list) else tuple(items)
-    if isinstance(output, dict):
-        key = position if isinstance(position, str) else list(output.keys())[position]
-        copied = output.copy() if not hasattr(output, "to_tuple") else type(output)(**output)
-        copied[key] = replace(output[key])
-        return copied
-    raise ValueError(
-        f"ResTuningConfig.target_hidden_pos={position!r} does not select a tensor in a {type(output).__name__} output"
-    )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...core.validators import is_int
+
 #: option -> default, per op kind; SWIFT's ``adapter_type`` is accepted and has no effect there or here.
 OP_OPTIONS: dict[str, dict[str, object]] = {
     "res_adapter": {"adapter_length": 32, "adapter_weight": None, "adapter_type": None},
@@ -93,13 +95,13 @@ def _check_op_options(kind: str, options: dict, where: str) -> None:
     if kind == "res_adapter":
         length = options["adapter_length"]
         lengths = length if isinstance(length, list) else [length]
-        if not lengths or not all(_positive_int(n) for n in lengths):
+        if not lengths or not all(_is_positive_int(n) for n in lengths):
             raise ValueError(f"{where}: adapter_length must be a positive int or a list of them, got {length!r}")
     if kind == "res_group_adapter":
         for name in ("head", "scale_factor"):
-            if not _positive_int(options[name]):
+            if not _is_positive_int(options[name]):
                 raise ValueError(f"{where}: {name} must be a positive int, got {options[name]!r}")
-        if options["dim"] is not None and not _positive_int(options["dim"]):
+        if options["dim"] is not None and not _is_positive_int(options["dim"]):
             raise ValueError(f"{where}: dim must be a positive int, got {options['dim']!r}")
 
 
@@ -111,10 +113,6 @@ def _is_scalar_weight(weight: object) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_tuner_cfg(tuner_cfg: object) -> None:
@@ -200,3 +198,7 @@ def _per_block(value: object, depth: int, field_name: str) -> list:
             )
         return list(value)
     return [value] * depth
+
+
+def _is_positive_int(value: object) -> bool:
+    return is_int(value) and value > 0

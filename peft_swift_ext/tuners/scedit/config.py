@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
+
 TUNER_MODES = ("decoder", "encoder", "identity")
 
 
@@ -44,23 +46,16 @@ class SCEditConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        parent_post_init = getattr(super(), "__post_init__", None)
-        if parent_post_init is not None:
-            parent_post_init()
+        super().__post_init__()
         self.peft_type = PeftType.SCEDIT
-        for name in ("dims", "target_modules"):
-            if getattr(self, name) in (None, [], ""):
-                raise ValueError(f"SCEditConfig.{name} must be set")
-        dims = self.dims if isinstance(self.dims, list) else [self.dims]
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-            raise ValueError(f"SCEditConfig.dims must be a positive int or a list of them, got {self.dims!r}")
+        if self.target_modules in (None, [], ""):
+            raise ValueError("SCEditConfig.target_modules must be set (a regex or a list of module names)")
+        dims = check.positive_ints(self, "dims")
         if self.tuner_mode not in TUNER_MODES:
             raise ValueError(f"SCEditConfig.tuner_mode must be one of {list(TUNER_MODES)}, got {self.tuner_mode!r}")
         if self.tuner_op != "SCEAdapter":
             raise ValueError(f"SCEditConfig.tuner_op must be 'SCEAdapter', got {self.tuner_op!r}")
-        ratio = self.down_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
-            raise ValueError(f"SCEditConfig.down_ratio must be a positive number, got {ratio!r}")
+        ratio = check.positive_number(self, "down_ratio")
         too_narrow = [d for d in dims if int(d * ratio) < 1]
         if too_narrow:
             raise ValueError(f"SCEditConfig.down_ratio={ratio} leaves no hidden units for dims {too_narrow}")

@@ -10,7 +10,6 @@ tuner starts as the identity):
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -19,7 +18,8 @@ from torch import nn
 
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
-from ...core.probes import FeatureProbes, ProbeSource, first_argument, first_tensor
+from ...core.probes import FeatureProbes, ProbeSource
+from ...core.slots import ArgumentSlot, first_argument, first_tensor, replace_first_tensor
 
 
 class SCEditLayer(SwiftTunerLayer):
@@ -125,7 +125,7 @@ class SCEditLayer(SwiftTunerLayer):
             raise ValueError(
                 f"SCEditConfig.dims: '{self.layer_name}' outputs {width} channels but the tuner was built for {dim}"
             )
-        return _with_first_tensor(output, self.sc_tune(adapter_name, features))
+        return replace_first_tensor(output, self.sc_tune(adapter_name, features))
 
     def forward(self, *args, **kwargs):
         active = list(self.adapters_to_apply())
@@ -134,30 +134,9 @@ class SCEditLayer(SwiftTunerLayer):
             x = first_argument(self.base_layer, args, kwargs)
             for name in decoder:
                 x = self._edit_skip(name, x)
-            args, kwargs = _with_first_argument(self.base_layer, args, kwargs, x)
+            args, kwargs = ArgumentSlot(self.base_layer, 0).replace(args, kwargs, x)
         output = self.base_layer(*args, **kwargs)
         for name in active:
             if self.scedit_mode[name] != "decoder":
                 output = self._edit_output(name, output)
         return output
-
-
-def _with_first_argument(module: nn.Module, args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (value, *args[1:]), kwargs
-    first = next(iter(inspect.signature(module.forward).parameters))
-    return args, {**kwargs, first: value}
-
-
-def _with_first_tensor(output, tensor: torch.Tensor):
-    """``output`` with its hidden states (itself, or its first element / value) replaced by ``tensor``."""
-    if isinstance(output, torch.Tensor):
-        return tensor
-    if isinstance(output, (tuple, list)):
-        # keep the other elements (ms-swift drops them, which breaks blocks returning several values)
-        items = [_with_first_tensor(output[0], tensor), *output[1:]]
-        return tuple(items) if isinstance(output, tuple) else items
-    key = next(iter(output.keys()))
-    copied = type(output)(**output) if hasattr(output, "to_tuple") else output.copy()
-    copied[key] = tensor
-    return copied

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ...core import validators as check
 from .networks import SIDE_NETWORKS
 
 
@@ -44,22 +45,16 @@ class SideConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        if hasattr(super(), "__post_init__"):
-            super().__post_init__()
+        super().__post_init__()
         self.peft_type = PeftType.SIDE
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
-            raise ValueError(f"SideConfig.dim must be a positive int (the blended output size), got {self.dim!r}")
-        if self.target_modules is None:
-            raise ValueError("SideConfig.target_modules must be set (a regex or a list of module names)")
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
+        check.positive_int(self, "dim", "the blended output size")
+        check.required(self, "target_modules", "a regex or a list of module names")
+        check.target_list(self)
         if not isinstance(self.side_module_name, str) or self.side_module_name.lower() not in SIDE_NETWORKS:
             raise ValueError(
                 f"SideConfig.side_module_name={self.side_module_name!r} is unknown; choose one of "
                 f"{', '.join(SIDE_NETWORKS)}"
             )
         self.side_module_name = self.side_module_name.lower()
-        for name in ("source_hidden_pos", "target_hidden_pos"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise ValueError(f"SideConfig.{name} must be an int or a str, got {value!r}")
+        check.position(self, "source_hidden_pos")
+        check.position(self, "target_hidden_pos")
