@@ -8,6 +8,7 @@ request asks, and each row is then cut at its own ``max_new_tokens`` or at its f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,9 @@ class Engine:
             raise ValueError(f"an adapter may not be named {BASE_MODEL_NAME!r}: that name selects the base model")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        # The server encodes on the event loop while a batch decodes on the worker thread; a Rust-backed tokenizer
+        # refuses to be borrowed mutably (its padding/truncation state) while another thread uses it.
+        self._tokenizer_lock = threading.Lock()
         self.adapters = dict(adapters)
         self.backend = backend
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -98,7 +102,8 @@ class Engine:
             prompt: text, or token ids (returned as they are; :meth:`check_token_ids` checks their range).
         """
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            with self._tokenizer_lock:
+                return list(self.tokenizer(prompt)["input_ids"])
         return list(prompt)
 
     def check_token_ids(self, token_ids: Sequence[int]) -> None:
@@ -159,9 +164,11 @@ class Engine:
         tokens = tokens[: row.max_new_tokens]
         stop = next((i for i, token in enumerate(tokens) if token in self.eos_token_ids), None)
         kept = tokens if stop is None else tokens[:stop]
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
         return Completion(
             token_ids=tuple(kept),
-            text=self.tokenizer.decode(kept, skip_special_tokens=True),
+            text=text,
             finish_reason="length" if stop is None else "stop",
             prompt_tokens=len(row.prompt_ids),
             completion_tokens=len(tokens) if stop is None else stop + 1,

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,3 +78,20 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+def send_together(url: str, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """POST every body from its own thread, all released at once."""
+    barrier = threading.Barrier(len(bodies))
+    results: list = [None] * len(bodies)
+
+    def send(index: int) -> None:
+        barrier.wait()
+        results[index] = request(url + "/v1/completions", bodies[index])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results

@@ -15,8 +15,11 @@ from peft_swift_ext.serve.app import create_app  # noqa: E402
 from peft_swift_ext.serve.engine import BASE_MODEL_NAME, Completion, Row  # noqa: E402
 from peft_swift_ext.serve.settings import ServeSettings  # noqa: E402
 
-from .client import request  # noqa: E402
-from .test_server import send_together  # noqa: E402
+from .client import request, send_together  # noqa: E402
+
+# Small, so the refused body fits in the socket buffers: a large one could be cut off by the server's answer
+# while the client is still sending, and the client would see a reset connection instead of the 413.
+BODY_LIMIT = 4096
 
 
 class FakeEngine:
@@ -48,7 +51,9 @@ class FakeEngine:
 @pytest.fixture
 def fake_server():
     engine = FakeEngine()
-    settings = ServeSettings(max_batch_size=2, batch_wait_ms=2000, max_input_tokens=50, max_new_tokens=8)
+    settings = ServeSettings(
+        max_batch_size=2, batch_wait_ms=2000, max_input_tokens=50, max_new_tokens=8, max_body_bytes=BODY_LIMIT
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), log_level="warning"))
@@ -84,5 +89,6 @@ def test_a_failing_batch_gets_500s_and_the_next_batch_is_served(fake_server):
 
 def test_a_body_over_the_limit_gets_413(fake_server):
     url, _ = fake_server
-    status, answer = request(url + "/v1/completions", b'{"model": "steady", "prompt": "' + b"x" * (1 << 20) + b'"}')
-    assert status == 413 and "limit" in answer["error"]["message"]
+    status, answer = request(url + "/v1/completions", b'{"model": "steady", "prompt": "' + b"x" * BODY_LIMIT + b'"}')
+    assert status == 413 and f"the limit is {BODY_LIMIT}" in answer["error"]["message"]
+    assert request(url + "/v1/completions", {"model": "steady", "prompt": "ok"})[0] == 200

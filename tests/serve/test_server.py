@@ -3,8 +3,6 @@ equals the request run alone; every kind of bad request gets its 4xx and the ser
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
@@ -12,8 +10,8 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 
 from peft_swift_ext.serve.engine import BASE_MODEL_NAME, Row  # noqa: E402
 
-from .client import ServerProcess, request  # noqa: E402
-from .test_engine import alone, reference_model  # noqa: E402
+from .client import ServerProcess, request, send_together  # noqa: E402
+from .reference import alone, reference_model  # noqa: E402
 
 CONCURRENT = 8
 MAX_NEW_TOKENS = 12
@@ -24,6 +22,7 @@ MAX_INPUT_TOKENS = 40
 def server(serving_files, tmp_path_factory):
     model_dir, adapters_dir = serving_files
     args = ["--model", str(model_dir), "--adapters", str(adapters_dir), "--max-batch-size", str(CONCURRENT)]
+    args += ["--device", "cpu"]  # where the reference runs: the same arithmetic on a machine with a GPU too
     # A long window: the batch closes as soon as all CONCURRENT requests are in, so the window only bounds a
     # straggler's wait; requests sent one at a time each wait it out, so the bad-request checks (which never
     # reach the batcher) come first.
@@ -31,23 +30,6 @@ def server(serving_files, tmp_path_factory):
     args += ["--max-new-tokens", str(MAX_NEW_TOKENS)]
     with ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log") as running:
         yield running
-
-
-def send_together(url: str, bodies: list[dict]) -> list[tuple[int, dict]]:
-    """POST every body from its own thread, all released at once."""
-    barrier = threading.Barrier(len(bodies))
-    results: list = [None] * len(bodies)
-
-    def send(index: int) -> None:
-        barrier.wait()
-        results[index] = request(url + "/v1/completions", bodies[index])
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
 
 
 def test_models_and_health(server):
