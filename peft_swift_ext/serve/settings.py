@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -34,8 +35,8 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not self.batch_wait_ms >= 0:
-            raise ValueError(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms!r}")
+        if not (isinstance(self.batch_wait_ms, (int, float)) and 0 <= self.batch_wait_ms < math.inf):
+            raise ValueError(f"--batch-wait-ms must be a finite number >= 0, got {self.batch_wait_ms!r}")
 
 
 def resolve_token_limits(

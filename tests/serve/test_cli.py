@@ -31,7 +31,8 @@ def run_main(capsys, serving_files, *extra: str) -> tuple[int, str]:
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--max-input-tokens", "0"], "--max-input-tokens must be >= 1"),
         (["--max-batch-size", "0"], "--max-batch-size must be an integer >= 1"),
-        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be a finite number >= 0"),
+        (["--batch-wait-ms", "inf"], "--batch-wait-ms must be a finite number >= 0"),
         (["--max-queue", "0"], "--max-queue must be an integer >= 1"),
         (["--port", "70000"], "--port must be in 0..65535"),
         # the tiny model's context is 512 tokens
