@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
+from ..compat import ModulesToSaveWrapper
 from .paths import canonical_path
 
 PEFT_KEY_PREFIX = "base_model.model."

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..compat import set_active_adapters_view
+
 
 class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     """Base of the modules a plugin tuner puts in place of a targeted module.
@@ -32,8 +34,7 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
-        self._active_adapter: list[str] = []
-        self._disable_adapters = False
+        set_active_adapters_view(self, [])
         self.merged_adapters: list[str] = []
         self.register_state_dict_post_hook(_flatten_nested_adapter_keys)
         self.register_load_state_dict_pre_hook(_unflatten_nested_adapter_keys)

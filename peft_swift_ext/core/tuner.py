@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.integrations import init_empty_weights
 from torch import nn
 
 from .layer import adapter_parameters, follow_parent_mode
-from .paths import find_target_modules
+from .paths import canonical_path, find_target_modules, parent_of
 
 
 class SwiftBaseTuner(BaseTuner):
     """``BaseTuner`` for the plugin tuners: clear target errors and a clear refusal to merge.
 
-    Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``.
+    Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``; they may extend
+    ``_plan_targets`` (checks and planning before any change) and ``_finish_injection``.
     ``mergeable`` stays False for tuners that change activations rather than weights; ``wraps_root`` is True
     for tuners that can take the root model itself as their target (``target_modules=""``).
     """
@@ -22,34 +26,66 @@ class SwiftBaseTuner(BaseTuner):
     wraps_root = False
     target_module_mapping: dict[str, list[str]] = {}
 
-    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
-        if getattr(peft_config, "target_modules", None) is None:
-            raise ValueError(f"{type(peft_config).__name__}.target_modules must be set")
-        return peft_config
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+    ) -> None:
+        """Plan and check every target first (clear errors, model untouched), then wrap or update each one.
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Check every targeted module first (clear errors, model untouched), then wrap them as PEFT does.
+        Targets are matched on module names without other tuners' ``base_layer`` segments, so an adapter can
+        go on a module inside another tuner's layer, or around such a layer: a new layer wraps whatever sits at
+        its target (a later adapter wraps an earlier one), except that an adapter joins this tuner's own layer
+        when that layer is the outermost there.
 
         Args:
             model: the model to add the adapter to.
             adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter`` (``autocast_adapter_dtype``,
-                ``low_cpu_mem_usage``, ...).
+            autocast_adapter_dtype: PEFT's option; applied by ``PeftModel`` after injection.
+            low_cpu_mem_usage: create the adapter's weights on the meta device (to be filled by a load).
+            state_dict: PEFT's option to derive targets from a checkpoint; refused (targets come from the config).
         """
+        if state_dict is not None:
+            raise ValueError(f"{type(self).__name__} takes its targets from the config, not from a state_dict")
         config = self.peft_config[adapter_name]
-        targets = find_target_modules(model, config)
-        for name in targets:
-            self._validate_target(model.get_submodule(name), name, config)
-        if targets != [""]:
-            super().inject_adapter(model, adapter_name, **kwargs)
-            return
-        # PEFT reads target_modules='' as "no targets given": attach to the root here, then do its housekeeping.
-        self._create_and_replace(config, adapter_name, model, "", model, current_key="")
+        targets = self._plan_targets(model, adapter_name, config)
+        with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():
+            for path in targets:
+                parent, child = parent_of(model, path)
+                target = model if path == "" else getattr(parent, child)
+                self._create_and_replace(config, adapter_name, target, child, parent, current_key=canonical_path(path))
+        self._finish_injection(model, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
 
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
+        """The module paths to wrap, in model order; every check that can fail runs here, before any change.
+
+        Tuners that need more planning (their targets' sizes, feature sources, layer lists) extend this.
+
+        Args:
+            model: the model the adapter goes into.
+            adapter_name: the new adapter.
+            config: its config.
+        """
+        if getattr(config, "target_modules", None) is None:
+            raise ValueError(f"{type(config).__name__}.target_modules must be set")
+        targets = find_target_modules(model, config)
+        for name in targets:
+            self._validate_target(model.get_submodule(name) if name else model, name, config)
+        return targets
+
     def _validate_target(self, module: nn.Module, name: str, config: PeftConfig) -> None:
-        """Raise a clear error if ``module`` cannot take this tuner; runs before anything is injected."""
+        """Raise a clear error if ``module`` cannot take this tuner; runs before anything is injected.
+
+        Args:
+            module: the module at the target (the outermost tuner layer if one wraps it).
+            name: its path.
+            config: the adapter's config.
+        """
         if name == "" and not self.wraps_root:
             raise ValueError(
                 f"{type(config).__name__}.target_modules='' selects the root model, which "
@@ -60,6 +96,14 @@ class SwiftBaseTuner(BaseTuner):
                 f"{type(config).__name__}.target_modules selects '{name}', a {type(module).__name__}; "
                 "target the blocks inside it instead"
             )
+
+    def _finish_injection(self, model: nn.Module, adapter_name: str) -> None:
+        """Work left after every target was wrapped (nothing by default).
+
+        Args:
+            model: the model the adapter went into.
+            adapter_name: the new adapter.
+        """
 
     def _update_or_wrap(
         self, target: nn.Module, parent: nn.Module, target_name: str, new_layer, adapter_name: str, *args, **kwargs

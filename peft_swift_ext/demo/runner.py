@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import Swift
+from ..swift import Swift
 from .data import collate, encode, load_split, training_batches
 from .models import MODEL_LOADERS
 from .plot import plot_losses

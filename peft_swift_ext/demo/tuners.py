@@ -12,8 +12,9 @@ from collections.abc import Callable
 from peft import LoraConfig, PeftConfig
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .. import (
-    TUNERS,
+from ..core.registry import TUNERS
+from ..swift import Swift, SwiftModel
+from ..tuners import (
     AdapterConfig,
     LlamaProConfig,
     LongLoraConfig,
@@ -21,8 +22,6 @@ from .. import (
     NEFTuneConfig,
     PromptConfig,
     SideConfig,
-    Swift,
-    SwiftModel,
 )
 
 DEFAULT_TUNER = "loraplus"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..swift import Swift
 from .engine import BASE_MODEL_NAME, Engine, Row
 
 CONFIG_NAME = "adapter_config.json"
@@ -122,8 +123,6 @@ def attach_adapters(
         backend: ``peft`` or ``swift`` (see :func:`choose_backend`).
     """
     if backend == "swift":
-        from peft_swift_ext import Swift
-
         return Swift.from_pretrained(model, Path(adapters_dir), adapter_name=list(adapters)).eval()
     if backend == "peft":
         # (importing this sub-package already imported peft_swift_ext, which registers its tuner types with PEFT)

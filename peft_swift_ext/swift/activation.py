@@ -13,8 +13,9 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+
+from ..compat import AuxiliaryTrainingWrapper, adapter_names_in, set_active_adapters_view
 
 
 def per_thread_from_env() -> bool:
@@ -90,7 +91,8 @@ class ActiveAdapterView(Sequence):
         names = self.state.current()
         if self.owner is None:
             return names
-        return tuple(name for name in names if name in self.owner._adapters)
+        owned = adapter_names_in(self.owner)
+        return tuple(name for name in names if name in owned)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
@@ -122,8 +124,6 @@ def install_view(model: nn.Module, state: ActivationState) -> None:
     shared = ActiveAdapterView(state)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            module._active_adapter = shared
-            module._disable_adapters = False
+            set_active_adapters_view(module, shared)
         elif isinstance(module, AuxiliaryTrainingWrapper):
-            module._active_adapter = ActiveAdapterView(state, owner=module)
-            module._disable_adapters = False
+            set_active_adapters_view(module, ActiveAdapterView(state, owner=module))

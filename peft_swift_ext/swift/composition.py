@@ -24,7 +24,8 @@ from ..compat import (
     has_adapters,
 )
 from ..core.contract import StructureOwner
-from ..core.paths import find_target_modules
+from ..core.paths import find_target_modules, parent_of
+from ..core.tuner import SwiftBaseTuner
 
 
 def tuner_class_for(config: PeftConfig, adapter_name: str) -> type[BaseTuner]:
@@ -51,6 +52,11 @@ def inject(
 ) -> None:
     """Inject one adapter into ``model`` with its type's tuner (created on first use); all or nothing.
 
+    Where adapters of different types meet on one module, a later adapter's layer wraps the earlier ones. This
+    package's tuners see through other tuners' layers by themselves; PEFT's own tuners never inject below an
+    existing tuner layer, so for them the other types' layers leave the tree during the injection and go back
+    in afterwards, below the layers the injection created.
+
     Args:
         model: the shared base model.
         tuners: the tuner of each type already in ``model``; a new one is added here.
@@ -61,11 +67,14 @@ def inject(
     tuner_cls = tuner_class_for(config, adapter_name)
     peft_type = PeftType(config.peft_type)
     had_peft_config = hasattr(model, "peft_config")
+    hide = (
+        contextlib.nullcontext() if issubclass(tuner_cls, SwiftBaseTuner) else _other_layers_hidden(model, tuner_cls)
+    )
     try:
-        with _other_tuners_hidden(model, tuner_cls.tuner_layer_cls):
+        with hide:
             targets = getattr(config, "target_modules", None)
             if isinstance(targets, (list, tuple, set)) or (isinstance(targets, str) and targets != "all-linear"):
-                find_target_modules(model, config)
+                find_target_modules(model, config)  # this package's clear error, before PEFT's
             tuner = tuners.get(peft_type)
             if tuner is None:
                 tuners[peft_type] = tuner_cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
@@ -82,14 +91,14 @@ def inject(
 
 
 @contextlib.contextmanager
-def _other_tuners_hidden(model: nn.Module, keep: type) -> Iterator[None]:
-    """Take other tuner types' layers out of the module tree for the duration of an injection.
+def _other_layers_hidden(model: nn.Module, tuner_cls: type[BaseTuner]) -> Iterator[None]:
+    """Take the layers of other tuner types out of the module tree while one of PEFT's tuners injects.
 
-    PEFT never injects below an existing tuner layer, and names below a layer gain a ``base_layer`` segment;
-    with the layers out, every module sits at its original path. On exit each layer goes back around
-    whatever now occupies its place (possibly the new tuner's own layer).
+    On exit each layer goes back to its place (found through any layer created meanwhile), below the layers
+    the injection created there: it belongs to an earlier adapter, and earlier adapters sit inside later ones.
     """
-    hidden: list[tuple[str, str, BaseTunerLayer]] = []
+    keep = tuner_cls.tuner_layer_cls
+    hidden: list[tuple[str, BaseTunerLayer]] = []
     while True:
         found = next(
             (
@@ -104,14 +113,18 @@ def _other_tuners_hidden(model: nn.Module, keep: type) -> Iterator[None]:
         path, layer = found
         parent, child = parent_of(model, path)
         setattr(parent, child, layer.base_layer)
-        hidden.append((path, child, layer))
+        hidden.append((path, layer))
+    existing = {id(module) for module in model.modules() if isinstance(module, BaseTunerLayer)}
     try:
         yield
     finally:
-        for path, child, layer in reversed(hidden):
-            parent, _ = parent_of(model, path)
-            layer.base_layer = getattr(parent, child)
-            setattr(parent, child, layer)
+        for path, layer in reversed(hidden):  # innermost first, so outer layers wrap the inner ones again
+            holder, attr = parent_of(model, path)
+            occupant = holder._modules[attr]
+            while isinstance(occupant, BaseTunerLayer) and id(occupant) not in existing:
+                holder, attr, occupant = occupant, "base_layer", occupant.base_layer
+            layer.base_layer = occupant
+            setattr(holder, attr, layer)
 
 
 def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: str, peft_type: PeftType) -> None:
@@ -172,14 +185,3 @@ def _unwrap_empty_layers(model: nn.Module) -> None:
         elif isinstance(module, ModulesToSaveWrapper) and not has_adapters(module):
             parent, child = parent_of(model, path)
             setattr(parent, child, module.original_module)
-
-
-def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    """``(parent module, attribute name)`` of the module at ``path``.
-
-    Args:
-        model: the root module.
-        path: a dotted module path.
-    """
-    parent_path, _, child = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), child

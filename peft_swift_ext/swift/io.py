@@ -37,7 +37,11 @@ class PlannedAdapter:
 
 
 def discover_adapters(root: Path) -> dict[str, Path]:
-    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder."""
+    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder.
+
+    Args:
+        root: the checkpoint folder; its order file (if any) gives the order the adapters were added in.
+    """
     found: dict[str, Path] = {}
     if (root / files.CONFIG_NAME).is_file():
         found["default"] = root
@@ -47,10 +51,22 @@ def discover_adapters(root: Path) -> dict[str, Path]:
         found[name] = files.adapter_subfolder(root, name)
     if not found:
         raise ValueError(f"{root} holds no adapter ({files.CONFIG_NAME} at its root or in sub-folders)")
-    marker = root / files.ORDER_FILE
-    order = files.read_json(marker).get("adapter_order", []) if marker.is_file() else []
-    rank = {name: index for index, name in enumerate(order) if isinstance(name, str)}
+    order, _ = read_order(root)
+    rank = {name: index for index, name in enumerate(order)}
     return dict(sorted(found.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
+def read_order(root: Path) -> tuple[list[str], list[str] | None]:
+    """``(adapter order, active adapters)`` recorded in a checkpoint; the active list is None when not recorded.
+
+    Args:
+        root: the checkpoint folder.
+    """
+    marker = root / files.ORDER_FILE
+    data = files.read_json(marker) if marker.is_file() else {}
+    order = [name for name in data.get("adapter_order", []) if isinstance(name, str)]
+    active = data.get("active_adapters")
+    return order, [name for name in active if isinstance(name, str)] if isinstance(active, list) else None
 
 
 def select_adapters(found: dict[str, Path], adapter_name) -> dict[str, str]:
@@ -148,6 +164,12 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
             )
         for item in in_place:
             model.load_adapter_weights(item.new_name, item.weights, str(item.source), item.saved_name)
+    _, saved_active = read_order(root)
+    if saved_active is not None:  # every loaded adapter is active; those saved active lead, in their order
+        loaded = list(wanted.values())
+        first = [wanted[name] for name in saved_active if name in wanted]
+        before = [name for name in model.active_adapters if name not in loaded]
+        model.activation.set(before + first + [name for name in loaded if name not in first])
     if extra:
         model.base_model.load_state_dict(extra, strict=False)
 
@@ -168,16 +190,13 @@ def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str],
             folder.mkdir()
             config = model.peft_config[name].to_dict()
             files.write_adapter_files(folder, config, adapter_state_dict(model, name), safe_serialization)
-        # the order matters where adapters share a layer (DoRA normalises what precedes it)
+        # Adapters that meet on a module nest in the order they were added, and adapters sharing a layer apply in
+        # activation order (DoRA normalises what precedes it): both are recorded so a reload rebuilds the same model.
         order = staging / files.ORDER_FILE
-        order.write_text(json.dumps({"adapter_order": _save_order(model, names)}))
+        active = [name for name in model.active_adapters if name in names]
+        order.write_text(json.dumps({"adapter_order": names, "active_adapters": active}))
         root.mkdir(parents=True, exist_ok=True)
         files.replace_paths([(staging / name, root / name) for name in names] + [(order, root / order.name)])
-
-
-def _save_order(model: SwiftModel, names: list[str]) -> list[str]:
-    active = [name for name in model.active_adapters if name in names]
-    return active + [name for name in names if name not in active]
 
 
 def adapter_state_dict(model: SwiftModel, adapter_name: str) -> dict[str, torch.Tensor]:

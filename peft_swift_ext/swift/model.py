@@ -427,10 +427,11 @@ class SwiftModel(nn.Module):
                 ``Trainer``); ignored.
         """
         if adapter_name is None:
-            names = self.adapters
+            requested = self.adapters
         else:
-            names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self._check_known(names)
+            requested = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(requested)
+        names = [name for name in self.adapters if name in requested]  # the order they were added in
         io.save(self, save_directory, names, safe_serialization)
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import re
 
 import torch
 from torch import nn
 
+from ..core.paths import name_matches
 from ..core.unwrap import get_input_embeddings, get_output_embeddings, unwrap_model
 from .layerwise import LayerwiseStandIn, LayerwiseStandInScheduler, _per_layer_optimizer
 
@@ -32,7 +32,7 @@ def select_galore_parameters(
     head, embeddings = get_output_embeddings(base), get_input_embeddings(base)
     selected = []
     for name, module in base.named_modules():
-        if isinstance(module, nn.Linear) and module is not head and _matches(name, target_modules):
+        if isinstance(module, nn.Linear) and module is not head and name_matches(name, target_modules):
             selected.append(module.weight)
     if include_embeddings:
         selected += [m.weight for m in (embeddings, head) if m is not None]
@@ -40,14 +40,6 @@ def select_galore_parameters(
     if not unique:
         raise ValueError(f"target_modules={target_modules!r} selects no trainable 2-D weight in {type(base).__name__}")
     return list(unique.values())
-
-
-def _matches(name: str, target_modules: str | list[str] | None) -> bool:
-    if target_modules is None:
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
 def _galore_module():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.paths import name_matches
 from ...core.unwrap import get_output_embeddings, unwrap_model
 from .quantization import QuantizedTensor, dequantize, pick_group_size, quantize
 
@@ -127,7 +126,7 @@ def quantize_linear_weights(
     chosen = [
         name
         for name, module in base.named_modules()
-        if type(module) is nn.Linear and module is not head and _matches(name, target_modules)
+        if type(module) is nn.Linear and module is not head and name_matches(name, target_modules)
     ]
     if not chosen:
         raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear in {type(base).__name__}")
@@ -139,14 +138,6 @@ def quantize_linear_weights(
         setattr(parent, child, layer)
         weights.append(layer.weight)
     return weights
-
-
-def _matches(name: str, target_modules: str | list[str] | None) -> bool:
-    if target_modules is None:
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
 def int8_layer_of(param: torch.Tensor) -> Int8WeightLinear | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.tuner import SwiftBaseTuner
@@ -22,7 +23,7 @@ class AdapterModel(SwiftBaseTuner):
 
     def _validate_target(self, module: nn.Module, name: str, config: AdapterConfig) -> None:
         super()._validate_target(module, name, config)
-        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         if not callable(getattr(base, config.method_name, None)):
             raise ValueError(
                 f"AdapterConfig.method_name={config.method_name!r}: {name} ({type(base).__name__}) has no such method"

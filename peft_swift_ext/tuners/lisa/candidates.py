@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ...core.decoder_layers import find_decoder_layers
+from ...core.paths import adapter_parameter_ids
 from ...core.unwrap import get_input_embeddings, get_output_embeddings
 from .config import LisaConfig
 
@@ -36,7 +37,11 @@ class LisaCandidates:
 
 
 def lisa_candidates(
-    model: nn.Module, config: LisaConfig, layers: nn.ModuleList | None = None, only_trainable: bool = False
+    model: nn.Module,
+    config: LisaConfig,
+    layers: nn.ModuleList | None = None,
+    only_trainable: bool = False,
+    base_only: bool = False,
 ) -> LisaCandidates:
     """Collect the parameters LISA switches in a plain model: decoder layers, embeddings, head.
 
@@ -46,12 +51,15 @@ def lisa_candidates(
         layers: the decoder layers, when already found.
         only_trainable: keep only parameters that have `requires_grad` now (so LISA on top of PEFT adapters samples
             which layers' adapters train).
+        base_only: leave out the weights of other tuners' adapters (LISA as a tuner trains base weights only).
     """
     if layers is None:
         layers = find_decoder_layers(model, config.layers_path, field="LisaConfig.layers_path")[1]
 
+    excluded = adapter_parameter_ids(model) if base_only else set()
+
     def keep(params):
-        return [p for p in params if p.requires_grad or not only_trainable]
+        return [p for p in params if (p.requires_grad or not only_trainable) and id(p) not in excluded]
 
     layer_params = [keep(layer.parameters()) for layer in layers]
     in_layers = {id(p) for params in layer_params for p in params}

@@ -25,11 +25,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...compat import set_active_adapters_view
 from ...core.decoder_layers import find_decoder_layers
+from ...core.paths import canonical_path
 from ...core.tuner import SwiftBaseTuner
 from .candidates import LisaCandidates, lisa_candidates
 from .config import LisaConfig
@@ -52,8 +53,7 @@ class LisaMarker(nn.Module, BaseTunerLayer):
 
     def __init__(self, adapter_name: str) -> None:
         nn.Module.__init__(self)
-        self._active_adapter = [adapter_name]
-        self._disable_adapters = False
+        set_active_adapters_view(self, [adapter_name])
         self.merged_adapters: list[str] = []
 
     def forward(self, *args, **kwargs):
@@ -79,30 +79,23 @@ class LisaModel(SwiftBaseTuner):
 
     # --- injection ------------------------------------------------------------------------------------------------
 
-    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
-        return peft_config
-
     def _create_and_replace(self, *args, **kwargs) -> None:
-        raise NotImplementedError("LisaModel wraps no module; see inject_adapter")
+        raise NotImplementedError("LisaModel wraps no module")
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # The "adapter weights" are the base model's own tensors: never change their dtype.
         return None
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Make the base model's LISA candidates trainable and record which layers the checkpoint carries.
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: LisaConfig) -> list[str]:
+        """Check everything that can fail (layer list, ``n_layers``, ``trained_layers``, a second LISA adapter).
 
-        Nothing is wrapped: the parameters of the layers in ``trained_layers`` (and the embeddings / head when
-        configured) are registered under this tuner's prefix so that PEFT saves them; every other decoder layer
-        joins the checkpoint when it first receives a gradient. Everything that can fail (layer list,
-        ``n_layers``, ``trained_layers``, a second LISA adapter) is checked before the model changes.
+        Nothing is wrapped, so no target is returned; :meth:`_finish_injection` does the rest.
 
         Args:
             model: the model to add the adapter to.
-            adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): PEFT's ``inject_adapter`` options; unused (no module is created).
+            adapter_name: the new adapter.
+            config: its config.
         """
-        config: LisaConfig = self.peft_config[adapter_name]
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
             raise ValueError(
@@ -121,9 +114,25 @@ class LisaModel(SwiftBaseTuner):
                 f"LisaConfig.trained_layers names layers {beyond}, but {type(model).__name__} has {len(layers)} "
                 "decoder layers: the checkpoint was made for another model"
             )
-        candidates = lisa_candidates(model, config, layers)
-        names = {id(p): name for name, p in model.named_parameters()}
+        self._candidates = lisa_candidates(model, config, layers, base_only=True)
+        return []
 
+    def _finish_injection(self, model: nn.Module, adapter_name: str) -> None:
+        """Make the LISA candidates trainable and record which layers the checkpoint carries.
+
+        The parameters of the layers in ``trained_layers`` (and the embeddings / head when configured) are
+        registered under this tuner's prefix so that PEFT saves them; every other decoder layer joins the
+        checkpoint when it first receives a gradient.
+
+        Args:
+            model: the model the adapter goes into.
+            adapter_name: the new adapter.
+        """
+        config: LisaConfig = self.peft_config[adapter_name]
+        candidates = self._candidates
+        del self._candidates
+        # paths in the plain model: other tuners' wrappers (base_layer segments) do not change a weight's name
+        names = {id(p): canonical_path(name) for name, p in model.named_parameters()}
         self._layer_params = candidates.layer_params
         self._embedding_params = candidates.embedding_params if config.train_embeddings else []
         self._head_params = candidates.head_params if config.train_head else []
@@ -207,7 +216,7 @@ class LisaModel(SwiftBaseTuner):
 
         That is the embeddings / head when they train, and every decoder layer that has received a gradient (or was
         listed in ``trained_layers`` when the adapter was made). Inside a SwiftModel the paths have no
-        ``base_layer`` segments (other tuners' wrappers are out of the tree while LISA is injected).
+        ``base_layer`` segments.
         """
         return {self._param_names[id(param)]: param for param in self._alias_targets.values()}
 

@@ -6,9 +6,9 @@ import copy
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from ...compat import AuxiliaryTrainingWrapper
 from ...core.layer import SwiftTunerLayer
 
 
@@ -98,6 +98,8 @@ def plain_copy(module: nn.Module) -> nn.Module:
     so each wrapper is pre-seeded in ``deepcopy``'s memo with a copy of its original module (and configs with
     themselves).
     """
+    if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+        return plain_copy(_original_of(module))
     memo: dict[int, object] = {}
     for sub in module.modules():
         if sub is not module and id(sub) not in memo and isinstance(sub, (BaseTunerLayer, AuxiliaryTrainingWrapper)):

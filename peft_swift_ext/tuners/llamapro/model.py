@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.decoder_layers import find_decoder_layers
-from ...core.layer import follow_parent_mode
 from ...core.tuner import SwiftBaseTuner
 from .config import LlamaProConfig
 from .layer import LlamaProLayer, output_projection_names, set_layer_index
@@ -26,24 +24,17 @@ class LlamaProModel(SwiftBaseTuner):
     tuner_layer_cls = LlamaProLayer
     mergeable = True
 
-    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
-        return peft_config
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: LlamaProConfig) -> list[str]:
+        """The decoder layers that end a group (new blocks follow them); every layer to copy is checked first.
 
-    def _create_and_replace(self, *args, **kwargs) -> None:
-        raise NotImplementedError("LlamaProModel injects its blocks in inject_adapter")
-
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Insert the adapter's new blocks (copies of the layers they follow, output projections zeroed).
-
-        Checks the layer list and every block to copy before anything changes, and records the model
-        config's original ``num_hidden_layers`` / ``layer_types`` so that unloading restores them.
+        Also records the model config's original ``num_hidden_layers`` / ``layer_types`` so that unloading
+        restores them.
 
         Args:
             model: the model to add the adapter to.
-            adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
+            adapter_name: the new adapter.
+            config: its config.
         """
-        config: LlamaProConfig = self.peft_config[adapter_name]
         path, layers = find_layer_list(model, config)
         plan = expansion_plan(len(layers), config)
         for index in plan:
@@ -60,16 +51,17 @@ class LlamaProModel(SwiftBaseTuner):
                 f"LlamaProConfig.layers_path={path!r} differs from the list earlier adapters expanded "
                 f"({self._layers_path!r})"
             )
-        for index, count in plan.items():
-            layer = layers[index]
-            if not isinstance(layer, LlamaProLayer):
-                layer = LlamaProLayer(layer)
-                layers[index] = layer
-            layer.update_layer(adapter_name, count, config.output_projections)
-            follow_parent_mode(layer, layers)
+        self._blocks_after = {f"{path}.{index}": count for index, count in plan.items()}
+        return list(self._blocks_after)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        count = self._blocks_after[current_key]
+        self._update_or_wrap(
+            target, parent, target_name, LlamaProLayer, adapter_name, count, config.output_projections
+        )
+
+    def _finish_injection(self, model: nn.Module, adapter_name: str) -> None:
         self._renumber_blocks(model)
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
-        self._mark_only_adapters_as_trainable(model)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         # PEFT upcasts half-precision adapter weights to float32; new blocks are whole decoder layers that take the

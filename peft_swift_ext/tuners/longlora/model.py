@@ -7,9 +7,9 @@ import re
 from peft import LoraModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
+from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from . import attention
 from .config import LongLoraConfig
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.tuner import SwiftBaseTuner
@@ -15,24 +15,14 @@ class NEFTuneModel(SwiftBaseTuner):
     tuner_layer_cls = NEFTuneEmbedding
     mergeable = True
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Wrap the input embeddings (``target_modules`` defaults to the model's input-embedding module).
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
-        """
-        config = self.peft_config[adapter_name]
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: NEFTuneConfig) -> list[str]:
+        # target_modules defaults to the model's input embeddings; the resolved name is stored in the config.
         if config.target_modules is None:
             config.target_modules = [_input_embeddings_name(model)]
-        super().inject_adapter(model, adapter_name, **kwargs)
-
-    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
-        return peft_config
+        return super()._plan_targets(model, adapter_name, config)
 
     def _validate_target(self, module: nn.Module, name: str, config: NEFTuneConfig) -> None:
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         # LongLoRA (and PEFT's modules_to_save) train a copy of the embeddings inside a wrapper: noise its output.
         base = getattr(base, "original_module", base)
         if not isinstance(base, nn.Embedding):

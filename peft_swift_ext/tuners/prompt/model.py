@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...core.paths import find_target_modules
+from ...core.paths import canonical_path
 from ...core.slots import ArgumentSlot
 from ...core.tuner import SwiftBaseTuner
 from .config import PromptConfig
@@ -19,27 +20,19 @@ class PromptModel(SwiftBaseTuner):
     prefix = "prompt_"
     tuner_layer_cls = PromptLayer
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Wrap the targeted layers; a list ``dim`` must give one size per targeted layer, in model order.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
-        """
-        config = self.peft_config[adapter_name]
-        # A layer already wrapped by this tuner is listed twice (wrapper and its base_layer): count it once.
-        targets = list(dict.fromkeys(_without_base_layer(name) for name in find_target_modules(model, config)))
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: PromptConfig) -> list[str]:
+        # A list dim gives one size per targeted layer, in model order; the first layer adds the tokens.
+        targets = super()._plan_targets(model, adapter_name, config)
         if isinstance(config.dim, list) and len(config.dim) != len(targets):
             raise ValueError(
                 f"PromptConfig.dim lists {len(config.dim)} sizes but target_modules selects {len(targets)} layers"
             )
-        self._targets = {**getattr(self, "_targets", {}), adapter_name: targets}
-        super().inject_adapter(model, adapter_name, **kwargs)
+        self._targets = {**getattr(self, "_targets", {}), adapter_name: [canonical_path(t) for t in targets]}
+        return targets
 
     def _validate_target(self, module: nn.Module, name: str, config: PromptConfig) -> None:
         super()._validate_target(module, name, config)
-        base = module.get_base_layer() if isinstance(module, PromptLayer) else module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         for field in ("embedding_pos", "attention_mask_pos", "position_embeddings_pos"):
             position = getattr(config, field)
             problem = None if position is None else ArgumentSlot.problem(base, position)
@@ -50,7 +43,7 @@ class PromptModel(SwiftBaseTuner):
         self, peft_config: PromptConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
         targets = self._targets[adapter_name]
-        index = targets.index(_without_base_layer(current_key))
+        index = targets.index(current_key)
         dim = peft_config.dim[index] if isinstance(peft_config.dim, list) else peft_config.dim
         settings = PromptSettings(
             concatenates=index == 0,
@@ -71,7 +64,3 @@ class PromptModel(SwiftBaseTuner):
             peft_config.prompt_length,
             settings,
         )
-
-
-def _without_base_layer(path: str) -> str:
-    return ".".join(part for part in path.split(".") if part != "base_layer")

@@ -3,11 +3,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ...core.paths import base_module_names
+from ...core.paths import canonical_module_names, module_at
 from ...core.probes import ProbeSource
 from ...core.tuner import SwiftBaseTuner
 from ...core.widths import feature_width
@@ -34,35 +33,17 @@ class ResTuningModel(SwiftBaseTuner):
 
     prefix = "restuning_"
     tuner_layer_cls = ResTuningLayer
-    _plan: ResTuningPlan | None = None
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Plan the bypass (its target and the modules it reads features from), then wrap the target.
-
-        The plan is checked before the model changes; ``target_modules`` keeps the user's value.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
-        """
-        config = self.peft_config[adapter_name]
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: ResTuningConfig) -> list[str]:
+        # The bypass's target and the modules it reads features from, resolved and checked before any change.
         plan = plan_adapter(model, config)
-        targets = config.target_modules
-        self._plan = plan
-        try:
-            BaseTuner.inject_adapter(self, model, adapter_name, **kwargs)
-        finally:
-            self._plan = None
-            config.target_modules = targets  # PEFT may rewrite long target lists; keep the user's
-
-    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
-        return self._plan is not None and key == self._plan.target
+        self._plans = {**getattr(self, "_plans", {}), adapter_name: plan}
+        return [plan.target]
 
     def _create_and_replace(
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
-        plan = self._plan
+        plan = self._plans.pop(adapter_name)
         self._update_or_wrap(
             target,
             parent,
@@ -79,7 +60,7 @@ class ResTuningModel(SwiftBaseTuner):
 
 def plan_adapter(model: nn.Module, config: ResTuningConfig) -> ResTuningPlan:
     """Resolve root, stems and target of ``config`` on ``model`` and check them; ``ValueError`` names the field."""
-    names = [name for name in base_module_names(model) if "base_layer" not in name.split(".")]
+    names = canonical_module_names(model)
     stems = _stem_names(names, config.stem_modules)
     root = None
     if config.root_modules is not None:
@@ -93,15 +74,15 @@ def plan_adapter(model: nn.Module, config: ResTuningConfig) -> ResTuningPlan:
             f"ResTuningConfig.target_modules={config.target_modules!r} must select one module; it {found}"
         )
     target = targets[0]
-    target_module = model.get_submodule(target)
+    target_module = module_at(model, target)
     if isinstance(target_module, (nn.ModuleList, nn.ModuleDict)):
         raise ValueError(f"ResTuningConfig.target_modules selects '{target}', a container; select a module that runs")
     specs = block_specs(config, len(stems))
     if root is None:
-        sources = [ProbeSource(stems[0], model.get_submodule(stems[0]), "input")]
+        sources = [ProbeSource(stems[0], module_at(model, stems[0]), "input")]
     else:
-        sources = [ProbeSource(root, model.get_submodule(root), config.root_modules_hook)]
-    sources += [ProbeSource(name, model.get_submodule(name), config.stem_modules_hook) for name in stems]
+        sources = [ProbeSource(root, module_at(model, root), config.root_modules_hook)]
+    sources += [ProbeSource(name, module_at(model, name), config.stem_modules_hook) for name in stems]
     _check_widths(config, sources, specs, target, target_module)
     return ResTuningPlan(target, sources, specs)
 

@@ -3,11 +3,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ...core.paths import base_module_names
+from ...core.paths import canonical_module_names, module_at
 from ...core.probes import ProbeSource
 from ...core.tuner import SwiftBaseTuner
 from ...core.widths import feature_width
@@ -29,35 +27,20 @@ class SCEditModel(SwiftBaseTuner):
 
     prefix = "scedit_"
     tuner_layer_cls = SCEditLayer
-    _plan: dict[str, SCEditTarget] | None = None
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Plan the skip-connection tuners (which modules, their channel counts), then wrap the targets.
-
-        The plan is checked before the model changes; ``target_modules`` keeps the user's value.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the name of an adapter whose config is already in ``peft_config``.
-            **kwargs (Any): passed to PEFT's ``BaseTuner.inject_adapter``.
-        """
-        config = self.peft_config[adapter_name]
+    def _plan_targets(self, model: nn.Module, adapter_name: str, config: SCEditConfig) -> list[str]:
+        # Which modules, their channel counts and hints, resolved and checked before any change.
         plan = {target.name: target for target in plan_adapter(model, config)}
-        targets = config.target_modules
-        self._plan = plan
-        try:
-            BaseTuner.inject_adapter(self, model, adapter_name, **kwargs)
-        finally:
-            self._plan = None
-            config.target_modules = targets  # PEFT may rewrite long target lists; keep the user's
+        self._plans = {**getattr(self, "_plans", {}), adapter_name: plan}
+        return list(plan)
 
-    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
-        return self._plan is not None and key in self._plan
+    def _finish_injection(self, model: nn.Module, adapter_name: str) -> None:
+        self._plans.pop(adapter_name, None)
 
     def _create_and_replace(
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
-        planned = self._plan[current_key]
+        planned = self._plans[adapter_name][current_key]
         hidden = int(planned.dim * peft_config.down_ratio)
         self._update_or_wrap(
             target,
@@ -75,7 +58,7 @@ class SCEditModel(SwiftBaseTuner):
 
 def plan_adapter(model: nn.Module, config: SCEditConfig) -> list[SCEditTarget]:
     """Resolve and check the targets, dims and hints of ``config`` on ``model``; ``ValueError`` names the field."""
-    names = [name for name in base_module_names(model) if "base_layer" not in name.split(".")]
+    names = canonical_module_names(model)
     targets = [_last_module(model, name) for name in _select(names, config.target_modules, "target_modules")]
     if len(set(targets)) != len(targets):
         raise ValueError(f"SCEditConfig.target_modules selects a module twice: {targets}")
@@ -92,10 +75,10 @@ def plan_adapter(model: nn.Module, config: SCEditConfig) -> list[SCEditTarget]:
                 f"SCEditConfig.hint_modules selects {len(hint_names)} modules but target_modules selects "
                 f"{len(targets)}; give one hint module per target"
             )
-        hints = [ProbeSource(name, model.get_submodule(name), "output") for name in hint_names]
+        hints = [ProbeSource(name, module_at(model, name), "output") for name in hint_names]
     skips = unet_skip_channels(model)
     for index, (name, dim) in enumerate(zip(targets, dims)):
-        _check_dim(config.tuner_mode, model.get_submodule(name), name, index, dim, skips.get(name))
+        _check_dim(config.tuner_mode, module_at(model, name), name, index, dim, skips.get(name))
     return [SCEditTarget(name, dim, hint) for name, dim, hint in zip(targets, dims, hints)]
 
 
@@ -117,7 +100,7 @@ def _select(names: list[str], pattern: str | list[str], field_name: str) -> list
 
 def _last_module(model: nn.Module, name: str) -> str:
     """A ModuleList stands for its last module (recursively), as in ms-swift."""
-    module = model.get_submodule(name)
+    module = module_at(model, name)
     while isinstance(module, nn.ModuleList):
         if not len(module):
             raise ValueError(f"SCEditConfig.target_modules selects '{name}', an empty ModuleList")

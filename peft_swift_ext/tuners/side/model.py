@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.layer import follow_parent_mode
@@ -25,7 +26,7 @@ class SideModel(SwiftBaseTuner):
 
     def _validate_target(self, module: nn.Module, name: str, config: SideConfig) -> None:
         super()._validate_target(module, name, config)
-        base = module.get_base_layer() if isinstance(module, SideLayer) else module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         problem = ArgumentSlot.problem(base, config.source_hidden_pos)
         if problem is not None:
             raise ValueError(f"SideConfig.source_hidden_pos does not fit {name}: {problem}")
