@@ -1,4 +1,5 @@
-"""What Res-Tuning's bypass keeps for backward: the features it reads and its own states, nothing more.
+"""What Res-Tuning's bypass keeps for backward (the features it reads and its own states, nothing more), and that
+recomputing its adapters' hidden activations in backward changes neither outputs nor gradients.
 
 Counted with ``saved_tensors_hooks`` (every tensor autograd or a custom function saves for backward passes through
 the pack hook), as bytes of distinct storages that are not parameters, against a bound computed from the config.
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 from peft_swift_ext import ResTuningConfig
+from peft_swift_ext.tuners.restuning import layer
 from peft_swift_ext.tuners.restuning.layer import ResAdapter, ResGroupAdapter
 
 from ..helpers import randomize_adapter
@@ -78,3 +80,33 @@ def test_an_adapter_saves_only_its_input_storage(kind):
     assert set(saved) == {x.untyped_storage().data_ptr()}
     outputs[0].square().sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in adapter.parameters())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["res_adapter", "res_adapter_4d", "res_group_adapter"])
+def test_recomputation_gives_the_plain_mlps_outputs_and_gradients(kind, autocast):
+    torch.manual_seed(0)
+    if kind == "res_group_adapter":
+        adapter, x0 = ResGroupAdapter(16, None, 4, 2, None, zero_init=False), torch.randn(2, 16, 3, 3)
+    else:
+        adapter = ResAdapter(16, 8, None, zero_init=False)
+        x0 = torch.randn(2, 16, 3, 3) if kind == "res_adapter_4d" else torch.randn(2, 5, 16)
+
+    def plain_mlp(x: torch.Tensor) -> torch.Tensor:  # what the adapter computed before, through autograd
+        return adapter.ln2(F.gelu(adapter.ln1(x)))
+
+    results = []
+    for mlp in ("recomputed", "plain"):
+        x = x0.clone().requires_grad_()
+        adapter.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if mlp == "plain":
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(layer, "adapter_mlp", lambda tokens, ln1, ln2: plain_mlp(tokens))
+                    out = adapter(x)
+            else:
+                out = adapter(x)
+        out.float().square().mean().backward()
+        results.append([out.detach(), x.grad, *(p.grad for p in adapter.parameters())])
+    for recomputed, plain in zip(*results):
+        assert torch.equal(recomputed, plain)

@@ -5,7 +5,8 @@
 bypass state, which backward needs anyway; the two hidden tensors are extra, ``2 * adapter_length`` channels per
 token for each of the bypass's ``2 * depth`` adapters (a third of what the bypass keeps with ViT recipes). Here they
 are recomputed from ``x`` in backward instead, with the same operations under the same autocast state, so outputs
-and gradients are those of the plain MLP. The cost is one more ``ln1`` and GELU per adapter in backward.
+and gradients are those of the plain MLP. The cost is one more ``ln1`` and GELU per adapter in backward (``ln2`` is
+not rerun: its gradients are formed from the recomputed GELU output as autograd forms them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _mlp(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2) -> torch.T
 
 
 class _RecomputedMLP(torch.autograd.Function):
-    """``ln2(GELU(ln1(x)))`` that saves ``x`` and the weights, and reruns the MLP in backward."""
+    """``ln2(GELU(ln1(x)))`` that saves ``x`` and the weights, and reruns ``GELU(ln1(x))`` in backward."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
@@ -34,16 +35,32 @@ class _RecomputedMLP(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        inputs = [
-            None if t is None else t.detach().requires_grad_(need)
-            for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)
-        ]
+        x, w1, b1, w2, b2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         device, autocast, dtype = ctx.autocast
+        first = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((x, w1, b1), needs)]
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
-            out = _mlp(*inputs)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad))
-        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+            hidden = F.gelu(F.linear(*first))
+        grad_w2, grad_b2, grad_hidden = _linear_backward(grad, hidden.detach(), w2, b2, needs[3:])
+        wanted = [t for t in first if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(hidden, wanted, grad_hidden) if wanted else ())
+        grads_first = [next(grads) if t is not None and t.requires_grad else None for t in first]
+        return (*grads_first, grad_w2, grad_b2)
+
+
+def _linear_backward(grad, hidden, weight, bias, needs):
+    """Gradients of ``F.linear(hidden, weight, bias)`` for weight, bias and input, without rerunning it.
+
+    The same products and sums as autograd's backward of that call, in the dtype autocast ran it in (``hidden``'s),
+    so the results are bit-identical: ``F.linear`` runs a contiguous input with a bias as one ``addmm`` on its rows
+    (``hidden``, a GELU output, is contiguous), whose backward is these two ``mm`` and a sum over the rows.
+    """
+    rows = grad.reshape(-1, grad.shape[-1])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    grad_weight = rows.t().mm(flat).to(weight.dtype) if needs[0] else None
+    grad_bias = rows.sum(0).to(bias.dtype) if bias is not None and needs[1] else None
+    grad_input = rows.mm(weight.to(hidden.dtype)).view(hidden.shape)
+    return grad_weight, grad_bias, grad_input
 
 
 def adapter_mlp(x: torch.Tensor, ln1: nn.Linear, ln2: nn.Linear) -> torch.Tensor:
