@@ -11,6 +11,8 @@ not rerun: its gradients are formed from the recomputed GELU output as autograd 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,8 +30,11 @@ class _RecomputedMLP(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2):
         ctx.save_for_backward(x, w1, b1, w2, b2)
         device = x.device.type
-        # backward runs outside the caller's autocast region: the recomputation must see the forward's
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # backward runs outside the caller's autocast region (or in another): the recomputation must see the
+        # forward's, on or off (devices without autocast, such as meta, have none to restore)
+        ctx.autocast = None
+        if torch.amp.is_autocast_available(device):
+            ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return _mlp(x, w1, b1, w2, b2)
 
     @staticmethod
@@ -37,9 +42,9 @@ class _RecomputedMLP(torch.autograd.Function):
     def backward(ctx, grad):
         x, w1, b1, w2, b2 = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        device, autocast, dtype = ctx.autocast
         first = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((x, w1, b1), needs)]
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+        autocast = torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext()  # device, dtype, on
+        with torch.enable_grad(), autocast:
             hidden = F.gelu(F.linear(*first))
         grad_w2, grad_b2, grad_hidden = _linear_backward(grad, hidden.detach(), w2, b2, needs[3:])
         wanted = [t for t in first if t is not None and t.requires_grad]
