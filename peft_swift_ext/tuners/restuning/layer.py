@@ -21,6 +21,7 @@ from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.probes import FeatureProbes, ProbeSource
 from ...core.slots import ArgumentSlot, output_value, replace_output_value
+from .recompute import adapter_mlp
 from .spec import BlockSpec, OpSpec
 
 _FIELD = "ResTuningConfig.target_hidden_pos"
@@ -89,7 +90,7 @@ class ResAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
         tokens = _as_tokens(x.to(self.ln1.weight.dtype))
-        out = apply_scaling(self.ln2(F.gelu(self.ln1(tokens))), self.adapter_weight, self.scaling)
+        out = apply_scaling(adapter_mlp(tokens, self.ln1, self.ln2), self.adapter_weight, self.scaling)
         return (x.to(out.dtype) + _like(out, x)).to(x.dtype)
 
 
@@ -130,7 +131,7 @@ class ResGroupAdapter(nn.Module):
         batch, count, channels = tokens.shape
         # channel c * head + h belongs to group h (ms-swift's "(c h)" channel layout)
         groups = tokens.reshape(batch, count, channels // self.head, self.head).permute(0, 3, 1, 2)
-        out = self.ln2(F.gelu(self.ln1(groups)))
+        out = adapter_mlp(groups, self.ln1, self.ln2)
         out = out.permute(0, 2, 3, 1).reshape(batch, count, channels)
         out = apply_scaling(out, self.adapter_weight, self.scaling)
         return (x.to(out.dtype) + _like(out, x)).to(x.dtype)
