@@ -110,6 +110,7 @@ def run(args) -> dict:
         "rows": [],
         "section_seconds": {},
     }
+    print(json.dumps({"versions": result["versions"], "mode": result["mode"]}), flush=True)
     started = time.perf_counter()
 
     def log(new_rows: list[Row]) -> None:
