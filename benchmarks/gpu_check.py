@@ -19,6 +19,7 @@ import datetime
 import importlib.metadata
 import json
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -57,6 +58,7 @@ def versions() -> dict:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
+    found["peft_swift_ext_commit"] = source_commit()
     found["cuda"] = torch.version.cuda
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -65,6 +67,17 @@ def versions() -> dict:
         found["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         found["multiprocessors"] = props.multi_processor_count
     return found
+
+
+def source_commit() -> str | None:
+    """The package's commit: a COMMIT file beside benchmarks/ (a copied tree has no .git), else git's HEAD."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "COMMIT").is_file():
+        return (root / "COMMIT").read_text().strip()
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
 
 
 def format_metrics(row: dict) -> str:
