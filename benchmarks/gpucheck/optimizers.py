@@ -217,12 +217,15 @@ def optimizer_rows(device, size: dict, steps: int, rank: int, gap: int, warmup: 
         runs["galore"] = dev = train(initial, "galore", device, size, steps, rank, gap)
         cpu = train(initial, "galore", "cpu", size, steps, rank, gap)
         metrics = [
-            # float32 on both sides with the same SVD signs: the same function up to rounding.
+            # float32 on both sides with the same SVD signs: the same function, but float32 singular vectors are
+            # accurate only to about eps / (relative singular gap), and Adam's per-coordinate normalisation
+            # amplifies that in the weights (a one-ulp change of the start moves them by ~3e-4 on the CPU; see
+            # details). A wrong projection, moment or update would move them by O(1).
             Metric("loss", max_relative_step_error(dev["losses"], cpu["losses"]), 1e-4),
-            Metric("weight update", update_error(dev, cpu), 1e-3),
+            Metric("weight update", update_error(dev, cpu), 1e-2),
             falls(dev["losses"]),
         ]
-        details = {**_details(dev, cpu), **native_signs("galore")}
+        details = {**_details(dev, cpu), **native_signs("galore"), **one_ulp_sensitivity("galore", cpu)}
         return [Row("galore-adamw", what["galore"], ref, metrics, details=details)]
 
     def galore8():
@@ -248,13 +251,14 @@ def optimizer_rows(device, size: dict, steps: int, rank: int, gap: int, warmup: 
         runs["qgalore"] = dev = train(initial, "qgalore", device, size, steps, rank, gap)
         cpu = train(initial, "qgalore", "cpu", size, steps, rank, gap)
         metrics = [
-            # The INT4 projection and bf16 moments round the same values alike on both sides, except where a
-            # float32 difference of ~1e-7 crosses a rounding boundary.
-            Metric("loss", max_relative_step_error(dev["losses"], cpu["losses"]), 1e-3),
-            Metric("weight update", update_error(dev, cpu), 5e-2),
+            # Rounding the projection to INT4 (nearest) and the moments to bf16 turns float32 differences of the
+            # SVD into whole quantisation steps: a one-ulp change of the start moves the weights by ~2% on the CPU
+            # (see details). A wrong quantisation, projection or update would move them by O(1).
+            Metric("loss", max_relative_step_error(dev["losses"], cpu["losses"]), 5e-3),
+            Metric("weight update", update_error(dev, cpu), 0.25),
             falls(dev["losses"]),
         ]
-        details = {**_details(dev, cpu), **native_signs("qgalore")}
+        details = {**_details(dev, cpu), **native_signs("qgalore"), **one_ulp_sensitivity("qgalore", cpu)}
         return [Row("qgalore", what["qgalore"], ref, metrics, details=details)]
 
     def qgalore_int8():
@@ -284,6 +288,19 @@ def optimizer_rows(device, size: dict, steps: int, rank: int, gap: int, warmup: 
         return {
             "native_svd_signs_loss_error": max_relative_step_error(dev_native["losses"], cpu_native["losses"]),
             "native_svd_signs_weight_update_error": update_error(dev_native, cpu_native),
+        }
+
+    def one_ulp_sensitivity(variant: str, cpu: dict) -> dict:
+        """How far the CPU run moves when every initial weight changes by about one float32 ulp (recorded)."""
+        perturbed = copy.deepcopy(initial)
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for param in perturbed.parameters():
+                param.mul_(1 + 2.0**-24 * torch.randn(param.shape, generator=generator))
+        moved = train(perturbed, variant, "cpu", size, steps, rank, gap)
+        return {
+            "one_ulp_start_loss_error": max_relative_step_error(moved["losses"], cpu["losses"]),
+            "one_ulp_start_weight_update_error": update_error(moved, cpu),
         }
 
     rows = []
