@@ -80,6 +80,21 @@ def source_commit() -> str | None:
         return None
 
 
+def summary(rows: list[dict]) -> dict:
+    """One line per check (what the docs render as a table): result, worst error over tolerance, cost ratios."""
+    out = {}
+    for row in rows:
+        fractions = [m["value"] / m["tolerance"] for m in row["metrics"] if m["tolerance"] > 0]
+        out[row["check"]] = {
+            "result": row["status"],
+            "worst error / tolerance": max(fractions) if fractions else None,
+            "step ×ref": row["step_ratio"],
+            "memory ×ref": row["memory_ratio"],
+            "ratio reference": row["ratio_reference"],
+        }
+    return out
+
+
 def format_metrics(row: dict) -> str:
     return "; ".join(
         f"{m['name']} {m['value']:.2g}{'≤' if m['ok'] else ' > '}{m['tolerance']:.2g}" for m in row["metrics"]
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # library deprecation chatter would bury the table
     result = run(args)
+    result["summary"] = summary(result["rows"])
     table = markdown_table(result["rows"])
     print("\n" + table)
     if args.out:
@@ -199,6 +215,11 @@ def markdown_report(result: dict, table: str) -> str:
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k not in ("gpu", "capability") and val),
         "",
         f"Command: `{result['command']}` ({result['elapsed_s']} s)",
+        "",
+        *([f"Run on: {result['run_on']}", ""] if result.get("run_on") else []),
+        "Sizes: " + "; ".join(f"{name}: {json.dumps(sizes)}" for name, sizes in result["sizes"].items()),
+        "",
+        "Settings: " + json.dumps(result["settings"]),
         "",
         table,
         "",

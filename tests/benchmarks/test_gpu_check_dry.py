@@ -49,6 +49,7 @@ def test_every_check_has_exactly_one_row(dry_run):
     _, result, rows, _ = dry_run
     assert len(rows) == len(result["rows"]), "a check appears twice"
     assert set(rows) == expected_checks()
+    assert list(result["summary"]) == [row["check"] for row in result["rows"]]
 
 
 def test_cuda_only_rows_are_marked_skipped(dry_run):
