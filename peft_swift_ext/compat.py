@@ -24,6 +24,7 @@ __all__ = [
     "ModulesToSaveWrapper",
     "add_peft_type",
     "adapter_names_in",
+    "cast_adapter_dtype",
     "delete_wrapper_adapter",
     "freeze_non_trainable",
     "has_adapters",
@@ -114,6 +115,19 @@ def freeze_non_trainable(layer: BaseTunerLayer) -> None:
     freeze = getattr(type(layer), "_freeze_non_trainable_peft_weights", None)
     if freeze is not None:
         freeze(layer)
+
+
+def cast_adapter_dtype(tuner, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+    """What ``PeftModel`` does after injecting an adapter: upcast its float16/bfloat16 weights to float32 (or not).
+
+    Args:
+        tuner: the ``BaseTuner`` that injected the adapter.
+        adapter_name: the adapter.
+        autocast_adapter_dtype: PEFT's flag; False keeps the dtype the weights were made in.
+    """
+    cast = getattr(type(tuner), "_cast_adapter_dtype", None)
+    if cast is not None:
+        cast(tuner, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def move_adapter_to_base_device(layer: BaseTunerLayer, adapter_name: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .core.contract import TunerHost
 from .core.decoder_layers import repeated_block_lists
 from .core.keys import adapter_tensors
 from .core.layer import SwiftTunerLayer
@@ -155,8 +156,11 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     model = _unwrap_ddp(model)
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"full_adapter_state_dict needs a PeftModel, got {type(model).__name__}")
+    if not isinstance(model, PeftModel) or isinstance(model, TunerHost):
+        raise TypeError(
+            f"full_adapter_state_dict needs a PeftModel of one tuner type, got {type(model).__name__}; a SwiftModel "
+            "is saved with save_pretrained_full"
+        )
     adapters = list(model.peft_config)
     # ZeRO-3 keeps only a partition in each parameter: gather the adapter ones (trainable, or named after an
     # adapter) while the state dict is read. FSDP2's DTensors are gathered one by one below.
@@ -208,7 +212,7 @@ def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **
     from peft import PeftModel
 
     model = _unwrap_ddp(model)
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and not isinstance(model, TunerHost):
         state = full_adapter_state_dict(model)
         if _rank() == 0:
             model.save_pretrained(save_directory, state_dict=state, **kwargs)
@@ -228,7 +232,7 @@ def _full_adapter_parameters(model: nn.Module) -> Iterator[None]:
     adapter_ids = {
         id(tensor)
         for name in getattr(model, "adapters", [])
-        for _, tensor in adapter_tensors(model.base_model, name).values()
+        for _, tensor in adapter_tensors(model.get_base_model(), name).values()
     }
     swapped = []
     try:

@@ -8,16 +8,13 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from peft_swift_ext import SwiftModel
 from peft_swift_ext.core.keys import adapter_tensors
 
 
 def base_of(model: nn.Module) -> nn.Module:
     """The model that holds the tuner layers: inside a PeftModel, a SwiftModel, or the model itself."""
-    if isinstance(model, PeftModel):
-        return model.base_model.model
-    if isinstance(model, SwiftModel):
-        return model.base_model
+    if isinstance(model, PeftModel):  # a SwiftModel is one too
+        return model.get_base_model()
     return model
 
 

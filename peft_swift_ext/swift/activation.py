@@ -1,15 +1,19 @@
-"""Which adapters are active: one set for the whole process, or one set per thread.
+"""Which adapters are active: one set for the whole process, one per thread / asyncio task, or one per block.
 
 Every tuner layer in a :class:`~peft_swift_ext.SwiftModel` reads its active adapters through an
-:class:`ActiveAdapterView` installed as the layer's ``_active_adapter``. PEFT's layers (LoRA, DoRA,
-AdaLoRA, ...) only iterate that value, so one shared state switches every tuner type at once, and the
-per-thread mode needs no change to any layer's forward.
+:class:`ActiveAdapterView` installed as the layer's active-adapter list. PEFT's layers (LoRA, DoRA, AdaLoRA, ...)
+only iterate that value, so one state switches every tuner type at once, and neither the per-thread mode nor a
+scoped selection needs any change to a layer's forward.
+
+The per-thread set and scoped selections live in ``contextvars``: a new thread starts with none, an asyncio task
+starts with the selection of the code that created it, and changes made inside a thread or task stay there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -24,34 +28,59 @@ def per_thread_from_env() -> bool:
 
 
 class ActivationState:
-    """The set of active adapter names, shared or thread-local.
+    """The active adapter names: shared by the process, or per thread / task, or chosen for one block.
 
     Args:
-        per_thread: when True each thread has its own set, and a thread that never set one has none.
+        per_thread: when True each thread (and each asyncio task) has its own set, and one that never set it
+            has none (SWIFT's ``USE_UNIQUE_THREAD=0``).
     """
 
     def __init__(self, per_thread: bool = False) -> None:
         self.per_thread = per_thread
         self._shared: tuple[str, ...] = ()
-        self._local = threading.local()
+        self._new_context_vars()
+
+    def _new_context_vars(self) -> None:
+        # one pair per state object: two models never see each other's selections
+        self._local: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("active_adapters", default=())
+        self._scope: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+            "scoped_adapters", default=None
+        )
 
     def current(self) -> tuple[str, ...]:
-        """The active adapter names for the calling thread, in activation order."""
-        if self.per_thread:
-            return self._local.__dict__.get("active", ())
-        return self._shared
+        """The active adapter names for the calling context, in activation order."""
+        scoped = self._scope.get()
+        if scoped is not None:
+            return scoped
+        return self._local.get() if self.per_thread else self._shared
 
     def set(self, names: Iterable[str]) -> None:
-        """Replace the active set (for the calling thread in per-thread mode).
+        """Replace the active set: inside a :meth:`scoped` block for that block only, else for the calling thread
+        or task in per-thread mode, else for the process.
 
         Args:
             names: the adapters to make active, in order (duplicates dropped).
         """
         names = tuple(dict.fromkeys(names))
-        if self.per_thread:
-            self._local.active = names
+        if self._scope.get() is not None:
+            self._scope.set(names)
+        elif self.per_thread:
+            self._local.set(names)
         else:
             self._shared = names
+
+    @contextlib.contextmanager
+    def scoped(self, names: Iterable[str]) -> Iterator[None]:
+        """Inside the block, the calling thread or task (and the tasks it starts) sees exactly ``names``.
+
+        Args:
+            names: the adapters to make active, in order.
+        """
+        token = self._scope.set(tuple(dict.fromkeys(names)))
+        try:
+            yield
+        finally:
+            self._scope.reset(token)
 
     def activate(self, name: str) -> None:
         """Append an adapter to the active set (no-op if already active).
@@ -69,6 +98,17 @@ class ActivationState:
             name: the adapter to deactivate.
         """
         self.set(n for n in self.current() if n != name)
+
+    def __getstate__(self) -> dict:
+        # Context variables cannot be copied or pickled: a copy keeps the mode, the shared set and the copying
+        # thread's own set; selections of other threads, tasks and blocks stay with the original.
+        return {"per_thread": self.per_thread, "shared": self._shared, "mine": self._local.get()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.per_thread = state["per_thread"]
+        self._shared = state["shared"]
+        self._new_context_vars()
+        self._local.set(state["mine"])
 
 
 class ActiveAdapterView(Sequence):

@@ -20,6 +20,7 @@ from ..compat import (
     AuxiliaryTrainingWrapper,
     ModulesToSaveWrapper,
     adapter_names_in,
+    cast_adapter_dtype,
     delete_wrapper_adapter,
     has_adapters,
 )
@@ -49,6 +50,7 @@ def inject(
     adapter_name: str,
     config: PeftConfig,
     low_cpu_mem_usage: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> None:
     """Inject one adapter into ``model`` with its type's tuner (created on first use); all or nothing.
 
@@ -63,6 +65,7 @@ def inject(
         adapter_name: the new adapter's name.
         config: its config.
         low_cpu_mem_usage: create its weights on the meta device (to be filled by a load).
+        autocast_adapter_dtype: upcast float16/bfloat16 adapter weights to float32, as ``PeftModel`` does.
     """
     tuner_cls = tuner_class_for(config, adapter_name)
     peft_type = PeftType(config.peft_type)
@@ -81,6 +84,7 @@ def inject(
             else:
                 tuner.peft_config[adapter_name] = config
                 tuner.inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        cast_adapter_dtype(tuners[peft_type], adapter_name, autocast_adapter_dtype)
     except BaseException:
         remove(model, tuners, adapter_name, peft_type)
         raise

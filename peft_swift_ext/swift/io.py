@@ -14,12 +14,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftConfig
+from peft.utils import PeftType
 
 from ..conversion import config_from_dict, is_swift_native, state_dict_from_swift
 from ..core import files
 from ..core.contract import InPlaceTuner
 from ..core.keys import PEFT_KEY_PREFIX, Slot
 from ..core.registry import spec_for_swift_type
+
+#: the file the HF Trainer writes into each checkpoint folder
+TRAINER_STATE_NAME = "trainer_state.json"
 
 if TYPE_CHECKING:  # annotations only: the model imports this module
     from .model import SwiftModel
@@ -122,7 +126,7 @@ def check_extra_states(model: SwiftModel, extra: dict[str, torch.Tensor], source
         extra: the saved tensors, by state-dict key.
         source: the file they came from (named in the error).
     """
-    params = dict(model.base_model.state_dict(keep_vars=True))
+    params = dict(model.model.state_dict(keep_vars=True))
     unexpected = [key for key in extra if key not in params]
     mismatched = [key for key in extra if key in params and params[key].shape != extra[key].shape]
     if unexpected or mismatched:
@@ -146,7 +150,7 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     clashes = [new for new in wanted.values() if new in model.peft_config]
     if clashes:
         raise ValueError(f"adapter(s) {clashes} already exist in the model; pass a dict to load under new names")
-    plan = [read_adapter(found[saved], saved, new, is_trainable, model.base_model) for saved, new in wanted.items()]
+    plan = [read_adapter(found[saved], saved, new, is_trainable, model.model) for saved, new in wanted.items()]
     extra = read_extra_states(root)
     if extra:
         check_extra_states(model, extra, root / files.EXTRA_STATES_DIR)
@@ -171,10 +175,16 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
         before = [name for name in model.active_adapters if name not in loaded]
         model.activation.set(before + first + [name for name in loaded if name not in first])
     if extra:
-        model.base_model.load_state_dict(extra, strict=False)
+        model.model.load_state_dict(extra, strict=False)
 
 
-def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str], safe_serialization: bool) -> None:
+def save(
+    model: SwiftModel,
+    save_directory: str | os.PathLike,
+    names: list[str],
+    safe_serialization: bool,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write each adapter of ``names`` to ``save_directory/<adapter>/`` in SWIFT's layout, atomically.
 
     Args:
@@ -182,6 +192,8 @@ def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str],
         save_directory: the checkpoint folder (created if needed; other content is kept).
         names: the adapters to write.
         safe_serialization: safetensors, or a torch pickle of plain tensors.
+        state_dict: the SwiftModel's full state dict (keys ``base_model.model.<key in the model>``) to take the
+            tensors from instead of the live parameters.
     """
     root = Path(save_directory)
     with files.staging_directory(root) as staging:
@@ -189,7 +201,7 @@ def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str],
             folder = staging / files.check_adapter_name(name)
             folder.mkdir()
             config = model.peft_config[name].to_dict()
-            files.write_adapter_files(folder, config, adapter_state_dict(model, name), safe_serialization)
+            files.write_adapter_files(folder, config, adapter_state_dict(model, name, state_dict), safe_serialization)
         # Adapters that meet on a module nest in the order they were added, and adapters sharing a layer apply in
         # activation order (DoRA normalises what precedes it): both are recorded so a reload rebuilds the same model.
         order = staging / files.ORDER_FILE
@@ -199,17 +211,25 @@ def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str],
         files.replace_paths([(staging / name, root / name) for name in names] + [(order, root / order.name)])
 
 
-def adapter_state_dict(model: SwiftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(
+    model: SwiftModel, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.
 
     Args:
         model: the model holding the adapter.
         adapter_name: the adapter to read.
+        state_dict: the SwiftModel's full state dict to take the tensors from (see :func:`save`).
     """
     with model.offload_store.restored(model.adapter_modules, adapter_name):
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
-        for slot, (_, tensor) in model.adapter_slots(adapter_name).items():
+        for slot, (key, tensor) in model.adapter_slots(adapter_name).items():
+            if state_dict is not None:
+                full_key = f"{PEFT_KEY_PREFIX}{key}"
+                if full_key not in state_dict:
+                    raise ValueError(f"the state_dict passed to save_pretrained has no {full_key!r}")
+                tensor = state_dict[full_key]
             value = tensor.detach().cpu()
             # safetensors refuses tensors that share memory; adapters are small, so copy the repeats
             tensors[slot.swift_key(adapter_name)] = value.clone() if value.data_ptr() in seen else value
@@ -245,7 +265,7 @@ def load_adapter_weights(
     }
     # an in-place tuner's tensors are the base model's own: copy into them, never replace them
     assign = assign and model.in_place_tuner(adapter_name) is None
-    model.base_model.load_state_dict(state, strict=False, assign=assign)
+    model.model.load_state_dict(state, strict=False, assign=assign)
     if assign:
         model.structure_changed()
 
@@ -288,3 +308,73 @@ def _check_fit(
 def _preview(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_adapter(
+    model: SwiftModel,
+    folder: Path,
+    adapter_name: str,
+    is_trainable: bool,
+    torch_device: str | None,
+    autocast_adapter_dtype: bool,
+    low_cpu_mem_usage: bool,
+) -> None:
+    """``SwiftModel.load_adapter``: one adapter folder into an existing adapter (weights only) or a new one.
+
+    Args:
+        model: the model to load into.
+        folder: a folder holding one adapter (``adapter_config.json`` and weights).
+        adapter_name: the adapter to fill, or a new adapter's name.
+        is_trainable: for a new adapter, whether it trains.
+        torch_device: the device to read the tensors onto first.
+        autocast_adapter_dtype: for a new adapter, PEFT's float32 upcast.
+        low_cpu_mem_usage: for a new adapter, create it on the meta device and assign the loaded tensors.
+    """
+    if not (folder / files.CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{folder} holds no adapter ({files.CONFIG_NAME} is missing); load_adapter takes one adapter's folder"
+        )
+    _check_trainer_checkpoint_covers_model(model, folder)
+    planned = read_adapter(folder, folder.name, adapter_name, is_trainable, model.model)
+    if torch_device is not None:
+        planned.weights = {key: value.to(torch_device) for key, value in planned.weights.items()}
+    if adapter_name in model.peft_config:
+        existing = PeftType(model.peft_config[adapter_name].peft_type)
+        if PeftType(planned.config.peft_type) != existing:
+            raise ValueError(
+                f"{folder} holds a {planned.config.peft_type} adapter, but adapter {adapter_name!r} of this model is "
+                f"{existing.value}"
+            )
+        model.load_adapter_weights(adapter_name, planned.weights, str(folder), planned.saved_name)
+        return
+    with model.adding_adapters():
+        model.add_adapter(
+            adapter_name,
+            planned.config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            trainable=is_trainable,
+        )
+        model.load_adapter_weights(
+            adapter_name, planned.weights, str(folder), planned.saved_name, assign=low_cpu_mem_usage
+        )
+    model.activation.deactivate(adapter_name)  # PEFT: a loaded adapter is not activated
+
+
+def _check_trainer_checkpoint_covers_model(model: SwiftModel, folder: Path) -> None:
+    """A Trainer resumes a model by loading each adapter folder of its checkpoint: refuse, before the first one,
+    a checkpoint that does not hold every adapter of the model (another model's, or another layout)."""
+    for root in (folder, folder.parent):
+        if (root / TRAINER_STATE_NAME).is_file():
+            break
+    else:
+        return
+    saved = set(files.list_adapter_folders(root))
+    if (root / files.CONFIG_NAME).is_file():
+        saved.add("default")
+    missing = [name for name in model.peft_config if name not in saved]
+    if missing:
+        raise ValueError(
+            f"{root} is a Trainer checkpoint without the adapter folder(s) {missing} of this SwiftModel (it holds "
+            f"{sorted(saved) or 'none'}); resume from a checkpoint this model wrote, in SWIFT's layout"
+        )

@@ -11,12 +11,12 @@ containers every tuner layer shares (:mod:`peft_swift_ext.core.keys`) and the tu
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
-from peft import PeftConfig
+from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 from torch import nn
@@ -30,12 +30,45 @@ from .activation import ActivationState, install_view, per_thread_from_env
 from .offload import OffloadStore
 
 
-class SwiftModel(nn.Module):
+class SwiftTuners(nn.Module):
+    """What ``PeftModel.base_model`` is for a :class:`SwiftModel`: the adapted model, run as it is.
+
+    PEFT, transformers and TRL reach the plain model as ``peft_model.base_model.model``; attributes this module
+    lacks come from that model, and calling it calls the model.
+
+    Args:
+        model: the adapted model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        """Run the adapted model (arguments as it takes them)."""
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class SwiftModel(PeftModel):
     """A model carrying any number of adapters, of PEFT's tuner types and this package's, at once.
 
+    It is a ``PeftModel``, so the HF ``Trainer``, TRL and accelerate treat it as one: checkpoints hold only the
+    adapters (SWIFT's layout), ``resume_from_checkpoint`` reloads them, and PEFT's methods keep their meaning
+    (``set_adapter``, ``load_adapter``, ``get_nb_trainable_parameters``...; where a method concerns one tuner type,
+    it acts on the adapter's own type and leaves the other types as they are). As in PEFT, ``base_model.model`` is
+    the adapted model (:meth:`get_base_model`).
+
     Build it with :meth:`peft_swift_ext.Swift.prepare_model` or :meth:`peft_swift_ext.Swift.from_pretrained`.
-    Calls and attributes it does not define go to the wrapped model, so it runs ``forward`` and
-    ``generate`` like the original.
+    Calls and attributes it does not define go to the adapted model, so it runs ``forward`` and ``generate`` like
+    the original.
 
     Args:
         model: the model to adapt (changed in place by the adapters' layers).
@@ -43,44 +76,57 @@ class SwiftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, per_thread: bool | None = None) -> None:
-        super().__init__()
-        if isinstance(model, SwiftModel):
-            raise TypeError("model is already a SwiftModel; add adapters to it with Swift.prepare_model")
-        self.base_model = model
+        # PeftModel.__init__ injects one adapter of one type; a SwiftModel starts empty and adds adapters of any type.
+        nn.Module.__init__(self)
+        if isinstance(model, PeftModel):
+            raise TypeError(
+                f"model is already a {type(model).__name__}; add adapters to a SwiftModel with Swift.prepare_model"
+            )
+        self.base_model = SwiftTuners(model)
+        self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
+        self._is_prompt_learning = False
+        self._peft_config = None
+        self._adapters_disabled = False
         self.activation = ActivationState(per_thread_from_env() if per_thread is None else per_thread)
         #: the offloaded adapters' store (``set_active_adapters(..., offload=...)``)
         self.offload_store = OffloadStore()
-        # Plain dicts, not submodules: the tuners share base_model, whose parameters must appear once.
+        # Plain dicts, not submodules: the tuners share the adapted model, whose parameters must appear once.
         self._tuners: dict[PeftType, BaseTuner] = {}
         self._configs: dict[str, PeftConfig] = {}
         self._trainable: set[str] = set()
         self._layers: list[BaseTunerLayer] = []
         self._adapter_modules: list[tuple[str, nn.Module]] = []
-        # The HF Trainer and TRL choose dataset columns from forward's signature: expose the wrapped model's.
-        self.forward = functools.update_wrapper(functools.partial(SwiftModel.forward, self), model.forward)
+        if getattr(model, "is_gradient_checkpointing", True):
+            self.prepare_model_for_gradient_checkpointing(model)  # as PeftModel does: inputs get gradients
 
     # --- pass-through ------------------------------------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
-        """Run the wrapped model with the active adapters (arguments as the wrapped model takes them)."""
-        return self.base_model(*args, **kwargs)
+    @property
+    def model(self) -> nn.Module:
+        """The adapted model (``base_model.model``, as in PEFT)."""
+        return self.base_model.model
 
-    def generate(self, *args, **kwargs):
-        """The wrapped model's ``generate``, with the active adapters.
+    def get_base_model(self) -> nn.Module:
+        """The adapted model, with the adapters' layers in it (PEFT's meaning)."""
+        return self.base_model.model
+
+    def forward(self, *args, **kwargs):
+        """Run the adapted model with the active adapters (arguments as the adapted model takes them).
 
         Args:
-            *args (Any): passed to the wrapped model's ``generate``.
-            **kwargs (Any): passed to the wrapped model's ``generate``.
+            *args (Any): passed to the adapted model.
+            **kwargs (Any): passed to the adapted model.
         """
-        return self.base_model.generate(*args, **kwargs)
+        return self.base_model.model(*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+    def generate(self, *args, **kwargs):
+        """The adapted model's ``generate``, with the active adapters.
+
+        Args:
+            *args (Any): passed to the adapted model's ``generate``.
+            **kwargs (Any): passed to the adapted model's ``generate``.
+        """
+        return self.base_model.model.generate(*args, **kwargs)
 
     # --- adapters ----------------------------------------------------------------------------------------------
 
@@ -98,6 +144,35 @@ class SwiftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         """The adapters active for the calling thread."""
         return list(self.activation.current())
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The first active adapter (PEFT's name for the adapter a model runs), or None when none is active."""
+        active = self.activation.current()
+        return active[0] if active else None
+
+    @property
+    def peft_type(self) -> PeftType | None:
+        """The tuner type of :attr:`active_adapter` (a SwiftModel may hold adapters of several types)."""
+        name = self.active_adapter
+        return None if name is None else PeftType(self._configs[name].peft_type)
+
+    @contextlib.contextmanager
+    def active_adapters_scope(self, *adapter_names: str) -> Iterator[None]:
+        """Inside the block, the calling thread or asyncio task (and the tasks it starts) runs exactly these adapters.
+
+        Other threads and tasks keep their own selection, so concurrent requests can each use their own
+        adapters on one model. Nothing is moved or merged; offloaded adapters are refused.
+
+        Args:
+            *adapter_names: the adapters to run, in order (none: the base model alone).
+        """
+        self._check_known(adapter_names)
+        offloaded = [name for name in adapter_names if self.offload_store.is_offloaded(name)]
+        if offloaded:
+            raise ValueError(f"adapters {offloaded} are offloaded; activate them before selecting them in a scope")
+        with self.activation.scoped(adapter_names):
+            yield
 
     @property
     def adapter_modules(self) -> list[tuple[str, nn.Module]]:
@@ -122,20 +197,29 @@ class SwiftModel(nn.Module):
         return tuner if isinstance(tuner, InPlaceTuner) else None
 
     def add_adapter(
-        self, adapter_name: str, config: PeftConfig, *, trainable: bool = True, low_cpu_mem_usage: bool = False
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        trainable: bool = True,
     ) -> None:
         """Inject a new adapter and activate it; on any error the model is left as it was.
 
         Args:
             adapter_name: a new name, usable as a folder name.
-            config: any PEFT config registered in PEFT (PEFT's own methods and this package's).
-            trainable: whether its weights require grad.
+            peft_config: any PEFT config registered in PEFT (PEFT's own methods and this package's).
             low_cpu_mem_usage: create its weights on the meta device (to be filled by a load).
+            autocast_adapter_dtype: as in PEFT, float16/bfloat16 adapter weights are upcast to float32; False keeps
+                the dtype they were made in (the base model's).
+            trainable: whether its weights require grad.
         """
+        config = peft_config
         files.check_adapter_name(adapter_name)
         if adapter_name in self._configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {self.adapters}")
-        composition.inject(self.base_model, self._tuners, adapter_name, config, low_cpu_mem_usage)
+        composition.inject(self.model, self._tuners, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         self._configs[adapter_name] = config
         if trainable and not config.inference_mode:
             self._trainable.add(adapter_name)
@@ -166,9 +250,7 @@ class SwiftModel(nn.Module):
 
     def _remove_adapter(self, adapter_name: str) -> None:
         self.offload_store.forget(adapter_name)
-        composition.remove(
-            self.base_model, self._tuners, adapter_name, PeftType(self._configs.pop(adapter_name).peft_type)
-        )
+        composition.remove(self.model, self._tuners, adapter_name, PeftType(self._configs.pop(adapter_name).peft_type))
         self._trainable.discard(adapter_name)
         self.activation.deactivate(adapter_name)
         self.structure_changed()
@@ -185,8 +267,8 @@ class SwiftModel(nn.Module):
         """
         tuner = self.in_place_tuner(adapter_name)
         if tuner is None:
-            return adapter_tensors(self.base_model, adapter_name)
-        current = {id(param): key for key, param in self.base_model.named_parameters(remove_duplicate=False)}
+            return adapter_tensors(self.model, adapter_name)
+        current = {id(param): key for key, param in self.model.named_parameters(remove_duplicate=False)}
         return {
             Slot(path, "", "", named=False): (current[id(param)], param)
             for path, param in tuner.saved_tensors().items()
@@ -199,11 +281,11 @@ class SwiftModel(nn.Module):
 
     def structure_changed(self) -> None:
         """Re-derive everything that depends on which tuner layers exist, after adding or removing adapters."""
-        install_view(self.base_model, self.activation)
+        install_view(self.model, self.activation)
         # cached so that switching and offloading adapters does not walk the whole module tree
-        self._adapter_modules = tuner_modules(self.base_model)
+        self._adapter_modules = tuner_modules(self.model)
         self._layers = [m for _, m in self._adapter_modules if isinstance(m, BaseTunerLayer)]
-        trainability.refresh(self.base_model, self._trainable, self._in_place_adapters(), self._active_set())
+        trainability.refresh(self.model, self._trainable, self._in_place_adapters(), self._active_set())
 
     # --- tuners that train base weights in place (LISA) ----------------------------------------------------------
 
@@ -224,6 +306,34 @@ class SwiftModel(nn.Module):
                 tuner.check_can_restore(action)
 
     # --- activation --------------------------------------------------------------------------------------------
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter of its tuner type, as ``PeftModel.set_adapter`` does for that type.
+
+        The named adapters train (unless ``inference_mode``); the other adapters of their types are deactivated
+        and frozen. Adapters of other tuner types keep their state; :meth:`set_active_adapters` chooses the whole
+        active set instead.
+
+        Args:
+            adapter_name: a name, or names of one or several types, activated in the given order.
+            inference_mode: freeze the named adapters instead of making them trainable.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        types = {PeftType(self._configs[name].peft_type) for name in names}
+        same_type = [name for name in self.adapters if PeftType(self._configs[name].peft_type) in types]
+        kept = [name for name in self.active_adapters if name not in same_type]
+        self._check_not_merged()
+        self._check_can_restore([name for name in same_type if name not in names], "be deactivated")
+        for name in names:
+            self.offload_store.restore(self._adapter_modules, name)
+        for name in same_type:
+            if name in names and not inference_mode:
+                self._trainable.add(name)
+            else:
+                self._trainable.discard(name)
+        self.activation.set(kept + names)
+        self.structure_changed()
 
     def set_active_adapters(self, adapter_names: str | Iterable[str], offload: str | None = None) -> None:
         """Make exactly ``adapter_names`` active; the others are deactivated (and offloaded if asked).
@@ -355,23 +465,19 @@ class SwiftModel(nn.Module):
         return self._unload(merged=False)
 
     def _unload(self, merged: bool) -> nn.Module:
-        composition.unwrap_all(self.base_model, self._tuners, merged)
+        composition.unwrap_all(self.model, self._tuners, merged)
         self._layers = []
         self._adapter_modules = []
         self._configs.clear()
         self._trainable.clear()
         self.activation.set(())
-        return self.base_model
+        return self.model
 
     # --- training helpers ----------------------------------------------------------------------------------------
 
     def get_trainable_parameters(self) -> str:
         """SWIFT's one-line summary of trainable parameters and memory in use."""
-        return trainability.summary(self.base_model)
-
-    def print_trainable_parameters(self) -> None:
-        """Print :meth:`get_trainable_parameters` (PEFT's name for it)."""
-        print(self.get_trainable_parameters())
+        return trainability.summary(self.model)
 
     def create_optimizer_param_groups(self, **defaults) -> list[dict]:
         """Optimizer parameter groups: LoRA+ groups for LoRA+ adapters, then decay / no-decay groups.
@@ -380,15 +486,16 @@ class SwiftModel(nn.Module):
             **defaults (Any): group defaults such as ``lr`` and ``weight_decay``; LoRA+ groups need ``lr``.
         """
         in_place = [tuner for name, tuner in self._in_place_adapters() if name in self._trainable]
-        return optim.param_groups(self.base_model, self._configs, in_place, **defaults)
+        return optim.param_groups(self.model, self._configs, in_place, **defaults)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs) -> None:
         """PEFT's LoRA combination (``linear``, ``cat``, ``svd``, ``ties``, ``dare_*``...) of adapters here.
 
-        The new adapter becomes the only active one.
+        The adapters must be of one type, LoRA or LoRA+ (the result has that type); the new adapter becomes the
+        only active one.
 
         Args:
-            adapters: names of the LoRA adapters to combine.
+            adapters: names of the LoRA (or LoRA+) adapters to combine.
             weights: one weight per adapter.
             adapter_name: name of the new adapter.
             **kwargs (Any): passed to ``LoraModel.add_weighted_adapter`` (``combination_type``, ``density``...).
@@ -397,11 +504,12 @@ class SwiftModel(nn.Module):
         self._check_known(adapters)
         if adapter_name in self._configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {self.adapters}")
-        not_lora = [name for name in adapters if PeftType(self._configs[name].peft_type) != PeftType.LORA]
-        if not_lora:
-            raise ValueError(f"add_weighted_adapter combines LoRA adapters only; not LoRA: {not_lora}")
+        types = {PeftType(self._configs[name].peft_type) for name in adapters}
+        if len(types) != 1 or not types <= {PeftType.LORA, PeftType.LORAPLUS}:
+            kinds = {name: str(self._configs[name].peft_type) for name in adapters}
+            raise ValueError(f"add_weighted_adapter combines adapters of one type, LoRA or LoRA+; got {kinds}")
         self._check_can_restore(self.adapters, "be deactivated (add_weighted_adapter activates only the new adapter)")
-        tuner = self._tuners[PeftType.LORA]
+        tuner = self._tuners[types.pop()]
         tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
         self._configs[adapter_name] = tuner.peft_config[adapter_name]
         self.structure_changed()
@@ -414,25 +522,98 @@ class SwiftModel(nn.Module):
         self,
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        *,
         adapter_name: str | list[str] | None = None,
-        **kwargs,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write each adapter to ``save_directory/<adapter>/`` in SWIFT's layout, atomically.
+
+        The signature is ``PeftModel.save_pretrained``'s (the HF ``Trainer`` calls it), plus SWIFT's ``adapter_name``.
 
         Args:
             save_directory: the checkpoint folder (created if needed; other content is kept).
             safe_serialization: safetensors (default) or a torch pickle of plain tensors.
-            adapter_name: one name or several; all adapters by default.
-            **kwargs (Any): accepted for callers that pass ``PeftModel.save_pretrained`` options (the HF
-                ``Trainer``); ignored.
+            selected_adapters: PEFT's name for ``adapter_name``: the adapters to write (all by default).
+            save_embedding_layers: PEFT's option to also write resized embedding layers; this model saves
+                what its adapters train (``modules_to_save`` copies included), so only ``"auto"`` and False are
+                accepted.
+            is_main_process: False writes nothing (the other ranks of a distributed run).
+            adapter_name: SWIFT's name for ``selected_adapters``: one name or several.
+            state_dict: the model's full state dict to take the tensors from (what the ``Trainer`` passes
+                when DeepSpeed ZeRO-3 or FSDP gathered it), instead of the live parameters.
         """
-        if adapter_name is None:
-            requested = self.adapters
-        else:
-            requested = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if save_embedding_layers not in ("auto", False):
+            raise ValueError(
+                f"save_embedding_layers={save_embedding_layers!r}: a SwiftModel saves exactly what its adapters hold; "
+                "train the embeddings as modules_to_save (or with a tuner that does) to save them"
+            )
+        if selected_adapters is not None and adapter_name is not None:
+            raise ValueError("pass selected_adapters (PEFT's name) or adapter_name (SWIFT's), not both")
+        chosen = adapter_name if adapter_name is not None else selected_adapters
+        requested = self.adapters if chosen is None else [chosen] if isinstance(chosen, str) else list(chosen)
         self._check_known(requested)
+        if not is_main_process:
+            return
         names = [name for name in self.adapters if name in requested]  # the order they were added in
-        io.save(self, save_directory, names, safe_serialization)
+        io.save(self, save_directory, names, safe_serialization, state_dict)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """PEFT's ``load_adapter``: load one adapter's folder into ``adapter_name``.
+
+        Into an existing adapter (what the HF ``Trainer`` does on ``resume_from_checkpoint``) only the weights are
+        loaded, after checking that the folder holds an adapter of the same type with the same keys and shapes; its
+        activation and trainability stay as they are. A new adapter is added inactive, as in PEFT. The folder is a
+        PEFT-layout adapter, one adapter sub-folder of a SWIFT-layout checkpoint, or an ms-swift one. A Trainer
+        checkpoint of a SwiftModel must hold every adapter of this model; a failed load changes nothing.
+
+        Args:
+            model_id: the adapter's folder (local only).
+            adapter_name: the adapter to load into, or a new adapter's name.
+            is_trainable: for a new adapter, whether it trains (an existing one keeps its trainability, as in PEFT).
+            torch_device: the device to read the tensors onto first (they end on the adapter's own device).
+            autocast_adapter_dtype: for a new adapter, PEFT's float32 upcast of float16/bfloat16 weights.
+            low_cpu_mem_usage: for a new adapter, create it on the meta device and assign the loaded tensors.
+        """
+        io.load_adapter(
+            self, Path(model_id), adapter_name, is_trainable, torch_device, autocast_adapter_dtype, low_cpu_mem_usage
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str | list[str] | dict[str, str] | None = None,
+        is_trainable: bool = False,
+        *,
+        per_thread: bool | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> SwiftModel:
+        """Load every adapter of a checkpoint folder (SWIFT's, PEFT's or ms-swift's layout) onto ``model``.
+
+        Args:
+            model: a plain model, or a SwiftModel to add the adapters to.
+            model_id: the local checkpoint folder.
+            adapter_name: ``None`` loads every adapter; a name or list selects; a dict renames
+                ``{saved name: new name}``.
+            is_trainable: whether the loaded adapters train.
+            per_thread: activation per thread for a new SwiftModel (``None``: SWIFT's ``USE_UNIQUE_THREAD``).
+            low_cpu_mem_usage: create the adapters on the meta device and assign the loaded tensors.
+        """
+        swift_model = model if isinstance(model, SwiftModel) else cls(model, per_thread)
+        io.load_into(swift_model, Path(model_id), adapter_name, is_trainable, low_cpu_mem_usage)
+        return swift_model
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.

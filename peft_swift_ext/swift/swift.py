@@ -9,7 +9,6 @@ from peft import PeftConfig, PeftModel, get_peft_model
 
 from ..conversion import save_to_peft_format
 from ..core import files
-from .io import load_into
 from .model import SwiftModel
 
 
@@ -25,7 +24,7 @@ class Swift:
             config: one PEFT config (returns PEFT's own ``PeftModel``, as SWIFT does for PEFT configs), or a
                 dict ``{adapter_name: config}`` of any registered types (returns a ``SwiftModel``).
             **kwargs (Any): for a single config, passed to ``get_peft_model`` (e.g. ``adapter_name``); for a dict,
-                ``per_thread`` and ``low_cpu_mem_usage``.
+                ``per_thread``, ``low_cpu_mem_usage`` and ``autocast_adapter_dtype``.
         """
         if isinstance(config, PeftConfig) and not isinstance(model, SwiftModel):
             return get_peft_model(model, config, **kwargs)
@@ -37,13 +36,16 @@ class Swift:
             files.check_adapter_name(name)
             if not isinstance(value, PeftConfig):
                 raise TypeError(f"config[{name!r}] must be a PeftConfig, got {type(value).__name__}")
+        unknown = sorted(set(kwargs) - {"per_thread", "low_cpu_mem_usage", "autocast_adapter_dtype"})
+        if unknown:
+            raise TypeError(f"Swift.prepare_model got unexpected keyword arguments {unknown} for a dict of configs")
         swift_model = model if isinstance(model, SwiftModel) else SwiftModel(model, kwargs.pop("per_thread", None))
         duplicates = [name for name in config if name in swift_model.peft_config]
         if duplicates:
             raise ValueError(f"adapter(s) {duplicates} already exist; existing adapters: {swift_model.adapters}")
         with swift_model.adding_adapters():
             for name, value in config.items():
-                swift_model.add_adapter(name, value, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
+                swift_model.add_adapter(name, value, **kwargs)
         return swift_model
 
     @staticmethod
@@ -118,9 +120,10 @@ class Swift:
             **kwargs (Any): ``per_thread``, ``low_cpu_mem_usage``.
         """
         root = _resolve_checkpoint(model_id, revision)
-        swift_model = model if isinstance(model, SwiftModel) else SwiftModel(model, kwargs.pop("per_thread", None))
-        load_into(swift_model, root, adapter_name, is_trainable, kwargs.get("low_cpu_mem_usage", False))
-        return swift_model
+        unknown = sorted(set(kwargs) - {"per_thread", "low_cpu_mem_usage"})
+        if unknown:
+            raise TypeError(f"Swift.from_pretrained got unexpected keyword arguments {unknown}")
+        return SwiftModel.from_pretrained(model, root, adapter_name, is_trainable, **kwargs)
 
 
 def _resolve_checkpoint(model_id: str | os.PathLike, revision: str | None) -> Path:

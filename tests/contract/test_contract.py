@@ -231,7 +231,7 @@ def test_swift_offload_and_reactivate_is_bit_exact(case, offload):
     before = {k: v.clone() for k, v in model.adapter_state_dict("first").items()}
     model.deactivate_adapter("first", offload=offload)
     if offload == "meta":
-        assert all(t.device.type == "meta" for _, t in adapter_tensors(model.base_model, "first").values())
+        assert all(t.device.type == "meta" for _, t in adapter_tensors(model.model, "first").values())
     model.activate_adapter("first")
     after = model.adapter_state_dict("first")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -295,11 +295,11 @@ def test_swift_merge_unmerge_or_refusal(case):
             Swift.merge(model)
         assert state_hash(model) == before
         return
-    base_weights = {k: v.clone() for k, v in model.base_model.state_dict().items() if "base_layer" in k}
+    base_weights = {k: v.clone() for k, v in model.model.state_dict().items() if "base_layer" in k}
     Swift.merge(model)
     assert_same(run(model, case.make_inputs(), case.output), tuned, atol=1e-5)
     Swift.unmerge(model)
-    for key, value in model.base_model.state_dict().items():
+    for key, value in model.model.state_dict().items():
         if key in base_weights:
             torch.testing.assert_close(value, base_weights[key], atol=1e-6, rtol=0)
     merged = Swift.merge_and_unload(model)

@@ -58,7 +58,7 @@ def test_every_tuner_trains_saves_and_reloads(spec, tmp_path):
     assert model.adapters == spec.split("+")
     assert [p for p in model.parameters() if p.requires_grad]
     base_names = {name for name, _ in load_tiny().model.named_parameters()}
-    assert not {n for n, p in model.base_model.named_parameters() if p.requires_grad} & base_names
+    assert not {n for n, p in model.model.named_parameters() if p.requires_grad} & base_names
 
     examples = [encode(tokenizer, r) for r in load_split("train")[:8]]
     optimizer, scheduler = make_optimizer(model.create_optimizer_param_groups(lr=1e-3), 1e-3, steps=2)

@@ -186,7 +186,7 @@ def test_offload_refusal_names_adapter_in_one_process():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
     try:
         model = C.prepare_for_training(CASES["swift-lora+adapter-llama"].build())
-        layer = model.base_model.model.layers[0].mlp.adapter_down["adapter"]
+        layer = model.model.model.layers[0].mlp.adapter_down["adapter"]
         mesh = init_device_mesh("cpu", (1,))
         layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh))
         assert full_numel(layer.weight) == layer.weight.numel() == 32 * 8

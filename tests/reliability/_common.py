@@ -41,7 +41,7 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 def snapshot(model: nn.Module) -> tuple:
     """What must not change when a load fails: every tensor, the adapters and which are active."""
     if isinstance(model, SwiftModel):
-        return state_hash(model.base_model), tuple(model.adapters), tuple(model.active_adapters)
+        return state_hash(model.model), tuple(model.adapters), tuple(model.active_adapters)
     tuner_layers = sum(isinstance(module, BaseTunerLayer) for module in model.modules())
     return state_hash(model), tuner_layers
 
@@ -54,7 +54,7 @@ def cast_adapter(model: SwiftModel, adapter_name: str, dtype: torch.dtype) -> No
     """
     from peft_swift_ext.core.keys import adapter_containers, tuner_modules
 
-    for _, module, attr, entry, _ in list(adapter_containers(tuner_modules(model.base_model), adapter_name)):
+    for _, module, attr, entry, _ in list(adapter_containers(tuner_modules(model.model), adapter_name)):
         if attr == "modules_to_save":
             continue
         container = getattr(module, attr)

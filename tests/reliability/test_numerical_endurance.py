@@ -39,11 +39,11 @@ def mixed_params(cases):
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.base_model.state_dict().items() if v.is_floating_point()}
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items() if v.is_floating_point()}
 
 
 def max_drift(model, original: dict[str, torch.Tensor]) -> float:
-    state = model.base_model.state_dict()
+    state = model.model.state_dict()
     return max((state[k].float() - v.float()).abs().max().item() for k, v in original.items() if k in state)
 
 

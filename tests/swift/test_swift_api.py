@@ -193,7 +193,7 @@ def test_offload_to_meta_frees_the_weights_and_restores_them_bit_exact():
     expected = logits(model)
     saved = {k: v.clone() for k, v in model.adapter_state_dict("a").items()}
     model.set_active_adapters(["b"], offload="meta")
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["a"].weight.device.type == "meta"
     model.set_active_adapters(["a", "b"])
     assert all(torch.equal(saved[k], v) for k, v in model.adapter_state_dict("a").items())
@@ -215,11 +215,11 @@ def test_save_of_an_offloaded_adapter_writes_its_real_weights(tmp_path):
 
 def test_hundred_merge_unmerge_cycles_restore_base_weights():
     model = two_lora_model()
-    original = {k: v.clone() for k, v in model.base_model.state_dict().items() if "base_layer" in k}
+    original = {k: v.clone() for k, v in model.model.state_dict().items() if "base_layer" in k}
     for _ in range(100):
         Swift.merge(model)
         Swift.unmerge(model)
-    drift = max((model.base_model.state_dict()[k] - v).abs().max().item() for k, v in original.items())
+    drift = max((model.model.state_dict()[k] - v).abs().max().item() for k, v in original.items())
     assert drift <= 1e-6
 
 
@@ -258,7 +258,7 @@ def test_lora_plus_groups_give_b_the_ratio_and_others_decay_groups():
     )
     groups = model.create_optimizer_param_groups(lr=1e-3, weight_decay=0.1)
     by_param = {id(p): group for group in groups for p in group["params"]}
-    layer = model.base_model.model.layers[0].self_attn
+    layer = model.model.model.layers[0].self_attn
     assert by_param[id(layer.q_proj.lora_B["plus"].weight)]["lr"] == pytest.approx(1e-2)
     assert by_param[id(layer.q_proj.lora_A["plus"].weight)]["lr"] == pytest.approx(1e-3)
     assert by_param[id(layer.v_proj.lora_B["plain"].weight)]["lr"] == pytest.approx(1e-3)
@@ -269,8 +269,8 @@ def test_lora_plus_groups_give_b_the_ratio_and_others_decay_groups():
 
 def test_a_parameter_in_two_groups_is_an_error():
     model = two_lora_model()
-    shared = model.base_model.model.layers[0].self_attn.q_proj.lora_A["a"].weight
-    model.base_model.model.layers[1].self_attn.o_proj.lora_A["b"].weight = shared
+    shared = model.model.model.layers[0].self_attn.q_proj.lora_A["a"].weight
+    model.model.model.layers[1].self_attn.o_proj.lora_A["b"].weight = shared
     with pytest.raises(ValueError, match="claimed by both"):
         model.create_optimizer_param_groups(lr=1e-3)
 

@@ -110,9 +110,9 @@ def reference():
 def test_lora_plus_lisa_trains_like_lora_with_the_drawn_layers_unfrozen_by_hand(order, reference):
     expected, expected_draws = reference
     swift = _build_swift(order)
-    before = _canonical(swift.base_model.state_dict())
+    before = _canonical(swift.model.state_dict())
     _, draws = _train_swift(swift)
-    after = _canonical(swift.base_model.state_dict())
+    after = _canonical(swift.model.state_dict())
     assert draws == expected_draws
     assert after.keys() == expected.keys()
     for name in expected:
@@ -143,7 +143,7 @@ def test_lisa_alone_in_a_swift_model_trains_like_the_peft_method():
         peft_model(**random_batch(seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    ours, theirs = swift.base_model.state_dict(), peft_model.get_base_model().state_dict()
+    ours, theirs = swift.model.state_dict(), peft_model.get_base_model().state_dict()
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], msg=name)
@@ -194,7 +194,7 @@ def _numel(params):
 
 def test_trainable_parameters_and_optimizer_groups_follow_lora_and_the_drawn_layers():
     swift = _build_swift("dict")
-    base = swift.base_model
+    base = swift.model
     lora = [p for n, p in base.named_parameters() if "lora_" in n]
     layers = [[p for n, p in layer.named_parameters() if "lora_" not in n] for layer in base.model.layers]
     always = [base.model.embed_tokens.weight, base.lm_head.weight]
@@ -226,14 +226,14 @@ def _snapshot(swift):
     return (
         list(swift.adapters),
         list(swift.active_adapters),
-        {n: (p.requires_grad, p.detach().clone()) for n, p in swift.base_model.named_parameters()},
+        {n: (p.requires_grad, p.detach().clone()) for n, p in swift.model.named_parameters()},
     )
 
 
 def _assert_same(snapshot, swift):
     adapters, active, params = snapshot
     assert swift.adapters == adapters and sorted(swift.active_adapters) == sorted(active)
-    now = dict(swift.base_model.named_parameters())
+    now = dict(swift.model.named_parameters())
     assert now.keys() == params.keys()
     for name, (requires_grad, value) in params.items():
         assert now[name].requires_grad == requires_grad and torch.equal(now[name], value), name
@@ -268,17 +268,17 @@ def test_switching_lisa_off_is_refused_once_trained_and_nothing_changes():
 def test_lisa_can_be_switched_off_before_it_has_trained():
     swift = _build_swift("dict")
     lisa_params = [
-        p for layer in swift.base_model.model.layers for n, p in layer.named_parameters() if "lora_" not in n
+        p for layer in swift.model.model.layers for n, p in layer.named_parameters() if "lora_" not in n
     ]
     assert all(p.requires_grad for p in lisa_params)
     swift.deactivate_adapter("lisa")  # nothing has trained: allowed, and an inactive LISA trains nothing
     assert not any(p.requires_grad for p in lisa_params)
-    assert all(p.requires_grad for n, p in swift.base_model.named_parameters() if "lora_" in n)
+    assert all(p.requires_grad for n, p in swift.model.named_parameters() if "lora_" in n)
     swift.activate_adapter("lisa")
     assert all(p.requires_grad for p in lisa_params)
     swift.delete_adapter("lisa")  # and removed: its bookkeeping goes, LoRA stays trainable alone
-    assert {n for n, p in swift.base_model.named_parameters() if p.requires_grad} == {
-        n for n, _ in swift.base_model.named_parameters() if "lora_" in n
+    assert {n for n, p in swift.model.named_parameters() if p.requires_grad} == {
+        n for n, _ in swift.model.named_parameters() if "lora_" in n
     }
 
 
@@ -289,7 +289,7 @@ def test_merge_and_unload_merges_lora_and_keeps_lisas_trained_weights():
     batch = random_batch(seed=99)
     with torch.no_grad():
         expected = swift(**batch).logits
-    trained_q = swift.base_model.model.layers[draws[0][0]].self_attn.q_proj.base_layer.weight.detach().clone()
+    trained_q = swift.model.model.layers[draws[0][0]].self_attn.q_proj.base_layer.weight.detach().clone()
     merged = swift.merge_and_unload()
     assert not any("lora_" in n or "base_layer" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
@@ -332,14 +332,14 @@ def test_trainer_callback_drives_the_lisa_adapter_of_a_swift_model(tmp_path):
             return {key: value[0] for key, value in random_batch(batch_size=1, seed=index).items()}
 
     swift = _build_swift("dict")
-    before = _canonical(swift.base_model.state_dict())
+    before = _canonical(swift.model.state_dict())
     callback = LisaCallback()
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
         report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
     )  # fmt: skip
     Trainer(model=swift, args=args, train_dataset=Batches(), callbacks=[callback]).train()
-    after = _canonical(swift.base_model.state_dict())
+    after = _canonical(swift.model.state_dict())
     assert callback.scheduler.config is swift.peft_config["lisa"]
     draws = _expected_draws(3, NUM_LAYERS, 1, 2)
     trained = sorted({i for d in draws for i in d})
@@ -403,12 +403,12 @@ def test_lisa_next_to_adapters_that_own_the_head_or_read_the_base_weight(tmp_pat
     _, draws = _train_swift(swift)
     changed = {name for name, param in swift.named_parameters() if not torch.equal(param, before[name])}
     drawn = {i for d in draws for i in d}
-    assert {f"base_model.model.layers.{i}.self_attn.q_proj.base_layer.weight" for i in drawn} <= changed
+    assert {f"base_model.model.model.layers.{i}.self_attn.q_proj.base_layer.weight" for i in drawn} <= changed
     if partner == "dora":
         assert any("lora_magnitude_vector" in name for name in changed)
     else:
-        assert "base_model.lm_head.modules_to_save.adapter.weight" in changed
-        assert "base_model.lm_head.original_module.weight" not in changed
+        assert "base_model.model.lm_head.modules_to_save.adapter.weight" in changed
+        assert "base_model.model.lm_head.original_module.weight" not in changed
 
     swift.eval()
     swift.save_pretrained(tmp_path)

@@ -187,7 +187,7 @@ def test_other_tuners_are_not_copied_into_new_blocks():
     model = Swift.prepare_model(tiny_llama(num_layers=4), {"lora": lora, "pro": LlamaProConfig(num_new_blocks=2)})
     blocks = [
         b
-        for layer in model.base_model.model.layers
+        for layer in model.model.model.layers
         if isinstance(layer, LlamaProLayer)
         for b in layer.llamapro_blocks["pro"]
     ]
