@@ -98,6 +98,14 @@ class FeatureProbes:
             for source, hook_id in zip(self._sources.pop(name, []), self._hook_ids.pop(name, [])):
                 _handle(source, hook_id).remove()
 
+    def __getstate__(self) -> dict:
+        # the per-thread store of captured features cannot be pickled, and holds nothing between forwards
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def __deepcopy__(self, memo: dict) -> FeatureProbes:
         # The copied modules hold deep copies of the hooks, under the same ids, bound to the copied probes
         # through ``memo``; only the per-thread store (which cannot be copied) starts empty.

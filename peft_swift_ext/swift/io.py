@@ -160,6 +160,7 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     with model.adding_adapters():
         for item in plan:
             model.add_adapter(item.new_name, item.config, trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
+            model.activate_adapter(item.new_name)
             if model.in_place_tuner(item.new_name) is not None:
                 in_place.append(item)
                 continue
@@ -358,7 +359,6 @@ def load_adapter(
         model.load_adapter_weights(
             adapter_name, planned.weights, str(folder), planned.saved_name, assign=low_cpu_mem_usage
         )
-    model.activation.deactivate(adapter_name)  # PEFT: a loaded adapter is not activated
 
 
 def _check_trainer_checkpoint_covers_model(model: SwiftModel, folder: Path) -> None:

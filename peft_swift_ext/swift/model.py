@@ -205,7 +205,8 @@ class SwiftModel(PeftModel):
         *,
         trainable: bool = True,
     ) -> None:
-        """Inject a new adapter and activate it; on any error the model is left as it was.
+        """Inject a new adapter, inactive as in PEFT (activate it with :meth:`activate_adapter`); on any error the
+        model is left as it was.
 
         Args:
             adapter_name: a new name, usable as a folder name.
@@ -224,8 +225,6 @@ class SwiftModel(PeftModel):
         if trainable and not config.inference_mode:
             self._trainable.add(adapter_name)
         self.structure_changed()
-        self.activation.activate(adapter_name)
-        self._refresh_in_place_trainable()
 
     @contextlib.contextmanager
     def adding_adapters(self) -> Iterator[None]:

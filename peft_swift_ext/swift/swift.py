@@ -46,6 +46,7 @@ class Swift:
         with swift_model.adding_adapters():
             for name, value in config.items():
                 swift_model.add_adapter(name, value, **kwargs)
+                swift_model.activate_adapter(name)
         return swift_model
 
     @staticmethod

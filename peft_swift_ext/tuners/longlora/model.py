@@ -54,6 +54,12 @@ class LongLoraModel(LoraModel):
             model_config._attn_implementation = attention.S2_IMPLEMENTATIONS[original]
             attention.register_switch(model_config, self.active_group_rule)
 
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickle) has its own model config: S²-Attn must be switched on for that one too.
+        super().__setstate__(state)
+        if "_original_attention" in self.__dict__:
+            attention.register_switch(self.model.config, self.active_group_rule)
+
     def active_group_rule(self) -> tuple[float, int | None] | None:
         """``(group_size_ratio, group_size)`` of the first active LongLoRA adapter, or None when none is active.
 
