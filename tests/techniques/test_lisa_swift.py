@@ -267,9 +267,7 @@ def test_switching_lisa_off_is_refused_once_trained_and_nothing_changes():
 
 def test_lisa_can_be_switched_off_before_it_has_trained():
     swift = _build_swift("dict")
-    lisa_params = [
-        p for layer in swift.model.model.layers for n, p in layer.named_parameters() if "lora_" not in n
-    ]
+    lisa_params = [p for layer in swift.model.model.layers for n, p in layer.named_parameters() if "lora_" not in n]
     assert all(p.requires_grad for p in lisa_params)
     swift.deactivate_adapter("lisa")  # nothing has trained: allowed, and an inactive LISA trains nothing
     assert not any(p.requires_grad for p in lisa_params)
