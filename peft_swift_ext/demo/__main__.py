@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", choices=sorted(REQUIRED_MODULES), default=defaults.model, help="'tiny' is a random model for tests"
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    parser.add_argument(
+        "--trainer",
+        action="store_true",
+        help="train with the Hugging Face Trainer (checkpoints hold the adapters in SWIFT's layout)",
+    )
     return parser
 
 
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt=args.prompt,
         seed=args.seed,
         show_progress=not args.no_progress,
+        trainer=args.trainer,
     )
     report = run_demo(options)
     print(f"done in {report.seconds:.0f} s")

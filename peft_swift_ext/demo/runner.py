@@ -13,6 +13,7 @@ from ..swift import Swift
 from .data import collate, encode, load_split, training_batches
 from .models import MODEL_LOADERS
 from .plot import plot_losses
+from .trainer import train_with_trainer
 from .training import evaluate_loss, generate_answer, make_optimizer, train
 from .tuners import DEFAULT_TUNER, build_tuned_model
 
@@ -34,6 +35,7 @@ class DemoOptions:
         prompt: the instruction answered before and after training; ``None`` takes a held-out one.
         seed: seeds adapter initialisation and data order.
         show_progress: draw the tqdm progress bar.
+        trainer: train with the Hugging Face ``Trainer`` (which checkpoints the adapters) instead of the plain loop.
     """
 
     model: str = "smollm2"
@@ -45,6 +47,7 @@ class DemoOptions:
     prompt: str | None = None
     seed: int = 0
     show_progress: bool = True
+    trainer: bool = False
 
 
 @dataclass
@@ -115,8 +118,23 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> DemoRe
     optimizer, scheduler = make_optimizer(
         model.create_optimizer_param_groups(lr=options.lr), options.lr, options.steps
     )
-    batches = training_batches(train_examples, options.batch_size, tokenizer.pad_token_id, seed=options.seed)
-    train_losses = train(model, optimizer, scheduler, batches, options.steps, options.show_progress)
+    if options.trainer:
+        train_losses = train_with_trainer(
+            model,
+            optimizer,
+            scheduler,
+            train_examples,
+            tokenizer.pad_token_id,
+            options.steps,
+            options.batch_size,
+            options.seed,
+            options.out / "trainer",
+            options.show_progress,
+        )
+        log(f"trainer checkpoints (adapters only, SWIFT's layout): {sorted((options.out / 'trainer').iterdir())}")
+    else:
+        batches = training_batches(train_examples, options.batch_size, tokenizer.pad_token_id, seed=options.seed)
+        train_losses = train(model, optimizer, scheduler, batches, options.steps, options.show_progress)
 
     heldout_after = evaluate_loss(model, heldout_examples, tokenizer.pad_token_id)
     answer_after = generate_answer(model, tokenizer, prompt)

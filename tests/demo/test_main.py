@@ -31,6 +31,15 @@ def test_tiny_run_learns_saves_and_reloads(tmp_path):
     assert "held-out loss before training" in text
 
 
+def test_trainer_run_learns_checkpoints_adapters_only_and_reloads(tmp_path, capsys):
+    # SmolLM2's tied embeddings are reproduced by the tiny model: the Trainer's checkpoints must still save
+    assert main([*TINY_RUN, "--trainer", "--tuner", "loraplus+adapter", "--out", str(tmp_path)]) == 0
+    (checkpoint,) = (tmp_path / "trainer").glob("checkpoint-*")
+    assert (checkpoint / "configuration.json").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert {p.name for p in checkpoint.iterdir() if p.is_dir()} == {"loraplus", "adapter"}
+    assert "held-out loss after 40 steps" in capsys.readouterr().out
+
+
 def test_main_exits_zero_for_a_tuner_combination(tmp_path, capsys):
     assert main([*TINY_RUN, "--tuner", "lora+neftune", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
