@@ -303,6 +303,8 @@ class LisaCallback(TrainerCallback):
             control: the Trainer's `TrainerControl`.
             kwargs: the other objects the Trainer passes.
         """
+        if state.global_step < self.scheduler.steps:
+            return  # this optimizer step has begun already
         self.scheduler.fast_forward(state.global_step)  # a no-op unless steps were made without this callback
         self.scheduler.step()
 
