@@ -71,6 +71,24 @@ def tiny_vit(seed: int = 0, num_layers: int = 2) -> nn.Module:
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
+def tiny_vit_classifier(seed: int = 0, num_labels: int = 5) -> nn.Module:
+    """A tiny ViTForImageClassification (16x16 RGB images, ``num_labels`` classes), computing its own loss."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    _seeded(seed)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config).eval()
+
+
 def vit_inputs(batch: int = 2, seed: int = 1) -> dict:
     generator = torch.Generator().manual_seed(seed)
     return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}

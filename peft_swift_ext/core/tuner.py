@@ -19,11 +19,13 @@ class SwiftBaseTuner(BaseTuner):
     Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``; they may extend
     ``_plan_targets`` (checks and planning before any change) and ``_finish_injection``.
     ``mergeable`` stays False for tuners that change activations rather than weights; ``wraps_root`` is True
-    for tuners that can take the root model itself as their target (``target_modules=""``).
+    for tuners that can take the root model itself as their target (``target_modules=""``). ``has_weights`` is
+    False for tuners whose adapters hold no tensors (NEFTune): ms-swift then writes no weights file for them.
     """
 
     mergeable = False
     wraps_root = False
+    has_weights = True
     target_module_mapping: dict[str, list[str]] = {}
 
     def inject_adapter(

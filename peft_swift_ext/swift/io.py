@@ -21,6 +21,7 @@ from ..core import files
 from ..core.contract import InPlaceTuner
 from ..core.keys import PEFT_KEY_PREFIX, Slot
 from ..core.registry import spec_for_swift_type
+from . import whole_model
 
 #: the file the HF Trainer writes into each checkpoint folder
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -101,9 +102,12 @@ def read_adapter(
     config_dict = files.read_json(config_file)
     config = config_from_dict(config_dict, config_file)
     config.inference_mode = not is_trainable
-    weights = files.read_weights(folder)
-    if is_swift_native(config_dict):
-        spec = spec_for_swift_type(str(config_dict["swift_type"]))
+    spec = spec_for_swift_type(str(config_dict["swift_type"])) if is_swift_native(config_dict) else None
+    # ms-swift writes no weights file for an adapter without weights (NEFTune)
+    weightless = spec is not None and not getattr(spec.model_cls, "has_weights", True)
+    no_file = not any((folder / name).is_file() for name in (files.SAFE_WEIGHTS_NAME, files.PICKLE_WEIGHTS_NAME))
+    weights = {} if weightless and no_file else files.read_weights(folder)
+    if spec is not None:
         weights = state_dict_from_swift(spec.name, weights, saved_name, config, model)
     return PlannedAdapter(saved_name, new_name, config, weights, folder)
 
@@ -154,6 +158,9 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     extra = read_extra_states(root)
     if extra:
         check_extra_states(model, extra, root / files.EXTRA_STATES_DIR)
+    whole = whole_model.read(root)  # the base model saved whole (full fine-tuning beside NEFTune), checked now
+    if whole is not None:
+        whole_model.check(model, *whole)
     # An in-place adapter (LISA) writes into the base weights, which a rollback cannot take back: its weights
     # are loaded last, once every other adapter has loaded (its own keys and shapes are checked before writing).
     in_place: list[PlannedAdapter] = []
@@ -175,6 +182,8 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
         first = [wanted[name] for name in saved_active if name in wanted]
         before = [name for name in model.active_adapters if name not in loaded]
         model.activation.set(before + first + [name for name in loaded if name not in first])
+    if whole is not None:
+        whole_model.load(model, whole[0])
     if extra:
         model.model.load_state_dict(extra, strict=False)
 
@@ -198,6 +207,13 @@ def save(
     """
     root = Path(save_directory)
     with files.staging_directory(root) as staging:
+        moves = []
+        # base weights that train with no adapter saving them (full fine-tuning beside NEFTune): the whole base
+        # model goes to the root, as ms-swift writes it
+        if whole_model.untracked_trainable(model):
+            (staging / ".whole_model").mkdir()
+            written = whole_model.write(model, staging / ".whole_model")
+            moves += [(staging / ".whole_model" / name, root / name) for name in written]
         for name in names:
             folder = staging / files.check_adapter_name(name)
             folder.mkdir()
@@ -207,9 +223,10 @@ def save(
         # activation order (DoRA normalises what precedes it): both are recorded so a reload rebuilds the same model.
         order = staging / files.ORDER_FILE
         active = [name for name in model.active_adapters if name in names]
-        order.write_text(json.dumps({"adapter_order": names, "active_adapters": active}))
+        whole = {whole_model.ORDER_KEY: bool(moves)}
+        order.write_text(json.dumps({"adapter_order": names, "active_adapters": active, **whole}))
         root.mkdir(parents=True, exist_ok=True)
-        files.replace_paths([(staging / name, root / name) for name in names] + [(order, root / order.name)])
+        files.replace_paths(moves + [(staging / name, root / name) for name in names] + [(order, root / order.name)])
 
 
 def adapter_state_dict(

@@ -139,10 +139,39 @@ class LisaScheduler:
             self.switch_active_layers()
         self.steps += 1
 
+    def fast_forward(self, steps: int) -> None:
+        """Continue the schedule of a run that has made `steps` optimizer steps (resuming from a checkpoint).
+
+        The draws those steps made are drawn again from the seeded generator, and the last one is applied, so the
+        next `step()` trains the layers an uninterrupted run would train at that step. Nothing happens for steps
+        this scheduler has already made.
+
+        Args:
+            steps: optimizer steps made so far (the Trainer's `state.global_step`).
+
+        Raises:
+            ValueError: `steps` is not an int, or is below the steps this scheduler has already made.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < self.steps:
+            raise ValueError(f"fast_forward needs an int of at least {self.steps} (steps made so far), got {steps!r}")
+        interval = self.config.interval
+        missing_draws = -(-steps // interval) - -(-self.steps // interval)  # draws are made at 0, interval, ...
+        if missing_draws:
+            for _ in range(missing_draws):
+                self.active_layers = self._draw()
+            self._apply_active_layers()
+        self.steps = steps
+
     def switch_active_layers(self) -> None:
         """Freeze all decoder layers, then unfreeze `n_layers` drawn at random."""
+        self.active_layers = self._draw()
+        self._apply_active_layers()
+
+    def _draw(self) -> list[int]:
         order = torch.randperm(len(self.layer_params), generator=self.generator)
-        self.active_layers = sorted(order[: self.config.n_layers].tolist())
+        return sorted(order[: self.config.n_layers].tolist())
+
+    def _apply_active_layers(self) -> None:
         if self.tuner is not None:
             self.tuner.set_active_layers(self.active_layers)  # kept by SwiftModel's trainability refresh
         # One decision per parameter: a head tied to the embeddings trains if either option asks for it.
@@ -227,7 +256,9 @@ class LisaCallback(TrainerCallback):
     """Runs LISA inside a `transformers.Trainer` (or TRL's `SFTTrainer`).
 
     Layers are first frozen in `on_train_begin`, after the Trainer built its optimizer over all trainable
-    parameters, which is what makes later draws effective.
+    parameters, which is what makes later draws effective. The draws follow the Trainer's `global_step`: a run
+    resumed from a checkpoint (`trainer.train(resume_from_checkpoint=...)`) trains the layers the uninterrupted run
+    would have trained at each step.
 
     Args:
         config: the LISA options; may be omitted when the Trainer's model was made with
@@ -247,7 +278,8 @@ class LisaCallback(TrainerCallback):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
-        """Build the scheduler over the Trainer's model and optimizer (nothing is frozen before this).
+        """Build the scheduler over the Trainer's model and optimizer (nothing is frozen before this), and continue
+        the schedule at the Trainer's `global_step` when resuming.
 
         Args:
             args: the Trainer's `TrainingArguments`.
@@ -258,11 +290,12 @@ class LisaCallback(TrainerCallback):
             kwargs: the other objects the Trainer passes.
         """
         self.scheduler = LisaScheduler(model, self.config, optimizer)
+        self.scheduler.fast_forward(state.global_step)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Draw new active layers every `interval` steps.
+        """Draw new active layers every `interval` steps (of the Trainer's `global_step`).
 
         Args:
             args: the Trainer's `TrainingArguments`.
@@ -270,6 +303,9 @@ class LisaCallback(TrainerCallback):
             control: the Trainer's `TrainerControl`.
             kwargs: the other objects the Trainer passes.
         """
+        if state.global_step < self.scheduler.steps:
+            return  # this optimizer step has begun already
+        self.scheduler.fast_forward(state.global_step)  # a no-op unless steps were made without this callback
         self.scheduler.step()
 
     def on_train_end(

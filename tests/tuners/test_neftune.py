@@ -159,3 +159,123 @@ def test_bad_settings_raise_before_the_model_changes():
     with pytest.raises(ValueError, match="NEFTuneConfig.target_modules selects 'lm_head'"):
         get_peft_model(model, NEFTuneConfig(target_modules=["lm_head"]))
     assert state_hash(model) == before and type(model.lm_head) is torch.nn.Linear
+
+
+# --- full fine-tuning with noise: the trained base weights are part of the checkpoint ------------------------------
+
+
+def train_full(model, steps: int = 3):
+    """Unfreeze every parameter (full fine-tuning with noise) and run a few AdamW steps; eval logits after."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = llama_inputs()["input_ids"]
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return eval_logits(model)
+
+
+def eval_logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(**llama_inputs()).logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_checkpoint_of_full_fine_tuning_holds_the_trained_base_weights(tmp_path, tied):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(tie_word_embeddings=tied), NEFTuneConfig())
+    trained = train_full(model)
+    assert (trained - eval_logits(tiny_llama(tie_word_embeddings=tied))).abs().max() > 0.1, "training changed it"
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    base = dict(model.get_base_model().named_parameters())  # each tied tensor once
+    expected = [f"base_model.neftune_{name.replace('.base_layer', '').replace('.', '-')}" for name in base]
+    assert sorted(saved) == sorted(expected)
+    loaded = PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=tied), tmp_path)
+    assert torch.equal(eval_logits(loaded), trained)
+    again = PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=tied), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(eval_logits(again), trained)
+
+
+def test_peft_checkpoint_with_a_frozen_base_holds_no_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(), NEFTuneConfig())
+    model.get_base_model().lm_head.weight.requires_grad_(True)  # only the head trains: only the head is saved
+    model.save_pretrained(tmp_path / "head")
+    saved = load_file(str(tmp_path / "head" / "adapter_model.safetensors"))
+    assert sorted(saved) == ["base_model.neftune_lm_head-weight"]
+    get_peft_model(tiny_llama(), NEFTuneConfig()).save_pretrained(tmp_path / "frozen")
+    assert load_file(str(tmp_path / "frozen" / "adapter_model.safetensors")) == {}
+
+
+def test_load_adapter_into_the_live_adapter_restores_full_fine_tuning(tmp_path):
+    """What the Trainer does on resume_from_checkpoint: load_adapter into the existing NEFTune adapter."""
+    model = get_peft_model(tiny_llama(), NEFTuneConfig())
+    trained = train_full(model)
+    model.save_pretrained(tmp_path)
+    fresh = get_peft_model(tiny_llama(), NEFTuneConfig())
+    for param in fresh.parameters():
+        param.requires_grad_(True)
+    result = fresh.load_adapter(str(tmp_path), "default", is_trainable=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(eval_logits(fresh), trained)
+
+
+def test_peft_checkpoint_of_full_fine_tuning_in_the_trainer_restores(tmp_path):
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_llama(), NEFTuneConfig())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    trainer = make_trainer("hf-trainer", model, tmp_path / "run", trainer_alpha=None)
+    trainer.train()
+    trained = eval_logits(model)
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert (trained - eval_logits(tiny_llama())).abs().max() > 1e-3, "one Trainer step changed the model"
+    assert torch.equal(eval_logits(loaded), trained)
+
+
+def test_a_base_weight_of_the_wrong_shape_is_refused(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    model = get_peft_model(tiny_llama(), NEFTuneConfig())
+    train_full(model, steps=1)
+    model.save_pretrained(tmp_path)
+    save_file({"base_model.neftune_lm_head-weight": torch.zeros(3, 3)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="size mismatch for the base weight neftune_lm_head-weight"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_swift_checkpoint_of_full_fine_tuning_holds_the_whole_model(tmp_path, with_lora):
+    adapters = {"noise": NEFTuneConfig()}
+    if with_lora:
+        adapters["lora"] = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = Swift.prepare_model(tiny_llama(), adapters)
+    trained = train_full(model)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "configuration.json").read_text())["whole_model"] is True
+    assert {"config.json", "model.safetensors"} <= {path.name for path in tmp_path.iterdir()}
+    loaded = Swift.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(eval_logits(loaded), trained)
+
+
+def test_swift_checkpoint_with_a_frozen_base_is_adapters_only_and_ignores_stale_model_files(tmp_path):
+    model = Swift.prepare_model(tiny_llama(), {"noise": NEFTuneConfig()})
+    train_full(model)
+    model.save_pretrained(tmp_path)  # the whole model
+    for param in model.parameters():
+        param.requires_grad_(False)
+    fresh = Swift.prepare_model(tiny_llama(), {"noise": NEFTuneConfig()})
+    fresh.save_pretrained(tmp_path)  # the same folder, base frozen: the root model files left there are stale
+    assert json.loads((tmp_path / "configuration.json").read_text())["whole_model"] is False
+    assert torch.equal(eval_logits(Swift.from_pretrained(tiny_llama(), tmp_path)), eval_logits(tiny_llama()))

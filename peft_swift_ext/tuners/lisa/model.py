@@ -164,6 +164,13 @@ class LisaModel(SwiftBaseTuner):
                         param.register_post_accumulate_grad_hook(functools.partial(self._on_gradient, index))
                         for param in params
                     ]
+        # a layer's alias path -> the layer's index, so that loading a checkpoint into this adapter (the Trainer's
+        # resume: PeftModel.load_adapter into the existing adapter, whose config is not read again) takes every
+        # trained layer the checkpoint holds, not only those this adapter already knew
+        self._layer_of_alias = {
+            self._alias_name(param): index for index, params in enumerate(self._layer_params) for param in params
+        }
+        self.register_load_state_dict_pre_hook(_register_aliases_of_loaded_layers)
         self.register_load_state_dict_post_hook(_write_loaded_aliases_into_the_model)
 
     @property
@@ -186,18 +193,23 @@ class LisaModel(SwiftBaseTuner):
         """
         self.lisa_active_layers = list(indices)
 
+    def _alias_name(self, param: nn.Parameter) -> str:
+        return ALIAS_PREFIX + self._param_names[id(param)].replace(".", "-")
+
     def _register_alias(self, param: nn.Parameter) -> None:
-        name = ALIAS_PREFIX + self._param_names[id(param)].replace(".", "-")
+        name = self._alias_name(param)
         if name not in self._modules:
             self.add_module(name, nn.ParameterDict({self._adapter_name: param}))
             self._alias_targets[name] = param
 
     def _on_gradient(self, index: int, param: torch.Tensor) -> None:
         """First gradient into decoder layer ``index``: from now on the checkpoint carries that layer."""
-        handles = self._hooks.pop(index, None)
-        if handles is None:
-            return
-        for handle in handles:
+        if index in self._hooks:
+            self._mark_trained(index)
+
+    def _mark_trained(self, index: int) -> None:
+        """Decoder layer ``index`` has trained (it got a gradient, or a checkpoint holds it): save it from now on."""
+        for handle in self._hooks.pop(index, ()):
             handle.remove()
         for layer_param in self._layer_params[index]:
             self._register_alias(layer_param)
@@ -343,6 +355,29 @@ class LisaModel(SwiftBaseTuner):
         self._unload_and_optionally_merge(merge=True)
         del self.peft_config[adapter_name]
         self.active_adapter = []
+
+
+def _register_aliases_of_loaded_layers(module: LisaModel, state_dict, prefix: str, *args) -> None:
+    """Before a state dict loads into the tuner: every decoder layer it holds an alias of has trained, so register
+    that layer's aliases (they then load into the base tensors) and record it in ``trained_layers``.
+
+    PEFT maps a checkpoint key to the adapter's key (``<alias>`` -> ``<alias>.<adapter>``) only for aliases that
+    existed before the load (peft >= 0.21 remaps from the model's own keys), so the new ones are mapped here. Keys of
+    no LISA candidate layer are left alone: ``load_state_dict`` reports them as unexpected.
+    """
+    trained = set()
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        alias, _, rest = key[len(prefix) :].partition(".")
+        index = module._layer_of_alias.get(alias)
+        if index is None:
+            continue
+        trained.add(index)
+        if not rest:  # the adapter name was not inserted
+            state_dict[f"{prefix}{alias}.{module._adapter_name}"] = state_dict.pop(key)
+    for index in sorted(trained):
+        module._mark_trained(index)
 
 
 def _write_loaded_aliases_into_the_model(module: LisaModel, incompatible_keys) -> None:

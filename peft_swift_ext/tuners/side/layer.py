@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -43,8 +46,15 @@ class SideLayer(SwiftTunerLayer):
         move_adapter_to_base_device(self, adapter_name)
 
     def forward(self, *args, **kwargs):
-        output = self.base_layer(*args, **kwargs)
-        for name in self.adapters_to_apply():
+        names = list(self.adapters_to_apply())
+        recorder = _loss_recorder(self.base_layer) if names else None
+        with recorder.recording() if recorder is not None else contextlib.nullcontext() as loss_calls:
+            output = self.base_layer(*args, **kwargs)
+        if not names:
+            return output
+        positions = list(dict.fromkeys(self.target_hidden_pos[name] for name in names))
+        unblended = [self._value(output, position) for position in positions]
+        for name in names:
             source_pos, target_pos = self.source_hidden_pos[name], self.target_hidden_pos[name]
             source = ArgumentSlot(self.base_layer, source_pos).get(args, kwargs)
             if not isinstance(source, torch.Tensor):
@@ -57,7 +67,65 @@ class SideLayer(SwiftTunerLayer):
             output = replace_output_value(
                 output, target_pos, blended, "SideConfig.target_hidden_pos", self.module_name
             )
+        if isinstance(self.base_layer, RootCall):
+            blended = [self._value(output, position) for position in positions]
+            output = self._loss_of_blended(output, recorder, loss_calls, list(zip(unblended, blended, strict=True)))
         return output
+
+    def _value(self, output, position) -> torch.Tensor:
+        return output_value(output, position, "SideConfig.target_hidden_pos", self.module_name)
+
+    def _loss_of_blended(self, output, recorder: RecordingLoss | None, calls: list | None, swaps: list) -> object:
+        """The root model's output with its loss computed from the blended values, the model's own way.
+
+        The model computed its loss inside its forward, from its own (unblended) output. Each call the model made to
+        its ``loss_function`` with an unblended value is made again with the blended one, and the loss is corrected
+        by the difference (so a term the model adds to it, such as an auxiliary loss, is kept).
+
+        Args:
+            output: the model's output, blended.
+            recorder: the model's recording ``loss_function`` (None if it has none).
+            calls: ``(args, kwargs, result)`` of each ``loss_function`` call during the forward.
+            swaps: ``(unblended, blended)`` tensor pairs.
+        """
+        results = {id(result) for _, _, result in calls or ()}
+        if isinstance(output, Mapping):
+            loss = output.get("loss")
+        else:  # a tuple (return_dict=False): the loss is the element loss_function returned
+            loss = next((item for item in output if id(item) in results), None) if isinstance(output, tuple) else None
+        if recorder is None or not calls:
+            if loss is not None:
+                raise ValueError(
+                    f"{self.module_name} computed its loss from its unblended output, not through "
+                    "`loss_function`, so the Side adapter on the model cannot make the loss follow the blend: call "
+                    "it without labels and compute the loss from the blended output"
+                )
+            return output
+
+        def swap(value):
+            return next((new for old, new in swaps if value is old), value)
+
+        corrected = loss
+        for args, kwargs, result in calls:
+            if not any(value is old for value in (*args, *kwargs.values()) for old, _ in swaps):
+                continue  # a loss of other values: the blend does not reach it
+            again = recorder.function(*map(swap, args), **{key: swap(value) for key, value in kwargs.items()})
+            if corrected is result:
+                corrected = again
+            elif isinstance(corrected, torch.Tensor) and isinstance(result, torch.Tensor):
+                corrected = corrected - result + again  # the model added to its loss_function's result
+            else:
+                raise ValueError(
+                    f"{self.module_name} returned a loss the Side adapter on the model cannot compute again from "
+                    "the blended output; call it without labels and compute the loss from the blended output"
+                )
+        if corrected is loss:
+            return output
+        if isinstance(output, Mapping):
+            output["loss"] = corrected
+            return output
+        items = [corrected if item is loss else item for item in output]
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
 
     def remove_probes(self) -> None:
         """On the root model, give it back its own ``forward`` and take this layer out of it."""
@@ -122,13 +190,75 @@ class RoutedForward:
         return getattr(self.root, ROOT_SIDE_ATTR)(*args, **kwargs)
 
 
+class RecordingLoss:
+    """The root model's ``loss_function`` while a Side layer sits on the model: the same function, whose calls a
+    forward of that layer records (per thread), so that the loss can be computed again from the blended output.
+
+    Args:
+        function: the model's own ``loss_function``.
+    """
+
+    def __init__(self, function) -> None:
+        self.function = function
+        self._local = threading.local()
+
+    def __call__(self, *args, **kwargs):
+        result = self.function(*args, **kwargs)
+        calls = getattr(self._local, "calls", None)
+        if calls is not None:
+            calls.append((args, kwargs, result))
+        return result
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record the calls made in this thread until the block ends; yields the list they go to."""
+        previous = getattr(self._local, "calls", None)
+        self._local.calls = []
+        try:
+            yield self._local.calls
+        finally:
+            self._local.calls = previous
+
+    def __reduce__(self):
+        # copy.deepcopy and pickling of the model: a fresh recorder of the same function
+        return (type(self), (self.function,))
+
+
+def _loss_recorder(base_layer: nn.Module) -> RecordingLoss | None:
+    if not isinstance(base_layer, RootCall):
+        return None
+    recorder = getattr(base_layer.forward.__self__, "loss_function", None)
+    return recorder if isinstance(recorder, RecordingLoss) else None
+
+
+# Where the model's own loss_function override (``_loss_function``) was before a RecordingLoss took its place.
+_NO_OVERRIDE = object()
+
+
 def attach_to_root(root: nn.Module, layer: SideLayer) -> None:
-    """Put ``layer`` (wrapping a :class:`RootCall` of ``root``) inside ``root`` and route its calls through it."""
+    """Put ``layer`` (wrapping a :class:`RootCall` of ``root``) inside ``root`` and route its calls through it.
+
+    A model with a ``loss_function`` (Hugging Face models) gets a :class:`RecordingLoss` in its place, so that the
+    loss it computes follows the blend.
+    """
     setattr(root, ROOT_SIDE_ATTR, layer)
     root.forward = RoutedForward(root)
+    # loss_type None: the model computes no loss of its own (reading loss_function would only warn)
+    known = getattr(root, "loss_type", None) is not None or "_loss_function" in vars(root)
+    function = getattr(root, "loss_function", None) if known else None
+    if callable(function) and not isinstance(function, RecordingLoss):
+        layer.saved_loss_override = vars(root).get("_loss_function", _NO_OVERRIDE)
+        root.loss_function = RecordingLoss(function)
 
 
 def detach_from_root(root: nn.Module) -> None:
-    """Undo :func:`attach_to_root`: the model's own ``forward`` again, and no Side layer inside it."""
+    """Undo :func:`attach_to_root`: the model's own ``forward`` and ``loss_function`` again, no Side layer in it."""
+    layer = getattr(root, ROOT_SIDE_ATTR)
     vars(root).pop("forward", None)
+    if isinstance(getattr(root, "loss_function", None), RecordingLoss):
+        saved = vars(layer).get("saved_loss_override", _NO_OVERRIDE)
+        if saved is _NO_OVERRIDE:
+            vars(root).pop("_loss_function", None)
+        else:
+            root._loss_function = saved
     delattr(root, ROOT_SIDE_ATTR)
