@@ -64,6 +64,16 @@ class InPlaceTuner(Protocol):
     def saved_tensors(self) -> dict[str, nn.Parameter]:
         """The base parameters its checkpoint carries, by their path in the plain model."""
 
+    def loadable_tensors(self) -> dict[str, nn.Parameter]:
+        """Every base parameter one of its checkpoints may hold (a superset of :meth:`saved_tensors`)."""
+
+    def mark_loaded(self, paths: list[str]) -> None:
+        """Record that a checkpoint holding the base parameters at ``paths`` was loaded (they are saved from now on).
+
+        Args:
+            paths: the loaded parameters' paths in the plain model.
+        """
+
     def trainable_parameters(self, all_candidates: bool = False) -> list[nn.Parameter]:
         """The base parameters it wants trainable now.
 

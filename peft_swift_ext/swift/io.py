@@ -274,16 +274,19 @@ def load_adapter_weights(
         saved_as: the adapter name the checkpoint was saved under.
         assign: replace the (meta) tensors instead of copying into them.
     """
-    slots = model.adapter_slots(adapter_name)
-    key_of = _checkpoint_key(model.in_place_tuner(adapter_name), slots, weights, saved_as)
+    in_place = model.in_place_tuner(adapter_name)
+    slots = model.adapter_slots(adapter_name, loading=True)
+    key_of = _checkpoint_key(in_place, slots, weights, saved_as)
     by_key = {key_of(slot): (slot, key, tensor) for slot, (key, tensor) in slots.items()}
     _check_fit(adapter_name, weights, by_key, source)
     state = {
         model_key: weights[key].to(tensor.dtype) for key, (_, model_key, tensor) in by_key.items() if key in weights
     }
     # an in-place tuner's tensors are the base model's own: copy into them, never replace them
-    assign = assign and model.in_place_tuner(adapter_name) is None
+    assign = assign and in_place is None
     model.model.load_state_dict(state, strict=False, assign=assign)
+    if in_place is not None:
+        in_place.mark_loaded([slot.path for key, (slot, _, _) in by_key.items() if key in weights])
     if assign:
         model.structure_changed()
 

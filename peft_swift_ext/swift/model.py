@@ -254,7 +254,7 @@ class SwiftModel(PeftModel):
         self.activation.deactivate(adapter_name)
         self.structure_changed()
 
-    def adapter_slots(self, adapter_name: str) -> dict[Slot, tuple[str, torch.Tensor]]:
+    def adapter_slots(self, adapter_name: str, loading: bool = False) -> dict[Slot, tuple[str, torch.Tensor]]:
         """Every tensor of one adapter: :class:`~peft_swift_ext.core.keys.Slot` -> (key in the model, tensor).
 
         For an in-place adapter (LISA) these are the base tensors it saves, keyed by their plain-model path
@@ -263,14 +263,18 @@ class SwiftModel(PeftModel):
 
         Args:
             adapter_name: a known adapter.
+            loading: the slots a checkpoint may fill: for an in-place adapter also the base tensors it does not
+                save yet (optional slots), since a resumed run's checkpoint holds what trained before.
         """
         tuner = self.in_place_tuner(adapter_name)
         if tuner is None:
             return adapter_tensors(self.model, adapter_name)
         current = {id(param): key for key, param in self.model.named_parameters(remove_duplicate=False)}
+        saved = tuner.saved_tensors()
+        tensors = tuner.loadable_tensors() if loading else saved
         return {
-            Slot(path, "", "", named=False): (current[id(param)], param)
-            for path, param in tuner.saved_tensors().items()
+            Slot(path, "", "", named=False, required=path in saved): (current[id(param)], param)
+            for path, param in tensors.items()
         }
 
     def _check_known(self, names: Iterable[str]) -> None:

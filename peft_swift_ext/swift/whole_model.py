@@ -75,7 +75,7 @@ def untracked_trainable(model: SwiftModel) -> list[str]:
     Args:
         model: the model being saved.
     """
-    owned = adapter_parameter_ids(model.base_model)
+    owned = adapter_parameter_ids(model.model)
     for name in model.adapters:
         tuner = model.in_place_tuner(name)
         if tuner is not None:  # LISA: the layers it may train, and those it saves
@@ -83,7 +83,7 @@ def untracked_trainable(model: SwiftModel) -> list[str]:
             owned |= {id(p) for p in tuner.saved_tensors().values()}
     return [
         plain_path(name)
-        for name, param in model.base_model.named_parameters()
+        for name, param in model.model.named_parameters()
         if param.requires_grad and id(param) not in owned
     ]
 
@@ -99,8 +99,8 @@ def write(model: SwiftModel, folder: Path) -> list[str]:
         model: the model being saved.
         folder: an empty staging folder.
     """
-    state = {key: tensor.detach() for key, tensor in base_state_dict(model.base_model).items()}
-    save_pretrained = getattr(model.base_model, "save_pretrained", None)
+    state = {key: tensor.detach() for key, tensor in base_state_dict(model.model).items()}
+    save_pretrained = getattr(model.model, "save_pretrained", None)
     if callable(save_pretrained):
         options = {"state_dict": state}
         if "save_original_format" in inspect.signature(save_pretrained).parameters:
@@ -177,7 +177,7 @@ def check(model: SwiftModel, weights: dict[str, torch.Tensor], source: Path) -> 
         weights: the saved tensors, by plain-model key.
         source: the file they came from (named in the error).
     """
-    state = base_state_dict(model.base_model)
+    state = base_state_dict(model.model)
     unexpected = [key for key in weights if key not in state]
     mismatched = [
         f"{key}: checkpoint {tuple(weights[key].shape)} vs model {tuple(state[key].shape)}"
@@ -205,7 +205,7 @@ def load(model: SwiftModel, weights: dict[str, torch.Tensor]) -> None:
         model: the model (checked with :func:`check`).
         weights: the saved tensors, by plain-model key.
     """
-    state = base_state_dict(model.base_model)
+    state = base_state_dict(model.model)
     with torch.no_grad():
         for key, value in weights.items():
             state[key].copy_(value.to(state[key].dtype))

@@ -232,6 +232,24 @@ class LisaModel(SwiftBaseTuner):
         """
         return {self._param_names[id(param)]: param for param in self._alias_targets.values()}
 
+    def loadable_tensors(self) -> dict[str, nn.Parameter]:
+        """Every base parameter a checkpoint of this adapter may hold: the saved ones and every candidate layer's.
+
+        Resuming loads a checkpoint whose layers trained in the earlier run but not yet in this one.
+        """
+        candidates = [p for layer in self._layer_params for p in layer] + list(self._alias_targets.values())
+        return {self._param_names[id(param)]: param for param in candidates}
+
+    def mark_loaded(self, paths: list[str]) -> None:
+        """A checkpoint holding the base parameters at ``paths`` was loaded: their layers have trained.
+
+        Args:
+            paths: the loaded parameters' paths in the plain model.
+        """
+        index_of = {self._param_names[id(p)]: i for i, layer in enumerate(self._layer_params) for p in layer}
+        for index in sorted({index_of[path] for path in paths if path in index_of}):
+            self._mark_trained(index)
+
     @staticmethod
     def peft_checkpoint_key(path: str) -> str:
         """The key under which PEFT's ``save_pretrained`` writes the base parameter at ``path`` (its alias).
