@@ -3,7 +3,7 @@ or in evaluation, on the contract suite's tiny models, inputs and configs (``tes
 
 Graphs are counted by a backend that records each graph dynamo hands it and runs it as traced (no inductor,
 so the check stays quick on CPU); ``fullgraph=True`` turns a break into an error naming its cause. The
-evaluation run also checks that the compiled model gives the eager model's output.
+runs also check that the compiled model gives the eager model's outputs (and gradients, in training).
 """
 
 from __future__ import annotations
@@ -57,16 +57,28 @@ def adapted(case, training: bool) -> torch.nn.Module:
     return model.train(training)
 
 
-@pytest.mark.parametrize("case", _params())
-def test_training_step_compiles_to_one_graph(case):
-    model = adapted(case, training=True)
-    counter = GraphCounter()
-    output = case.output(torch.compile(model, backend=counter, fullgraph=True)(**case.make_inputs()))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def training_step(model, case, compiled_with=None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Output and gradients of one training step, eager or compiled with the backend ``compiled_with``."""
+    run = model if compiled_with is None else torch.compile(model, backend=compiled_with, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # dropout and NEFTune's noise draw the same numbers in both runs
+    output = case.output(run(**case.make_inputs()))
     if output.requires_grad:  # NEFTune has no weights: nothing to differentiate
         output.float().pow(2).mean().backward()
-        assert trainable and all(p.grad is not None for p in trainable)
+    return output.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("case", _params())
+def test_training_step_compiles_to_one_graph_with_the_eager_output_and_gradients(case):
+    model = adapted(case, training=True)
+    expected, expected_grads = training_step(model, case)
+    counter = GraphCounter()
+    actual, grads = training_step(model, case, compiled_with=counter)
     assert counter.graphs == 1
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    assert all(grad is not None for grad in grads)
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", _params())
