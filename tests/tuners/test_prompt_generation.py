@@ -168,6 +168,11 @@ def test_prompts_after_the_sequence_cannot_decode_with_a_cache():
         greedy(model, single(), use_cache=True)
 
 
+def test_a_static_cache_is_refused():
+    with pytest.raises(ValueError, match=r"cannot use a static \(compile-able\) KV cache"):
+        greedy(prompted("sdpa"), single(), use_cache=True, cache_implementation="static")
+
+
 def test_a_cache_filled_with_other_prompts_than_the_active_ones_is_refused():
     model = prompted("sdpa")
     ids = single()["input_ids"]

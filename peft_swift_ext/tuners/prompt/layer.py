@@ -108,6 +108,11 @@ class PromptLayer(SwiftTunerLayer):
         """
         if cache is None:
             return 0
+        if names and cache.is_compileable:
+            raise ValueError(
+                f"prompt adapters {names} cannot use a static (compile-able) KV cache, whose masks span its "
+                "preallocated length: generate with the default dynamic cache, or with use_cache=False"
+            )
         index = self.cache_layer_index
         if index is None:
             if not names or cache.get_seq_length() == 0:
