@@ -9,7 +9,6 @@ Every tuner that reads or rewrites a module's arguments or output uses these hel
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping
 
@@ -84,9 +83,16 @@ def forward_parameters(module: nn.Module) -> tuple[inspect.Parameter, ...]:
     return _unbound_parameters(type(module).forward)[1:]
 
 
-@functools.cache
+# function -> its parameters; a plain dict rather than functools.cache, which torch.compile warns about when it
+# traces a layer's forward
+_PARAMETERS: dict = {}
+
+
 def _unbound_parameters(function) -> tuple[inspect.Parameter, ...]:
-    return tuple(inspect.signature(function).parameters.values())
+    parameters = _PARAMETERS.get(function)
+    if parameters is None:
+        parameters = _PARAMETERS[function] = tuple(inspect.signature(function).parameters.values())
+    return parameters
 
 
 def _forward_name(module: nn.Module, params: tuple[inspect.Parameter, ...]) -> str:

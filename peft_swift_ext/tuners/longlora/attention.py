@@ -28,8 +28,9 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 #: original attention implementation -> the S² one registered for it
 S2_IMPLEMENTATIONS = {"sdpa": "longlora_sdpa", "eager": "longlora_eager"}
 
-# id(model config) -> weak reference to the method returning the active adapter's group rule (or None)
-_SWITCHES: dict[int, weakref.WeakMethod] = {}
+# id(model config) -> (weak reference to an object, its function returning the active adapter's group rule or None).
+# A plain weakref.ref and a function, not a WeakMethod: torch.compile traces calls of the former, not the latter.
+_SWITCHES: dict[int, tuple[weakref.ref, Callable]] = {}
 
 
 def register_switch(config, rule: Callable[[], tuple[float, int | None] | None]) -> None:
@@ -38,15 +39,15 @@ def register_switch(config, rule: Callable[[], tuple[float, int | None] | None])
     Both are held weakly, so a discarded model takes its entry with it.
     """
     key = id(config)
-    _SWITCHES[key] = weakref.WeakMethod(rule)
+    _SWITCHES[key] = (weakref.ref(rule.__self__), rule.__func__)
     weakref.finalize(config, _SWITCHES.pop, key, None)
 
 
 def active_rule(module) -> tuple[float, int | None] | None:
     """The group rule for this attention module's model, or None when S² does not apply."""
-    reference = _SWITCHES.get(id(getattr(module, "config", None)))
-    rule = reference() if reference is not None else None
-    return rule() if rule is not None else None
+    entry = _SWITCHES.get(id(getattr(module, "config", None)))
+    owner = entry[0]() if entry is not None else None
+    return entry[1](owner) if owner is not None else None
 
 
 def unregister_switch(config) -> None:
@@ -90,17 +91,18 @@ def shifted_sparse_attention(
     allowed = _as_allowed(attention_mask)
     padded = math.ceil(length / group) * group
     plain = torch.arange(padded, device=query.device)
-    shifted = (plain + group // 2) % padded
     # Without padding, sdpa can use its causal (flash) kernel for every group except the wrapping one.
     causal_kernel = inner is sdpa_attention_forward and allowed is None and padded == length
     outputs = []
-    for order, q_heads, kv in (
-        (plain, slice(0, heads // 2), slice(0, kv_heads // 2)),
-        (shifted, slice(heads // 2, heads), slice(kv_heads // 2, kv_heads)),
+    for shift, q_heads, kv in (
+        (0, slice(0, heads // 2), slice(0, kv_heads // 2)),
+        (group // 2, slice(heads // 2, heads), slice(kv_heads // 2, kv_heads)),
     ):
+        order = (plain + shift) % padded
         grouped = [_to_groups(t, order, length, group) for t in (query[:, q_heads], key[:, kv], value[:, kv])]
         if causal_kernel:
-            out = _causal_groups(inner, module, grouped, order, batch, group, kwargs)
+            # shifted by 0 < g / 2 < g, the last group wraps round the sequence's end; unshifted, none does
+            out = _causal_groups(inner, module, grouped, order, batch, group, kwargs, wraps=shift > 0)
         else:
             mask = _group_mask(order, length, group, allowed, batch)
             if inner is eager_attention_forward:
@@ -111,12 +113,15 @@ def shifted_sparse_attention(
     return torch.cat(outputs, dim=2), None
 
 
-def _causal_groups(inner, module, grouped: list, order: torch.Tensor, batch: int, group: int, kwargs: dict):
+def _causal_groups(
+    inner, module, grouped: list, order: torch.Tensor, batch: int, group: int, kwargs: dict, wraps: bool
+):
     """Attention of unpadded groups: causal by position, except a group wrapping round the sequence's end.
 
-    In the wrapping group the tokens from the start come last but are the earliest, so it gets an explicit mask.
+    In the wrapping group (``wraps``: the order's last group holds tokens from the end and from the start) the
+    tokens from the start come last but are the earliest, so it gets an explicit mask. ``wraps`` is known from
+    the shift, so no tensor is read back (which would split a compiled graph).
     """
-    wraps = order[-1] < order[-group]
     if not wraps:
         return inner(module, *grouped, None, is_causal=True, **kwargs)[0]
     per_group = [t.view(batch, -1, *t.shape[1:]) for t in grouped]  # (B, G, h, g, D)

@@ -10,6 +10,7 @@ from torch import nn
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.slots import ArgumentSlot, Position
+from .cache import cache_layer_index, decode_mask, find_cache, record_prompts, recorded_prompts
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class PromptLayer(SwiftTunerLayer):
     Several adapters may be active in one layer when they play the same part there (all first layers or
     all deeper layers) and attach on the same side; the first adapter's tokens sit nearest the sequence.
 
+    With a transformers KV cache the tokens enter at prefill only (see :mod:`.cache`): a call whose cache layer
+    already holds this layer's past adds no tokens and gets a mask over the cached prompt keys.
+
     Args:
         base_layer: the wrapped layer.
         module_name: its name in the model, for error messages.
@@ -54,6 +58,7 @@ class PromptLayer(SwiftTunerLayer):
         self.module_name = module_name
         self.prompt_token = nn.ParameterDict()
         self.prompt_settings: dict[str, PromptSettings] = {}
+        self.cache_layer_index = cache_layer_index(base_layer)
 
     def update_layer(self, adapter_name: str, dim: int, prompt_length: int, settings: PromptSettings) -> None:
         """Create the ``(1, prompt_length, dim)`` tokens of ``adapter_name`` (SWIFT's Xavier-uniform init)."""
@@ -66,6 +71,8 @@ class PromptLayer(SwiftTunerLayer):
 
     def forward(self, *args, **kwargs):
         names = list(self.adapters_to_apply())
+        cache = find_cache(args, kwargs)
+        past = self._cached_positions(cache, names)
         if not names:
             return self.base_layer(*args, **kwargs)
         settings = [self.prompt_settings[name] for name in names]
@@ -78,6 +85,8 @@ class PromptLayer(SwiftTunerLayer):
                 f"PromptConfig.embedding_pos={first.embedding_pos!r} does not select a (batch, sequence, hidden) "
                 f"tensor in the call of {self.module_name}; got {type(hidden).__name__}"
             )
+        if past:
+            return self._decode_step(args, kwargs, names, settings, cache, past, hidden.shape[1])
         hidden = self._insert_tokens(names, hidden, first)
         args, kwargs = embedding.replace(args, kwargs, hidden)
         length, front = hidden.shape[1], first.attach_front
@@ -90,6 +99,69 @@ class PromptLayer(SwiftTunerLayer):
         output = self.base_layer(*args, **kwargs)
         extracted = [name for name, setting in zip(names, settings) if setting.extracts]
         return self._remove_tokens(output, names, extracted, first.attach_front) if extracted else output
+
+    def _cached_positions(self, cache, names: list[str]) -> int:
+        """Positions this layer's KV cache holds from earlier calls: 0 without a cache and at prefill.
+
+        A prefill records which adapters' tokens the cache layer receives; a later call must have the same
+        adapters active, since the cached positions are read as ``[their tokens ; the sequence]``.
+        """
+        if cache is None:
+            return 0
+        if names and cache.is_compileable:
+            raise ValueError(
+                f"prompt adapters {names} cannot use a static (compile-able) KV cache, whose masks span its "
+                "preallocated length: generate with the default dynamic cache, or with use_cache=False"
+            )
+        index = self.cache_layer_index
+        if index is None:
+            if not names or cache.get_seq_length() == 0:
+                return 0  # nothing of ours to find, or nothing cached anywhere yet (a prefill)
+            raise ValueError(
+                f"{self.module_name} got a KV cache holding earlier positions, but no `layer_idx` was found in it to "
+                "tell which cache layer is its own; generate with use_cache=False"
+            )
+        past = cache.get_seq_length(index)
+        if not past:
+            record_prompts(cache, index, tuple(names))
+            return 0
+        held = recorded_prompts(cache, index)
+        if held != tuple(names) and (held or names):
+            raise ValueError(
+                f"the KV cache of {self.module_name} was filled with the prompt tokens of {list(held or [])}, but "
+                f"{names} are active now; generate again from the start (or with use_cache=False)"
+            )
+        return past
+
+    def _decode_step(self, args, kwargs, names: list[str], settings: list[PromptSettings], cache, past, queries):
+        """A call with a cache that already holds the prompt tokens: run the new positions over them."""
+        first = settings[0]
+        if not first.attach_front:
+            raise ValueError(
+                f"prompt adapters {names} attach their tokens after the sequence (PromptConfig.attach_front=False), "
+                "where every new token would have to go before them; generate with use_cache=False"
+            )
+        prompt = self._total_length(names)
+        position = first.attention_mask_pos
+        mask_slot = None if position is None else ArgumentSlot(self.base_layer, position)
+        mask = None if mask_slot is None else mask_slot.get(args, kwargs)
+        if isinstance(mask, torch.Tensor):
+            counted = mask.shape[-1] == past + queries
+            if counted and any(s.extracts for s in settings):
+                self._check_later_layers_hold_prompts(cache, past)
+            args, kwargs = mask_slot.replace(args, kwargs, decode_mask(mask, past, queries, prompt, first.mask_value))
+        return self.base_layer(*args, **kwargs)
+
+    def _check_later_layers_hold_prompts(self, cache, past: int) -> None:
+        # transformers sizes every layer's mask by the first layer's cache; here that includes the prompt keys,
+        # so a later layer whose cache lacks them (the prompts were extracted before it) would get a wrong mask.
+        later = cache.get_seq_length(self.cache_layer_index + 1)
+        if later and later != past:
+            raise ValueError(
+                f"with a KV cache, the prompt tokens that start in the first decoder layer must reach the last one: "
+                f"the layers after {self.module_name} (where extract_embedding removes them) would get masks sized "
+                "for the prompt keys they do not hold; target every later layer too, or generate with use_cache=False"
+            )
 
     def _check_compatible(self, names: list[str], settings: list[PromptSettings]) -> None:
         if len({replace(s, extracts=False) for s in settings}) > 1:
@@ -152,11 +224,13 @@ class PromptLayer(SwiftTunerLayer):
     def _remove_tokens(self, output, names: list[str], extracted: list[str], front: bool):
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         spans = self._spans(names, hidden.shape[1], front)
-        keep = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
-        for name in extracted:
-            start, length = spans[name]
-            keep[start : start + length] = False
-        hidden = hidden[:, keep]
+        # slices between the removed spans (plain ints, so torch.compile keeps one graph; a boolean index would not)
+        kept, cursor = [], 0
+        for start, length in sorted(spans[name] for name in extracted):
+            kept.append(hidden[:, cursor:start])
+            cursor = start + length
+        kept.append(hidden[:, cursor:])
+        hidden = torch.cat(kept, dim=1)
         if isinstance(output, torch.Tensor):
             return hidden
         return type(output)((hidden, *output[1:]))

@@ -7,6 +7,10 @@ token for each of the bypass's ``2 * depth`` adapters (a third of what the bypas
 are recomputed from ``x`` in backward instead, with the same operations under the same autocast state, so outputs
 and gradients are those of the plain MLP. The cost is one more ``ln1`` and GELU per adapter in backward (``ln2`` is
 not rerun: its gradients are formed from the recomputed GELU output as autograd forms them).
+
+torch.compile cannot trace the ``torch.autograd.grad`` of that backward, so while compiling the same recomputation
+is stated as activation checkpointing of the MLP (``torch.utils.checkpoint``), which it traces into the model's
+graph; what backward reruns is then the compiler's choice.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 
 def _mlp(x: torch.Tensor, w1: torch.Tensor, b1, w2: torch.Tensor, b2) -> torch.Tensor:
@@ -78,5 +83,10 @@ def adapter_mlp(x: torch.Tensor, ln1: nn.Linear, ln2: nn.Linear) -> torch.Tensor
     """
     params = (ln1.weight, ln1.bias, ln2.weight, ln2.bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace the torch.autograd.grad of _RecomputedMLP.backward (the graph would split
+            # at every adapter); activation checkpointing states the same recomputation in a form it traces, and
+            # the compiler schedules what backward reruns
+            return checkpoint(_mlp, x, *params, use_reentrant=False)
         return _RecomputedMLP.apply(x, *params)
     return _mlp(x, *params)
