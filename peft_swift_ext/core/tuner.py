@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
@@ -11,6 +12,7 @@ from torch import nn
 
 from .layer import adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
+from .rows import adapter_rows, checked_row_names, merged_adapters
 
 
 class SwiftBaseTuner(BaseTuner):
@@ -79,6 +81,25 @@ class SwiftBaseTuner(BaseTuner):
         for name in targets:
             self._validate_target(model.get_submodule(name) if name else model, name, config)
         return targets
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """Around ``PeftModel.forward`` / ``generate``: ``adapter_names=[...]`` selects one adapter per row.
+
+        The names are checked before anything runs (unknown names, training mode and merged adapters are refused,
+        as in PEFT); the layers then apply each row's adapter in one pass (:mod:`peft_swift_ext.core.rows`).
+
+        Args:
+            *args (Any): the call's positional arguments (unused).
+            **kwargs (Any): the call's keyword arguments; ``adapter_names`` and ``num_beams`` are read.
+        """
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        rows = checked_row_names(names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs)
+        with adapter_rows(rows):
+            yield
 
     def _validate_target(self, module: nn.Module, name: str, config: PeftConfig) -> None:
         """Raise a clear error if ``module`` cannot take this tuner; runs before anything is injected.

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import AdaLoraModel, LoraModel, PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 from torch import nn
@@ -25,6 +25,9 @@ from ..compat import adapter_names_in
 from ..core import files
 from ..core.contract import InPlaceTuner, MergePolicy
 from ..core.keys import Slot, adapter_tensors, tuner_modules
+from ..core.lora_rows import install_row_hooks
+from ..core.rows import BASE, adapter_rows, checked_row_names, merged_adapters
+from ..core.tuner import SwiftBaseTuner
 from . import composition, io, optim, trainability
 from .activation import ActivationState, install_view, per_thread_from_env
 from .offload import OffloadStore
@@ -110,23 +113,60 @@ class SwiftModel(PeftModel):
         """The adapted model, with the adapters' layers in it (PEFT's meaning)."""
         return self.base_model.model
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """Run the adapted model with the active adapters (arguments as the adapted model takes them).
 
         Args:
             *args (Any): passed to the adapted model.
+            adapter_names: one adapter name per row (``"__base__"``: no adapter): a mixed-adapter batch, each row
+                computed as if only its adapter were active (inference only).
             **kwargs (Any): passed to the adapted model.
         """
-        return self.base_model.model(*args, **kwargs)
+        with self._adapter_rows(adapter_names, kwargs):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """The adapted model's ``generate``, with the active adapters.
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The adapted model's ``generate``, with the active adapters, or one adapter per row.
 
         Args:
             *args (Any): passed to the adapted model's ``generate``.
+            adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter).
             **kwargs (Any): passed to the adapted model's ``generate``.
         """
-        return self.base_model.model.generate(*args, **kwargs)
+        with self._adapter_rows(adapter_names, kwargs):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _adapter_rows(self, adapter_names: list[str] | None, kwargs: dict) -> Iterator[None]:
+        """Inside the block, each row runs its own adapter: this package's layers read the rows, LoRA layers get
+        hooks that add each row's adapter, and every layer's active set is empty for the call."""
+        if adapter_names is None:
+            yield
+            return
+        rows = checked_row_names(
+            adapter_names, self._configs, self.model.training, merged_adapters(self.model), kwargs
+        )
+        in_place = sorted({name for name in rows if name in self._configs and self.in_place_tuner(name)})
+        if in_place:
+            raise ValueError(f"adapters {in_place} train the base weights in place; rows cannot select them")
+        if BASE in rows:
+            self._check_can_restore(self.adapters, "run rows on the base model alone ('__base__')")
+        unsupported = sorted({name for name in rows if name in self._configs and not self._selectable_per_row(name)})
+        if unsupported:
+            kinds = {name: str(self._configs[name].peft_type) for name in unsupported}
+            raise ValueError(
+                f"adapter_names: per-row selection is not available for {kinds} (this package's tuners and "
+                "LoRA-family adapters without DoRA support it)"
+            )
+        install_row_hooks(self.model)
+        with self.activation.scoped(()), adapter_rows(rows):
+            yield
+
+    def _selectable_per_row(self, adapter_name: str) -> bool:
+        tuner = self.tuner_for(self._configs[adapter_name].peft_type)
+        if isinstance(tuner, LoraModel) and not isinstance(tuner, AdaLoraModel):
+            return not getattr(self._configs[adapter_name], "use_dora", False)
+        return isinstance(tuner, SwiftBaseTuner)
 
     # --- adapters ----------------------------------------------------------------------------------------------
 

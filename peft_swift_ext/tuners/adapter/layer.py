@@ -13,8 +13,10 @@ from transformers.activations import ACT2CLS
 
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
+from ...core.rows import current_rows, per_row, plan_rows, split_plan, structure_key
 from ...core.slots import Position, output_value, replace_output_value
 
+_FIELD = "AdapterConfig.hidden_pos"
 # One lock for all layers (a lock attribute would make the model impossible to deepcopy); it guards only
 # the install/remove bookkeeping of intercepted methods, never a forward.
 _INTERCEPTION_LOCK = threading.Lock()
@@ -74,17 +76,56 @@ class AdapterLayer(SwiftTunerLayer):
         """Apply the given adapters, in order, to the selected hidden state of ``output``."""
         for name in adapter_names:
             position = self.hidden_pos[name]
-            hidden = output_value(output, position, "AdapterConfig.hidden_pos", self.module_name)
-            output = replace_output_value(
-                output, position, self.adapt(name, hidden), "AdapterConfig.hidden_pos", self.module_name
-            )
+            hidden = output_value(output, position, _FIELD, self.module_name)
+            output = replace_output_value(output, position, self.adapt(name, hidden), _FIELD, self.module_name)
         return output
 
+    def adapt_rows(self, output, rows: tuple[str, ...], method: str):
+        """Apply to each row of a mixed batch its own adapter (those of ``method``), all rows in one pass.
+
+        Args:
+            output: what the module (or its method) returned.
+            rows: the adapter name of each row.
+            method: the method whose return value ``output`` is.
+        """
+        owned = [name for name in self.adapter_down if self.method_name[name] == method]
+        named = [name for name in dict.fromkeys(rows) if name in owned]
+        if not named:
+            return output
+        batch = output_value(output, self.hidden_pos[named[0]], _FIELD, self.module_name).shape[0]
+        plan = plan_rows(rows, owned, batch, self.module_name)
+        for group in split_plan(plan, lambda name: (self.hidden_pos[name], structure_key(self.bottleneck(name)))):
+            position = self.hidden_pos[group.adapters[0]]
+            hidden = output_value(output, position, _FIELD, self.module_name)
+            x = hidden[group.rows].to(self.adapter_down[group.adapters[0]].weight.dtype)
+            delta = per_row([self.bottleneck(name) for name in group.adapters], group.index, x)
+            adapted = hidden.clone()
+            adapted[group.rows] = (x + delta).to(hidden.dtype)
+            output = replace_output_value(output, position, adapted, _FIELD, self.module_name)
+        return output
+
+    def bottleneck(self, adapter_name: str) -> nn.Sequential:
+        """``up(act(down(x)))`` of one adapter as one module (the adapter's own layers, not copies).
+
+        Args:
+            adapter_name: the adapter.
+        """
+        return nn.Sequential(
+            self.adapter_down[adapter_name], self.adapter_act[adapter_name], self.adapter_up[adapter_name]
+        )
+
+    def _adapt(self, output, method: str):
+        rows = current_rows()
+        if rows is not None:
+            return self.adapt_rows(output, rows, method)
+        return self.adapt_output(
+            output, [name for name in self.adapters_to_apply() if self.method_name[name] == method]
+        )
+
     def forward(self, *args, **kwargs):
-        active = list(self.adapters_to_apply())
         with self._methods_intercepted():
             output = self.base_layer(*args, **kwargs)
-        return self.adapt_output(output, [name for name in active if self.method_name[name] == "forward"])
+        return self._adapt(output, "forward")
 
     @contextmanager
     def _methods_intercepted(self) -> Iterator[None]:
@@ -114,8 +155,7 @@ class AdapterLayer(SwiftTunerLayer):
 
     def _interceptor(self, original, method: str):
         def adapted_method(*args, **kwargs):
-            names = [name for name in self.adapters_to_apply() if self.method_name[name] == method]
-            return self.adapt_output(original(*args, **kwargs), names)
+            return self._adapt(original(*args, **kwargs), method)
 
         # Callers may inspect the method (transformers' apply_chunking_to_forward counts its parameters).
         adapted_method.__signature__ = inspect.signature(original)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper
 from ...core.layer import SwiftTunerLayer
+from ...core.rows import current_rows, plan_rows
 
 
 class LlamaProLayer(SwiftTunerLayer):
@@ -53,10 +54,32 @@ class LlamaProLayer(SwiftTunerLayer):
 
     def forward(self, hidden_states, *args, **kwargs):
         output = self.base_layer(hidden_states, *args, **kwargs)
+        rows = current_rows()
+        if rows is not None:
+            return self._blocks_rows(output, rows, args, kwargs)
         for name in self.adapters_to_apply():
             for block in self.llamapro_blocks[name]:
                 output = _run_block(block, output, args, kwargs)
         return output
+
+    def _blocks_rows(self, output, rows: tuple[str, ...], args: tuple, kwargs: dict):
+        """Each row of a mixed batch continues through its own adapter's blocks; other rows skip them.
+
+        Every adapter's blocks run on the whole batch (their KV-cache slots are batch-wide), and each row keeps the
+        result of its own adapter.
+        """
+        hidden = output[0] if isinstance(output, tuple) else output
+        plan = plan_rows(rows, self.llamapro_blocks, hidden.shape[0], "a LLaMA-PRO layer")
+        result = hidden
+        for k, name in enumerate(plan.adapters):
+            continued = output
+            for block in self.llamapro_blocks[name]:
+                continued = _run_block(block, continued, args, kwargs)
+            chosen = plan.rows[plan.index == k]
+            if result is hidden:
+                result = hidden.clone()
+            result[chosen] = (continued[0] if isinstance(continued, tuple) else continued)[chosen]
+        return (result, *output[1:]) if isinstance(output, tuple) else result
 
 
 def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 from peft import LoraModel
 from peft.tuners.lora import LoraLayer
@@ -10,6 +12,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from ...core.lora_rows import install_row_hooks
+from ...core.rows import adapter_rows, checked_row_names, merged_adapters
 from . import attention
 from .config import LongLoraConfig
 
@@ -53,6 +57,18 @@ class LongLoraModel(LoraModel):
             self.__dict__["_original_attention"] = original
             model_config._attn_implementation = attention.S2_IMPLEMENTATIONS[original]
             attention.register_switch(model_config, self.active_group_rule)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        # mixed-adapter batches as LoRA+ runs them: its LoRA layers in one pass, the embedding / norm copies per row
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        rows = checked_row_names(names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs)
+        install_row_hooks(self.model)
+        with adapter_rows(rows):
+            yield
 
     def __setstate__(self, state: dict) -> None:
         # A copy (deepcopy, pickle) has its own model config: S²-Attn must be switched on for that one too.

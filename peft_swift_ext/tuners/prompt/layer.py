@@ -9,6 +9,7 @@ from torch import nn
 
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
+from ...core.rows import current_rows
 from ...core.slots import ArgumentSlot, Position
 from .cache import cache_layer_index, decode_mask, find_cache, record_prompts, recorded_prompts
 
@@ -70,6 +71,9 @@ class PromptLayer(SwiftTunerLayer):
         move_adapter_to_base_device(self, adapter_name)
 
     def forward(self, *args, **kwargs):
+        rows = current_rows()
+        if rows is not None:
+            return self._forward_rows(rows, args, kwargs)
         names = list(self.adapters_to_apply())
         cache = find_cache(args, kwargs)
         past = self._cached_positions(cache, names)
@@ -99,6 +103,11 @@ class PromptLayer(SwiftTunerLayer):
         output = self.base_layer(*args, **kwargs)
         extracted = [name for name, setting in zip(names, settings) if setting.extracts]
         return self._remove_tokens(output, names, extracted, first.attach_front) if extracted else output
+
+    def _forward_rows(self, rows: tuple[str, ...], args: tuple, kwargs: dict):
+        if any(name in self.prompt_token for name in rows):
+            raise NotImplementedError("mixed-adapter batches with prompt adapters are not available yet")
+        return self.base_layer(*args, **kwargs)
 
     def _cached_positions(self, cache, names: list[str]) -> int:
         """Positions this layer's KV cache holds from earlier calls: 0 without a cache and at prefill.

@@ -20,6 +20,7 @@ from torch import nn
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.probes import FeatureProbes, ProbeSource
+from ...core.rows import current_rows, per_row, plan_rows, split_plan, structure_key
 from ...core.slots import ArgumentSlot, output_value, replace_output_value
 from .recompute import adapter_mlp
 from .spec import BlockSpec, OpSpec
@@ -224,6 +225,18 @@ def _check_width(block: ResTuningBlock, x: torch.Tensor, op: nn.Module | None, s
         )
 
 
+class _BypassCall(nn.Module):
+    """One adapter's bypass called as ``(root, *stems)`` (the stem names it reports errors with are fixed)."""
+
+    def __init__(self, bypass: ResTuningBypass, stem_names: list[str]) -> None:
+        super().__init__()
+        self.bypass = bypass
+        self.stem_names = list(stem_names)
+
+    def forward(self, root: torch.Tensor, *stems: torch.Tensor) -> torch.Tensor:
+        return self.bypass(root, list(stems), self.stem_names)
+
+
 class ResTuningLayer(SwiftTunerLayer):
     """The target module with, per adapter, the bypass network whose output replaces its input or output.
 
@@ -276,7 +289,8 @@ class ResTuningLayer(SwiftTunerLayer):
 
     def _capturing(self, adapter_name: str) -> bool:
         # Capture only for adapters that will consume the features, so nothing is held otherwise.
-        return adapter_name in self.adapters_to_apply()
+        rows = current_rows()
+        return adapter_name in (self.adapters_to_apply() if rows is None else rows)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Unhook the adapter's feature probes, then delete its weights as PEFT does.
@@ -298,7 +312,56 @@ class ResTuningLayer(SwiftTunerLayer):
         out = self.restuning_bypass[adapter_name](features[0], features[1:], names[1:])
         return out.to(original.dtype)
 
+    def _bypass_rows(self, value: torch.Tensor, rows: tuple[str, ...], names: list[str]) -> torch.Tensor:
+        """``value`` with each row that names one of ``names`` replaced by its own adapter's bypass output."""
+        plan = plan_rows(rows, names, value.shape[0], self.layer_name)
+
+        def key(name: str):
+            return self.restuning_hidden_pos[name], structure_key(self.restuning_bypass[name])
+
+        for group in split_plan(plan, key):
+            features = [self.probes.take(name, self.layer_name) for name in group.adapters]
+            inputs = []
+            for source in range(len(features[0])):  # root, then one per stem: each row from its adapter's capture
+                gathered = features[0][source].new_empty((len(group.rows), *features[0][source].shape[1:]))
+                for k, captured in enumerate(features):
+                    chosen = group.index == k
+                    gathered[chosen] = captured[source][group.rows[chosen]]
+                inputs.append(gathered)
+            calls = [_BypassCall(self.restuning_bypass[n], self.restuning_sources[n][1:]) for n in group.adapters]
+            value = value.clone()
+            value[group.rows] = per_row(calls, group.index, *inputs).to(value.dtype)
+        return value
+
+    def _forward_rows(self, rows: tuple[str, ...], args: tuple, kwargs: dict):
+        for position, names in self._by_position("input", rows).items():
+            slot = ArgumentSlot(self.base_layer, position)
+            value = slot.get(args, kwargs)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"ResTuningConfig.target_hidden_pos={position!r}: {self.layer_name} was called without that "
+                    "argument"
+                )
+            args, kwargs = slot.replace(args, kwargs, self._bypass_rows(value, rows, names))
+        output = self.base_layer(*args, **kwargs)
+        for position, names in self._by_position("output", rows).items():
+            value = output_value(output, position, _FIELD, self.layer_name)
+            output = replace_output_value(
+                output, position, self._bypass_rows(value, rows, names), _FIELD, self.layer_name
+            )
+        return output
+
+    def _by_position(self, hook: str, rows: tuple[str, ...]) -> dict:
+        found: dict = {}
+        for name in self.restuning_bypass:
+            if self.restuning_hook[name] == hook and name in rows:
+                found.setdefault(self.restuning_hidden_pos[name], []).append(name)
+        return found
+
     def forward(self, *args, **kwargs):
+        rows = current_rows()
+        if rows is not None:
+            return self._forward_rows(rows, args, kwargs)
         active = list(self.adapters_to_apply())
         for name in active:
             if self.restuning_hook[name] == "input":

@@ -19,6 +19,7 @@ from torch import nn
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.probes import FeatureProbes, ProbeSource
+from ...core.rows import current_rows, per_row, plan_rows, split_plan, structure_key
 from ...core.slots import ArgumentSlot, first_argument, first_tensor, replace_first_tensor
 
 
@@ -71,7 +72,8 @@ class SCEditLayer(SwiftTunerLayer):
         move_adapter_to_base_device(self, adapter_name)
 
     def _capturing(self, adapter_name: str) -> bool:
-        return adapter_name in self.adapters_to_apply()
+        rows = current_rows()
+        return adapter_name in (self.adapters_to_apply() if rows is None else rows)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Unhook the adapter's hint probe, then delete its weights as PEFT does.
@@ -127,7 +129,54 @@ class SCEditLayer(SwiftTunerLayer):
             )
         return replace_first_tensor(output, self.sc_tune(adapter_name, features))
 
+    def _tune_rows(self, x: torch.Tensor, rows: tuple[str, ...], names: list[str], skip: bool) -> torch.Tensor:
+        """Each row of a mixed batch through its own adapter's tuner, all rows in one pass.
+
+        Args:
+            x: the layer's input (decoder mode, ``skip``: the skip channels are edited) or output features.
+            rows: the adapter name of each row.
+            names: this layer's adapters of the mode being applied.
+            skip: edit the last ``dims`` channels (decoder mode) instead of the whole tensor.
+        """
+        plan = plan_rows(rows, names, x.shape[0], self.layer_name)
+        if not plan:
+            return x
+        for group in split_plan(plan, lambda n: (self.scedit_dim[n], n in self.hinted, structure_key(self._tuner(n)))):
+            first = group.adapters[0]
+            if skip and (x.dim() != 4 or x.shape[1] <= self.scedit_dim[first]):
+                self._edit_skip(first, x)  # raises the shape error
+            edited = x[:, x.shape[1] - self.scedit_dim[first] :] if skip else x
+            hints = torch.zeros_like(edited[group.rows])
+            if first in self.hinted:
+                for k, name in enumerate(group.adapters):
+                    chosen = group.index == k
+                    hints[chosen] = self.probes.take(name, self.layer_name)[0][group.rows[chosen]].to(hints.dtype)
+            tuned = per_row([self._tuner(n) for n in group.adapters], group.index, edited[group.rows], hints)
+            x = x.clone()
+            if skip:
+                x[group.rows, x.shape[1] - self.scedit_dim[first] :] = tuned.to(x.dtype)
+            else:
+                x[group.rows] = tuned.to(x.dtype)
+        return x
+
+    def _tuner(self, adapter_name: str) -> nn.Module:
+        return _SCTuner(self.scedit_ln1[adapter_name], self.scedit_ln2[adapter_name])
+
+    def _forward_rows(self, rows: tuple[str, ...], args: tuple, kwargs: dict):
+        decoder = [name for name in self.scedit_ln1 if self.scedit_mode[name] == "decoder"]
+        if any(name in rows for name in decoder):
+            x = self._tune_rows(first_argument(self.base_layer, args, kwargs), rows, decoder, skip=True)
+            args, kwargs = ArgumentSlot(self.base_layer, 0).replace(args, kwargs, x)
+        output = self.base_layer(*args, **kwargs)
+        others = [name for name in self.scedit_ln1 if self.scedit_mode[name] != "decoder"]
+        if any(name in rows for name in others):
+            output = replace_first_tensor(output, self._tune_rows(first_tensor(output), rows, others, skip=False))
+        return output
+
     def forward(self, *args, **kwargs):
+        rows = current_rows()
+        if rows is not None:
+            return self._forward_rows(rows, args, kwargs)
         active = list(self.adapters_to_apply())
         decoder = [name for name in active if self.scedit_mode[name] == "decoder"]
         if decoder:
@@ -140,3 +189,22 @@ class SCEditLayer(SwiftTunerLayer):
             if self.scedit_mode[name] != "decoder":
                 output = self._edit_output(name, output)
         return output
+
+
+class _SCTuner(nn.Module):
+    """One adapter's ``x + T(x + hint)`` as a module (its own layers, not copies); ``x`` is (B, C, H, W) or
+    (B, tokens, C)."""
+
+    def __init__(self, down: nn.Linear, up: nn.Linear) -> None:
+        super().__init__()
+        self.down = down
+        self.up = up
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        tokens = (x + hint).to(self.down.weight.dtype)
+        if x.dim() == 4:
+            tokens = tokens.flatten(2).transpose(1, 2)
+        out = self.up(F.gelu(self.down(tokens)))
+        if x.dim() == 4:
+            out = out.transpose(1, 2).reshape(x.shape)
+        return x.to(out.dtype) + out

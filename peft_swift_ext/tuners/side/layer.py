@@ -12,6 +12,7 @@ from torch import nn
 
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
+from ...core.rows import current_rows, per_row, plan_rows, split_plan, structure_key
 from ...core.slots import ArgumentSlot, Position, output_value, replace_output_value
 from .networks import SIDE_NETWORKS
 
@@ -46,7 +47,10 @@ class SideLayer(SwiftTunerLayer):
         move_adapter_to_base_device(self, adapter_name)
 
     def forward(self, *args, **kwargs):
-        names = list(self.adapters_to_apply())
+        rows = current_rows()
+        names = (
+            list(self.adapters_to_apply()) if rows is None else [n for n in dict.fromkeys(rows) if n in self.side_net]
+        )
         recorder = _loss_recorder(self.base_layer) if names else None
         with recorder.recording() if recorder is not None else contextlib.nullcontext() as loss_calls:
             output = self.base_layer(*args, **kwargs)
@@ -54,26 +58,56 @@ class SideLayer(SwiftTunerLayer):
             return output
         positions = list(dict.fromkeys(self.target_hidden_pos[name] for name in names))
         unblended = [self._value(output, position) for position in positions]
-        for name in names:
-            source_pos, target_pos = self.source_hidden_pos[name], self.target_hidden_pos[name]
-            source = ArgumentSlot(self.base_layer, source_pos).get(args, kwargs)
-            if not isinstance(source, torch.Tensor):
-                raise ValueError(
-                    f"SideConfig.source_hidden_pos={source_pos!r} selects no tensor in the call of {self.module_name} "
-                    f"(got {type(source).__name__})"
-                )
-            main = output_value(output, target_pos, "SideConfig.target_hidden_pos", self.module_name)
-            blended = self.blend(name, source, main)
-            output = replace_output_value(
-                output, target_pos, blended, "SideConfig.target_hidden_pos", self.module_name
-            )
+        output = (
+            self._blend_rows(output, rows, args, kwargs)
+            if rows is not None
+            else self._blend(output, names, args, kwargs)
+        )
         if isinstance(self.base_layer, RootCall):
             blended = [self._value(output, position) for position in positions]
             output = self._loss_of_blended(output, recorder, loss_calls, list(zip(unblended, blended, strict=True)))
         return output
 
+    def _source(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        source_pos = self.source_hidden_pos[name]
+        source = ArgumentSlot(self.base_layer, source_pos).get(args, kwargs)
+        if not isinstance(source, torch.Tensor):
+            raise ValueError(
+                f"SideConfig.source_hidden_pos={source_pos!r} selects no tensor in the call of {self.module_name} "
+                f"(got {type(source).__name__})"
+            )
+        return source
+
+    def _blend(self, output, names: list[str], args: tuple, kwargs: dict):
+        for name in names:
+            target_pos = self.target_hidden_pos[name]
+            blended = self.blend(name, self._source(name, args, kwargs), self._value(output, target_pos))
+            output = replace_output_value(output, target_pos, blended, _FIELD, self.module_name)
+        return output
+
+    def _blend_rows(self, output, rows: tuple[str, ...], args: tuple, kwargs: dict):
+        """Blend each row of a mixed batch with its own adapter's side network, all rows in one pass."""
+        owned = [name for name in dict.fromkeys(rows) if name in self.side_net]
+        if not owned:
+            return output
+        batch = self._value(output, self.target_hidden_pos[owned[0]]).shape[0]
+        plan = plan_rows(rows, self.side_net, batch, self.module_name)
+
+        def key(name: str):
+            return self.source_hidden_pos[name], self.target_hidden_pos[name], structure_key(self.side_net[name])
+
+        for group in split_plan(plan, key):
+            first = group.adapters[0]
+            source = self._source(first, args, kwargs)[group.rows]
+            main = self._value(output, self.target_hidden_pos[first])
+            blends = [_SideBlend(self.side_net[name], self.side_alpha[name]) for name in group.adapters]
+            blended = main.clone()
+            blended[group.rows] = per_row(blends, group.index, source, main[group.rows]).to(main.dtype)
+            output = replace_output_value(output, self.target_hidden_pos[first], blended, _FIELD, self.module_name)
+        return output
+
     def _value(self, output, position) -> torch.Tensor:
-        return output_value(output, position, "SideConfig.target_hidden_pos", self.module_name)
+        return output_value(output, position, _FIELD, self.module_name)
 
     def _loss_of_blended(self, output, recorder: RecordingLoss | None, calls: list | None, swaps: list) -> object:
         """The root model's output with its loss computed from the blended values, the model's own way.
@@ -152,6 +186,20 @@ class SideLayer(SwiftTunerLayer):
         return (weight * main.to(alpha.dtype) + (1 - weight) * side).to(main.dtype)
 
 
+class _SideBlend(nn.Module):
+    """One adapter's ``σ(α)·main + (1-σ(α))·side_net(source)`` as a module (its own network and α, not copies)."""
+
+    def __init__(self, side_net: nn.Module, alpha: nn.Parameter) -> None:
+        super().__init__()
+        self.side_net = side_net
+        self.alpha = alpha
+
+    def forward(self, source: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+        weight = torch.sigmoid(self.alpha)
+        return weight * main.to(self.alpha.dtype) + (1 - weight) * self.side_net(source.to(self.alpha.dtype))
+
+
+_FIELD = "SideConfig.target_hidden_pos"
 # The attribute under which a Side layer on the root model lives inside that model.
 ROOT_SIDE_ATTR = "root_side"
 

@@ -1,0 +1,215 @@
+"""Mixed-adapter batches: each row of a batch runs its own adapter, computed in one pass.
+
+``model(**batch, adapter_names=[...])`` names one adapter per row (``"__base__"``: none). While such a call runs,
+:func:`current_rows` gives the names to every tuner layer (a ``contextvars`` value, so concurrent threads and
+asyncio tasks each see their own batch); a layer applies, to each row, that row's adapter if it holds it and
+nothing otherwise. Rows are not split into one sub-batch per adapter: the adapters' weights are stacked and each
+row is computed with its own adapter's weights in one vectorised pass (:func:`per_row`), as S-LoRA / Punica do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.func import functional_call, vmap
+
+#: the adapter name that selects the base model for a row (PEFT's convention)
+BASE = "__base__"
+
+_ROWS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("adapter_rows", default=None)
+
+
+@contextlib.contextmanager
+def adapter_rows(names: Sequence[str]) -> Iterator[None]:
+    """Inside the block, tuner layers apply ``names[i]`` to row ``i`` of every batch they see.
+
+    Args:
+        names: one adapter name (or ``"__base__"``) per row.
+    """
+    token = _ROWS.set(tuple(names))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def checked_row_names(
+    adapter_names: object, known: Iterable[str], training: bool, merged: Iterable[str], call_kwargs: dict
+) -> tuple[str, ...]:
+    """Check a call's ``adapter_names`` before anything runs, and repeat each for beam search.
+
+    Args:
+        adapter_names: what the caller passed: one adapter name (or ``"__base__"``) per row.
+        known: the adapters rows may name.
+        training: whether the model is in training mode (mixed batches are for inference, as in PEFT).
+        merged: the adapters merged into the base weights (then no row could run without them).
+        call_kwargs: the call's other arguments (``num_beams`` repeats each row's name).
+
+    Raises:
+        ValueError: naming the unknown adapters, or why mixed batches are refused now.
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+    names = tuple(adapter_names)
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"adapter_names must hold strings (adapter names or {BASE!r}), got {list(names)!r}")
+    if training:
+        raise ValueError("adapter_names selects adapters per row for inference; put the model in eval mode first")
+    merged = sorted(set(merged))
+    if merged:
+        raise ValueError(f"adapter_names cannot be used while adapters {merged} are merged; call unmerge() first")
+    known = set(known)
+    unknown = sorted({name for name in names if name != BASE and name not in known})
+    if unknown:
+        raise ValueError(f"adapter_names names unknown adapter(s) {unknown}; this model has {sorted(known)}")
+    beams = call_kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        names = tuple(name for name in names for _ in range(beams))
+    return names
+
+
+def merged_adapters(model: nn.Module) -> set[str]:
+    """Every adapter merged into the base weights somewhere in ``model``.
+
+    Args:
+        model: the model holding tuner layers.
+    """
+    return {
+        name for module in model.modules() if isinstance(module, BaseTunerLayer) for name in module.merged_adapters
+    }
+
+
+def current_rows() -> tuple[str, ...] | None:
+    """The per-row adapter names of the running mixed batch, or None outside one."""
+    return _ROWS.get()
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which rows of a batch one layer adapts, and with which of its adapters.
+
+    Args:
+        adapters: the layer's adapters some row names, in a fixed order (index ``k``).
+        rows: the indices of the rows that use one of them.
+        index: for each of those rows, the index ``k`` of its adapter.
+    """
+
+    adapters: tuple[str, ...]
+    rows: torch.Tensor
+    index: torch.Tensor
+
+    def __bool__(self) -> bool:
+        return bool(self.adapters)
+
+
+def split_plan(plan: RowPlan, key) -> list[RowPlan]:
+    """``plan`` split into the groups of adapters with equal ``key(adapter)`` (settings or network shapes that
+    must agree for one vectorised pass).
+
+    Args:
+        plan: the layer's plan.
+        key: a function of an adapter name returning something hashable.
+    """
+    groups: dict[object, list[int]] = {}
+    for k, name in enumerate(plan.adapters):
+        groups.setdefault(key(name), []).append(k)
+    if len(groups) == 1:
+        return [plan]
+    split = []
+    for members in groups.values():
+        chosen = torch.isin(plan.index, torch.tensor(members))
+        remap = {k: j for j, k in enumerate(members)}
+        index = torch.tensor([remap[int(k)] for k in plan.index[chosen]], dtype=torch.long)
+        split.append(RowPlan(tuple(plan.adapters[k] for k in members), plan.rows[chosen], index))
+    return split
+
+
+def structure_key(module: nn.Module) -> tuple:
+    """What must agree for modules to be stacked: their classes and every parameter's and buffer's shape.
+
+    Args:
+        module: one adapter's network.
+    """
+    # Python settings (a scalar weight, a head count) differ between adapters without showing in the tensors
+    classes = tuple(
+        (type(m).__name__, tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str)))))
+        for m in module.modules()
+    )
+    shapes = tuple(
+        (name, tuple(t.shape), t.dtype) for name, t in (*module.named_parameters(), *module.named_buffers())
+    )
+    return classes, shapes
+
+
+def plan_rows(names: Sequence[str], owned: Iterable[str], batch: int, where: str) -> RowPlan:
+    """The :class:`RowPlan` of a layer holding the adapters ``owned``, for per-row ``names``.
+
+    Args:
+        names: the per-row adapter names of the batch.
+        owned: the adapters this layer holds (and may apply).
+        batch: the batch size the layer sees.
+        where: the layer, for the error message.
+    """
+    if len(names) != batch:
+        raise ValueError(f"adapter_names has {len(names)} entries but {where} received a batch of {batch} rows")
+    owned = set(owned)
+    adapters = tuple(dict.fromkeys(name for name in names if name in owned))
+    position = {name: k for k, name in enumerate(adapters)}
+    chosen = [(row, position[name]) for row, name in enumerate(names) if name in position]
+    rows = torch.tensor([row for row, _ in chosen], dtype=torch.long)
+    index = torch.tensor([k for _, k in chosen], dtype=torch.long)
+    return RowPlan(adapters, rows, index)
+
+
+def per_row(modules: Sequence[nn.Module], index: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """Run row ``i`` of ``inputs`` through ``modules[index[i]]``, every row in one vectorised pass.
+
+    The modules (one adapter's network each) must share one structure; their parameters are stacked, gathered per
+    row, and ``torch.func.vmap`` computes every row with its own weights. Each call sees one row with a batch
+    dimension of 1, as the module would on its own.
+
+    Args:
+        modules: one module per adapter, identical in structure.
+        index: for each row, which module computes it.
+        *inputs: the rows' inputs (batch first), passed to the modules positionally.
+    """
+    if len(modules) == 1:  # one adapter: the module itself, on the whole batch
+        return modules[0](*inputs)
+    # stacked with torch.stack (not stack_module_state): adapters may differ in requires_grad
+    params = {
+        name: torch.stack([dict(m.named_parameters())[name] for m in modules])
+        for name, _ in modules[0].named_parameters()
+    }
+    buffers = {
+        name: torch.stack([dict(m.named_buffers())[name] for m in modules]) for name, _ in modules[0].named_buffers()
+    }
+    index = index.to(inputs[0].device)
+    template = modules[0]
+
+    def one_row(row_params, row_buffers, *row_inputs):
+        batched = tuple(value.unsqueeze(0) for value in row_inputs)
+        return functional_call(template, (row_params, row_buffers), batched).squeeze(0)
+
+    gathered_params = {name: value[index] for name, value in params.items()}
+    gathered_buffers = {name: value[index] for name, value in buffers.items()}
+    return vmap(one_row)(gathered_params, gathered_buffers, *inputs)
+
+
+__all__ = [
+    "BASE",
+    "RowPlan",
+    "adapter_rows",
+    "checked_row_names",
+    "current_rows",
+    "merged_adapters",
+    "per_row",
+    "plan_rows",
+    "split_plan",
+    "structure_key",
+]
