@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 
-from .layer import adapter_parameters, follow_parent_mode
+from .layer import SwiftTunerLayer, adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
 
 
@@ -58,6 +58,7 @@ class SwiftBaseTuner(BaseTuner):
                 target = model if path == "" else getattr(parent, child)
                 self._create_and_replace(config, adapter_name, target, child, parent, current_key=canonical_path(path))
         self._finish_injection(model, adapter_name)
+        follow_feature_sources(model)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
 
@@ -165,3 +166,18 @@ class SwiftBaseTuner(BaseTuner):
                 for name in module.active_adapters:
                     for param in adapter_parameters(module, name):
                         param.requires_grad = True
+
+
+def follow_feature_sources(model: nn.Module) -> None:
+    """Re-hook every feature source in ``model`` on the outermost layer now at its path.
+
+    Res-Tuning's root and stem features and SCEdit's hints are what the model gets from those modules, i.e. the
+    output of the outermost tuner layer wrapping them (a layer reading its own target reads what it wraps). Call
+    this after any layer was put in or taken out.
+
+    Args:
+        model: the model whose tuner layers' source paths are relative to it.
+    """
+    for module in list(model.modules()):
+        if isinstance(module, SwiftTunerLayer) and module.probes is not None:
+            module.probes.follow(model, module)

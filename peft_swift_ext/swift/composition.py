@@ -25,7 +25,7 @@ from ..compat import (
 )
 from ..core.contract import StructureOwner
 from ..core.paths import find_target_modules, parent_of
-from ..core.tuner import SwiftBaseTuner
+from ..core.tuner import SwiftBaseTuner, follow_feature_sources
 
 
 def tuner_class_for(config: PeftConfig, adapter_name: str) -> type[BaseTuner]:
@@ -81,6 +81,7 @@ def inject(
             else:
                 tuner.peft_config[adapter_name] = config
                 tuner.inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        follow_feature_sources(model)  # a new layer may now wrap a module other adapters read features from
     except BaseException:
         remove(model, tuners, adapter_name, peft_type)
         raise
@@ -150,6 +151,7 @@ def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: st
     if isinstance(tuner, StructureOwner):
         tuner.remove_adapter_structures(adapter_name)
     _unwrap_empty_layers(model)
+    follow_feature_sources(model)  # features of a module whose layer went are read from what is there now
     if not tuner.peft_config:
         del tuners[peft_type]
 
