@@ -5,7 +5,8 @@ For each pair and order, with randomised adapter weights:
 (b) both active give the composition computed by hand: the inner adapter's own model plus the outer adapter's
     maths written out from its formula (``references.py``);
 (c) ``save_pretrained`` -> ``Swift.from_pretrained`` on a fresh base gives identical outputs, both active and alone;
-(d) deleting one adapter leaves the other exactly as it is alone.
+(d) deleting one adapter leaves the other exactly as it is alone;
+(e) merging either one (eval-mode pairs) is refused before anything changes, or leaves the outputs as they were.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from peft_swift_ext import Swift
 
+from ..helpers import state_hash
 from .cases import MODELS, PAIRS, TUNERS, ordered, outer_of
 from .harness import ATOL, VISIBLE, build, equal, forward, randomized, reference
 
@@ -70,3 +72,15 @@ def test_pair(case, tmp_path):
         assert model.adapters == [kept] and model.active_adapters == [kept]
         assert repr(model.base_model) == repr(alone[kept].base_model), f"deleting {deleted} left another structure"
         equal(forward(model, model_key), alone_out[kept], f"{kept} after deleting {deleted}")
+
+    # (e) merging one adapter into the base weights never silently changes what the model computes
+    for name in order if not training else ():
+        model = Swift.from_pretrained(MODELS[model_key].build(), tmp_path).eval()
+        before = state_hash(model.base_model)
+        try:
+            model.merge(adapter_names=[name])
+        except ValueError:
+            assert state_hash(model.base_model) == before, f"refusing to merge {name} changed the model"
+            equal(forward(model, model_key), both, f"after refusing to merge {name}")
+            continue
+        torch.testing.assert_close(forward(model, model_key), both, atol=ATOL, rtol=0)

@@ -1,5 +1,5 @@
-"""The stacking defects of the issue "Correct under composition" (defect 1), one test each, plus the two the
-pairwise matrix found. Each failed before the fix (commit 58294af for the first four, 4ccfdae for the last two).
+"""The stacking defects of the issue "Correct under composition" (defect 1), one test each, plus those the pairwise
+matrix found. The first ones failed before the lead's fix (58294af), the later ones after it (4ccfdae).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from peft.tuners.lora import LoraLayer
 from peft_swift_ext import Swift
 from peft_swift_ext.tuners.adapter.layer import AdapterLayer
 
+from ..helpers import state_hash
 from ..swift_fixtures import FIXTURES, load_case, run_case
-from .harness import ATOL, VISIBLE, build, forward, randomized, reference
+from .harness import ATOL, VISIBLE, build, equal, forward, randomized, reference
 
 
 def test_lora_on_every_linear_layer_stays_on_inside_an_adapter_added_on_mlp():
@@ -106,3 +107,32 @@ def test_the_hand_composition_in_the_wrong_nesting_differs_from_the_model():
         forward(model, "llama"), reference("llama", "o_lora", "o_adapter", weights), atol=ATOL, rtol=0
     )
     assert (forward(model, "llama") - reference("llama", "o_adapter", "o_lora", weights)).abs().max() > VISIBLE
+
+
+def test_merging_a_lora_that_wraps_an_active_adapter_is_refused_before_anything_changes():
+    # LoRA added after an Adapter on one module computes from the Adapter's output; folded into the base weight it
+    # would act before the Adapter (found by the matrix's merge check).
+    model, weights = randomized("llama", ["o_adapter", "o_lora"])
+    both, before = forward(model, "llama"), state_hash(model.base_model)
+    with pytest.raises(ValueError, match=r"wraps the layer of \['o_adapter'\]"):
+        model.merge(adapter_names=["o_lora"])
+    assert state_hash(model.base_model) == before
+    equal(forward(model, "llama"), both, "after the refusal")
+    model.set_active_adapters(["o_lora"])  # with the Adapter off, merging computes the same
+    model.merge(adapter_names=["o_lora"])
+    lora_alone = forward(build("llama", ["o_lora"], weights=weights), "llama")
+    torch.testing.assert_close(forward(model, "llama"), lora_alone, atol=ATOL, rtol=0)
+    other_nesting = build("llama", ["o_lora", "o_adapter"], weights=weights)  # Adapter(LoRA(x)): merges exactly
+    expected = forward(other_nesting, "llama")
+    other_nesting.merge(adapter_names=["o_lora"])
+    torch.testing.assert_close(forward(other_nesting, "llama"), expected, atol=ATOL, rtol=0)
+
+
+def test_merging_one_of_two_active_adapters_in_one_lora_layer_is_refused():
+    # PEFT's layer runs only its base weights once an adapter is merged: the other would silently stop acting.
+    model, _ = randomized("llama", ["o_lora", "o_loraplus"])
+    with pytest.raises(ValueError, match=r"without \['o_loraplus'\]"):
+        model.merge(adapter_names=["o_lora"])
+    expected = forward(model, "llama")
+    model.merge(adapter_names=["o_lora", "o_loraplus"])
+    torch.testing.assert_close(forward(model, "llama"), expected, atol=ATOL, rtol=0)
