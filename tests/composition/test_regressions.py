@@ -1,5 +1,9 @@
 """The stacking defects of the issue "Correct under composition" (defect 1), one test each, plus those the pairwise
-matrix found. The first ones failed before the lead's fix (58294af), the later ones after it (4ccfdae).
+matrix found.
+
+On 58294af (before the injection fix) the first four fail (the two-adapter test in the order mlp, then down_proj),
+as does the method adapter after prompts. On 4ccfdae (after it) the last five fail: the ms-swift pair loaded the
+other way round, Res-Tuning's stems, the method adapter after prompts, and both merge refusals.
 """
 
 from __future__ import annotations
