@@ -1,9 +1,10 @@
 """The stacking defects of the issue "Correct under composition" (defect 1), one test each, plus those the pairwise
 matrix found.
 
-On 58294af (before the injection fix) the first four fail (the two-adapter test in the order mlp, then down_proj),
-as does the method adapter after prompts. On 4ccfdae (after it) the last five fail: the ms-swift pair loaded the
-other way round, Res-Tuning's stems, the method adapter after prompts, and both merge refusals.
+On 58294af (before the injection fix) the tests of the issue's four defects fail (LoRA inside mlp, adapters
+inside prompted layers, the ms-swift checkpoint, two Adapters added mlp first), as do the method adapter added
+after prompts and the wrong-nesting check. On 4ccfdae (after it) five fail: the ms-swift pair loaded the other way
+round, Res-Tuning's stems, the method adapter added after prompts, and both merge refusals.
 """
 
 from __future__ import annotations
