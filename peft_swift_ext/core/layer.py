@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..compat import set_active_adapters_view
+from .probes import FeatureProbes
 
 
 class SwiftTunerLayer(nn.Module, BaseTunerLayer):
@@ -30,6 +31,8 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     """
 
     tuner_name = "tuner"
+    #: hooks on other modules whose features this layer reads (Res-Tuning's root and stems, SCEdit's hints)
+    probes: FeatureProbes | None = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         nn.Module.__init__(self)

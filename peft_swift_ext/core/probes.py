@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .paths import module_at
 from .slots import first_argument, first_tensor
 
 
@@ -61,12 +63,34 @@ class FeatureProbes:
         hook_ids = []
         for slot, source in enumerate(sources):
             hook = _CaptureHook(self, adapter_name, slot, wanted)
-            if source.where == "input":
-                hook_ids.append(source.module.register_forward_pre_hook(hook.before, with_kwargs=True).id)
-            else:
-                hook_ids.append(source.module.register_forward_hook(hook.after).id)
+            hook_ids.append(_register(source, hook.before if source.where == "input" else hook.after))
         self._hook_ids[adapter_name] = hook_ids
         self._sources[adapter_name] = list(sources)
+
+    def follow(self, model: nn.Module, owner: nn.Module) -> None:
+        """Move every hook to the module that answers at its source's path now: the outermost layer there.
+
+        A feature is what the model gets from a module, so its hook sits on the outermost tuner layer wrapping
+        that module; layers put around it or taken away later, by any tuner and in any order, move the hook
+        (without this a hook stays on a layer that was unwrapped and never runs again, or misses a later one).
+        Where the source is the reading layer's own target, the feature is what that layer wraps: the layer
+        itself runs on it, so it cannot read its own result.
+
+        Args:
+            model: the model the source paths are relative to.
+            owner: the tuner layer these probes feed.
+        """
+        for adapter_name, sources in self._sources.items():
+            hook_ids = self._hook_ids[adapter_name]
+            for slot, (source, hook_id) in enumerate(zip(sources, hook_ids)):
+                current = _reader_side(module_at(model, source.name), owner)
+                if current is source.module:
+                    continue
+                hook = _hooks_of(source)[hook_id]  # the callable itself: in a deep copy, bound to the copy
+                _handle(source, hook_id).remove()
+                moved = ProbeSource(source.name, current, source.where)
+                hook_ids[slot] = _register(moved, hook)
+                sources[slot] = moved
 
     def _store(self, adapter_name: str, slot: int, tensor: torch.Tensor) -> None:
         store = self._local.__dict__.setdefault("features", {})
@@ -133,6 +157,26 @@ class _CaptureHook:
     def after(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.wanted(self.adapter_name):
             self.probes._store(self.adapter_name, self.slot, first_tensor(output))
+
+
+def _reader_side(outermost: nn.Module, owner: nn.Module) -> nn.Module:
+    """``outermost``, or what ``owner`` wraps when ``owner`` is one of the layers stacked there."""
+    module = outermost
+    while module is not owner and isinstance(module, BaseTunerLayer):
+        module = module.base_layer
+    return owner.base_layer if module is owner else outermost
+
+
+def _register(source: ProbeSource, hook: Callable) -> int:
+    """Register ``hook`` on the module of ``source`` (a pre-hook with kwargs for inputs); returns its id."""
+    if source.where == "input":
+        return source.module.register_forward_pre_hook(hook, with_kwargs=True).id
+    return source.module.register_forward_hook(hook).id
+
+
+def _hooks_of(source: ProbeSource) -> dict[int, Callable]:
+    """The hook dict of the module of ``source`` that its kind of hook is registered in."""
+    return source.module._forward_pre_hooks if source.where == "input" else source.module._forward_hooks
 
 
 def _handle(source: ProbeSource, hook_id: int) -> RemovableHandle:

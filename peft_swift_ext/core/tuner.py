@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 
-from .layer import adapter_parameters, follow_parent_mode
+from .layer import SwiftTunerLayer, adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
 from .rows import adapter_rows, checked_row_names, merged_adapters
 
@@ -62,8 +62,41 @@ class SwiftBaseTuner(BaseTuner):
                 target = model if path == "" else getattr(parent, child)
                 self._create_and_replace(config, adapter_name, target, child, parent, current_key=canonical_path(path))
         self._finish_injection(model, adapter_name)
+        follow_feature_sources(model)
+        if "_nesting_hook" not in self.__dict__:
+            self._nesting_hook = self.register_load_state_dict_pre_hook(self._keys_saved_under_other_nesting)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
+
+    # --- checkpoints written by PEFT's own save_pretrained ---------------------------------------------------------
+    # A tensor's key in the model holds the `base_layer` segments of whatever layers wrap its module (an adapter of
+    # this tuner inside another one's layer), so it depends on which adapters were there when it was saved. PEFT >=
+    # 0.21 maps keys through the two class methods below both ways: its checkpoints get keys without those segments
+    # and load into any nesting. Older PEFT saves the keys as they are; the load hook matches them without those
+    # segments.
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        key = super()._remove_adapter_name_from_key(key, adapter_name)
+        return canonical_path(key) if cls.prefix in key else key
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict
+    ) -> dict:
+        state_dict = {(canonical_path(key) if cls.prefix in key else key): value for key, value in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+
+    def _keys_saved_under_other_nesting(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        """Load pre-hook: this tuner's adapter keys that name another nesting load into the layers there now."""
+        actual = {prefix + key for key in self.state_dict() if self.prefix in key}
+        by_canonical = {canonical_path(key): key for key in actual}
+        for key in [k for k in state_dict if k.startswith(prefix) and self.prefix in k and k not in actual]:
+            target = by_canonical.get(canonical_path(key))
+            if target is not None and target not in state_dict:
+                state_dict[target] = state_dict.pop(key)
 
     def _plan_targets(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
         """The module paths to wrap, in model order; every check that can fail runs here, before any change.
@@ -188,3 +221,18 @@ class SwiftBaseTuner(BaseTuner):
                 for name in module.active_adapters:
                     for param in adapter_parameters(module, name):
                         param.requires_grad = True
+
+
+def follow_feature_sources(model: nn.Module) -> None:
+    """Re-hook every feature source in ``model`` on the outermost layer now at its path.
+
+    Res-Tuning's root and stem features and SCEdit's hints are what the model gets from those modules, i.e. the
+    output of the outermost tuner layer wrapping them (a layer reading its own target reads what it wraps). Call
+    this after any layer was put in or taken out.
+
+    Args:
+        model: the model whose tuner layers' source paths are relative to it.
+    """
+    for module in list(model.modules()):
+        if isinstance(module, SwiftTunerLayer) and module.probes is not None:
+            module.probes.follow(model, module)

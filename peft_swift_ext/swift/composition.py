@@ -25,8 +25,9 @@ from ..compat import (
     has_adapters,
 )
 from ..core.contract import StructureOwner
-from ..core.paths import find_target_modules, parent_of
-from ..core.tuner import SwiftBaseTuner
+from ..core.layer import SwiftTunerLayer
+from ..core.paths import canonical_path, find_target_modules, parent_of
+from ..core.tuner import SwiftBaseTuner, follow_feature_sources
 
 
 def tuner_class_for(config: PeftConfig, adapter_name: str) -> type[BaseTuner]:
@@ -85,6 +86,7 @@ def inject(
                 tuner.peft_config[adapter_name] = config
                 tuner.inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         cast_adapter_dtype(tuners[peft_type], adapter_name, autocast_adapter_dtype)
+        follow_feature_sources(model)  # a new layer may now wrap a module other adapters read features from
     except BaseException:
         remove(model, tuners, adapter_name, peft_type)
         raise
@@ -131,6 +133,45 @@ def _other_layers_hidden(model: nn.Module, tuner_cls: type[BaseTuner]) -> Iterat
             setattr(holder, attr, layer)
 
 
+def check_merge_keeps_outputs(model: nn.Module, names: list[str], active: set[str]) -> None:
+    """Refuse to merge adapters of PEFT's layers into base weights that lie below another active tuner layer.
+
+    A PEFT layer (LoRA, DoRA...) folds its adapters into the weight of the module it finally wraps. A layer in
+    between belongs to an adapter added earlier, and the PEFT layer's output was computed from its output; once
+    merged, that adapter would act on the merged weight's output instead, and the model would compute something
+    else. Only adapters of PEFT's layers that are merged together add up on the weight either way. PEFT's layer
+    also stops applying its unmerged adapters once one is merged, so the active ones of a layer merge together.
+
+    Args:
+        model: the shared base model.
+        names: the adapters about to be merged.
+        active: the adapters active now.
+    """
+    for path, layer in model.named_modules():
+        if not isinstance(layer, BaseTunerLayer) or isinstance(layer, SwiftTunerLayer):
+            continue
+        merging = sorted(set(names) & adapter_names_in(layer))
+        left_out = sorted((adapter_names_in(layer) & active) - set(names))
+        if merging and left_out:
+            raise ValueError(
+                f"cannot merge {merging} at '{canonical_path(path)}' without {left_out}, which are active in the same "
+                f"layer: a layer with merged adapters runs only its base weights, so {left_out} would stop acting. "
+                "Merge them together, or deactivate them first"
+            )
+        inner = layer._modules.get("base_layer")  # a layer that wraps nothing merges nothing into weights
+        while merging and isinstance(inner, BaseTunerLayer):
+            inside = adapter_names_in(inner) & active
+            blocking = sorted(inside if isinstance(inner, SwiftTunerLayer) else inside - set(names))
+            if blocking:
+                raise ValueError(
+                    f"cannot merge {merging} at '{canonical_path(path)}': it wraps the layer of {blocking}, which was "
+                    f"added earlier and is active; merged into the base weights, {merging} would act before "
+                    f"{blocking} and the outputs would change. Deactivate {blocking} first, or merge in a model where "
+                    f"{merging} was added first"
+                )
+            inner = inner._modules.get("base_layer")
+
+
 def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: str, peft_type: PeftType) -> None:
     """Delete one adapter's layers and entries; modules left without adapters get their original module back.
 
@@ -154,6 +195,7 @@ def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: st
     if isinstance(tuner, StructureOwner):
         tuner.remove_adapter_structures(adapter_name)
     _unwrap_empty_layers(model)
+    follow_feature_sources(model)  # features of a module whose layer went are read from what is there now
     if not tuner.peft_config:
         del tuners[peft_type]
 

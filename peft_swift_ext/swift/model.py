@@ -461,7 +461,8 @@ class SwiftModel(PeftModel):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters into the base weights, keeping their layers (undo with :meth:`unmerge`).
 
-        Raises before changing anything if an adapter's tuner cannot merge or activation is per thread.
+        Raises before changing anything if an adapter's tuner cannot merge, activation is per thread, or merging
+        would put an adapter below another active one it wraps (see :func:`.composition.check_merge_keeps_outputs`).
 
         Args:
             adapter_names: the adapters to merge; the active ones by default.
@@ -480,6 +481,7 @@ class SwiftModel(PeftModel):
                 )
             if self.offload_store.is_offloaded(name):
                 raise ValueError(f"adapter {name!r} is offloaded; activate it before merging")
+        composition.check_merge_keeps_outputs(self.base_model, names, self._active_set())
         for layer in self._layers:
             owned = [name for name in names if name in adapter_names_in(layer)]
             if owned:

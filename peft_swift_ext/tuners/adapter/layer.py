@@ -131,14 +131,16 @@ class AdapterLayer(SwiftTunerLayer):
     def _methods_intercepted(self) -> Iterator[None]:
         """While the base layer runs, route its own calls of adapted methods through the adapters.
 
-        The interceptor is an instance attribute of the base layer only during the call (the class and
-        ``forward`` are never touched), and it reads the active adapters when called.
+        The interceptor is an instance attribute of the wrapped module only during the call (the class and
+        ``forward`` are never touched), and it reads the active adapters when called. It goes on the innermost
+        module, whose own code calls the method, not on another tuner's layer in between (which would only
+        shadow the method).
         """
         methods = sorted({self.method_name[name] for name in self.adapter_down} - {"forward"})
         if not methods:
             yield
             return
-        base = self.base_layer
+        base = self.get_base_layer()
         with _INTERCEPTION_LOCK:
             if self._shadow_users == 0:
                 for method in methods:
