@@ -38,7 +38,7 @@ def randomized(model_key: str, names: list[str], training: bool = False) -> tupl
 def reference(model_key: str, inner: str, outer: str, weights: dict, training: bool = False) -> torch.Tensor:
     """The composition by hand: ``inner`` alone on its own model, with ``outer``'s maths hooked around it."""
     model = build(model_key, [inner], training, weights)
-    handles = TUNERS[outer].reference(model.base_model, weights[outer], outer)
+    handles = TUNERS[outer].reference(model.model, weights[outer], outer)
     try:
         return forward(model, model_key)
     finally:

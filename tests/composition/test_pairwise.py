@@ -70,17 +70,17 @@ def test_pair(case, tmp_path):
         model.set_active_adapters(list(order))
         model.delete_adapter(deleted)
         assert model.adapters == [kept] and model.active_adapters == [kept]
-        assert repr(model.base_model) == repr(alone[kept].base_model), f"deleting {deleted} left another structure"
+        assert repr(model.model) == repr(alone[kept].model), f"deleting {deleted} left another structure"
         equal(forward(model, model_key), alone_out[kept], f"{kept} after deleting {deleted}")
 
     # (e) merging one adapter into the base weights never silently changes what the model computes
     for name in order if not training else ():
         model = Swift.from_pretrained(MODELS[model_key].build(), tmp_path).eval()
-        before = state_hash(model.base_model)
+        before = state_hash(model.model)
         try:
             model.merge(adapter_names=[name])
         except ValueError:
-            assert state_hash(model.base_model) == before, f"refusing to merge {name} changed the model"
+            assert state_hash(model.model) == before, f"refusing to merge {name} changed the model"
             equal(forward(model, model_key), both, f"after refusing to merge {name}")
             continue
         torch.testing.assert_close(forward(model, model_key), both, atol=ATOL, rtol=0)

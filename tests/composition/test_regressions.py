@@ -24,7 +24,7 @@ from .harness import ATOL, VISIBLE, build, equal, forward, randomized, reference
 def test_lora_on_every_linear_layer_stays_on_inside_an_adapter_added_on_mlp():
     # The adapter's injection hid LoRA's layers and put them back on the adapter's layer, where nothing calls them.
     model, weights = randomized("llama", ["all_lora", "mlp_adapter"])
-    mlp = model.base_model.model.layers[0].mlp
+    mlp = model.model.model.layers[0].mlp
     assert isinstance(mlp, AdapterLayer) and isinstance(mlp.base_layer.down_proj, LoraLayer)
     model.set_active_adapters(["all_lora"])
     lora_alone = forward(build("llama", ["all_lora"], weights=weights), "llama")
@@ -73,7 +73,7 @@ def test_ms_swift_ffn_adapter_and_prompts_give_the_same_outputs_loaded_the_other
 def test_two_adapters_of_one_type_coexist_when_one_wraps_a_parent_of_the_others_target(order):
     # PEFT's injection looked for the inner target under its plain name and failed ("Target modules ... not found").
     model, weights = randomized("llama", list(order))
-    mlp = model.base_model.model.layers[0].mlp
+    mlp = model.model.model.layers[0].mlp
     assert set(mlp.adapter_down) == {"mlp_adapter"} and set(mlp.base_layer.down_proj.adapter_down) == {"down_adapter"}
     for name in order:
         model.set_active_adapters([name])
@@ -118,10 +118,10 @@ def test_merging_a_lora_that_wraps_an_active_adapter_is_refused_before_anything_
     # LoRA added after an Adapter on one module computes from the Adapter's output; folded into the base weight it
     # would act before the Adapter (found by the matrix's merge check).
     model, weights = randomized("llama", ["o_adapter", "o_lora"])
-    both, before = forward(model, "llama"), state_hash(model.base_model)
+    both, before = forward(model, "llama"), state_hash(model.model)
     with pytest.raises(ValueError, match=r"wraps the layer of \['o_adapter'\]"):
         model.merge(adapter_names=["o_lora"])
-    assert state_hash(model.base_model) == before
+    assert state_hash(model.model) == before
     equal(forward(model, "llama"), both, "after the refusal")
     model.set_active_adapters(["o_lora"])  # with the Adapter off, merging computes the same
     model.merge(adapter_names=["o_lora"])
