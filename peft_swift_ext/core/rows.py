@@ -23,6 +23,7 @@ from torch.func import functional_call, vmap
 BASE = "__base__"
 
 _ROWS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("adapter_rows", default=None)
+_STATE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("adapter_rows_state", default=None)
 
 
 @contextlib.contextmanager
@@ -32,11 +33,19 @@ def adapter_rows(names: Sequence[str]) -> Iterator[None]:
     Args:
         names: one adapter name (or ``"__base__"``) per row.
     """
-    token = _ROWS.set(tuple(names))
+    token, state_token = _ROWS.set(tuple(names)), _STATE.set({})
     try:
         yield
     finally:
         _ROWS.reset(token)
+        _STATE.reset(state_token)
+
+
+def rows_state() -> dict:
+    """Scratch space shared by the layers during one mixed-batch call (a ``generate`` included): what an earlier
+    layer or step decided that later ones need (e.g. which rows carry prompt tokens). Empty outside one."""
+    state = _STATE.get()
+    return {} if state is None else state
 
 
 def checked_row_names(
@@ -210,6 +219,7 @@ __all__ = [
     "merged_adapters",
     "per_row",
     "plan_rows",
+    "rows_state",
     "split_plan",
     "structure_key",
 ]

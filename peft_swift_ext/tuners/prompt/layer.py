@@ -9,7 +9,7 @@ from torch import nn
 
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
-from ...core.rows import current_rows
+from ...core.rows import current_rows, plan_rows, rows_state
 from ...core.slots import ArgumentSlot, Position
 from .cache import cache_layer_index, decode_mask, find_cache, record_prompts, recorded_prompts
 
@@ -105,8 +105,122 @@ class PromptLayer(SwiftTunerLayer):
         return self._remove_tokens(output, names, extracted, first.attach_front) if extracted else output
 
     def _forward_rows(self, rows: tuple[str, ...], args: tuple, kwargs: dict):
-        if any(name in self.prompt_token for name in rows):
-            raise NotImplementedError("mixed-adapter batches with prompt adapters are not available yet")
+        """A mixed batch: each row gets its own adapter's tokens; rows without one get masked placeholders.
+
+        Every row of a batch has one sequence length, so the first targeted layer adds ``prompt_length`` positions
+        to every row: the row's adapter's tokens, or zeros that no real token attends to (the row then computes
+        what it computes without prompts). The adapters of one batch must agree on their settings and length.
+        """
+        plan = plan_rows(rows, self.prompt_token, len(rows), self.module_name)
+        if not plan:
+            return self.base_layer(*args, **kwargs)
+        settings = [self.prompt_settings[name] for name in plan.adapters]
+        lengths = {self.prompt_token[name].shape[1] for name in plan.adapters}
+        if len({replace(s, extracts=False) for s in settings}) > 1 or len(lengths) > 1:
+            raise ValueError(
+                f"prompt adapters {list(plan.adapters)} differ in {self.module_name} (settings or prompt_length); "
+                "rows of one batch can only mix prompt adapters made with the same PromptConfig layout"
+            )
+        first, length = settings[0], lengths.pop()
+        state = rows_state()
+        embedding = ArgumentSlot(self.base_layer, first.embedding_pos)
+        hidden = embedding.get(args, kwargs)
+        cache = find_cache(args, kwargs)
+        past = self._rows_cached(cache, rows)
+        if past:
+            return self._decode_rows(args, kwargs, first, length, state, past, hidden.shape[1])
+        tokens = hidden.new_zeros(hidden.shape[0], length, hidden.shape[-1])
+        for k, name in enumerate(plan.adapters):
+            tokens[plan.rows[plan.index == k]] = self._tokens(name, hidden[:1])[0]
+        front = first.attach_front
+        if first.concatenates:
+            state["prompt_rows"] = set(plan.rows.tolist())
+            hidden = torch.cat((tokens, hidden) if front else (hidden, tokens), dim=1)
+        else:
+            carrying = state.get("prompt_rows")
+            if carrying is None or not set(plan.rows.tolist()) <= carrying:
+                raise ValueError(
+                    f"{self.module_name} is a deeper prompt layer for rows whose prompt tokens no earlier layer added"
+                )
+            span = slice(0, length) if front else slice(hidden.shape[1] - length, hidden.shape[1])
+            hidden = hidden.clone()
+            hidden[plan.rows, span] = tokens[plan.rows]
+        args, kwargs = embedding.replace(args, kwargs, hidden)
+        placeholders = [row for row in range(len(rows)) if row not in state["prompt_rows"]]
+        args, kwargs = self._mask_rows(args, kwargs, first, hidden.shape[1], length, placeholders, len(rows))
+        args, kwargs = self._replace_argument(
+            args,
+            kwargs,
+            first.position_embeddings_pos,
+            lambda t: tuple(extend_positions(x, hidden.shape[1], front) for x in t),
+        )
+        output = self.base_layer(*args, **kwargs)
+        if not any(setting.extracts for setting in settings):
+            return output
+        out = output if isinstance(output, torch.Tensor) else output[0]
+        kept = out[:, length:] if front else out[:, : out.shape[1] - length]
+        return kept if isinstance(output, torch.Tensor) else type(output)((kept, *output[1:]))
+
+    def _rows_cached(self, cache, rows: tuple[str, ...]) -> int:
+        """Positions this layer's cache holds from earlier steps of the same mixed batch (0 at prefill)."""
+        if cache is None:
+            return 0
+        index = self.cache_layer_index
+        if index is None or cache.is_compileable:
+            raise ValueError(
+                f"a mixed batch with prompt adapters needs a dynamic KV cache with a layer index in {self.module_name}"
+            )
+        past = cache.get_seq_length(index)
+        key = ("rows", *rows)
+        if not past:
+            record_prompts(cache, index, key)
+        elif recorded_prompts(cache, index) != key:
+            raise ValueError(f"the KV cache of {self.module_name} was filled for another batch; generate again")
+        return past
+
+    def _mask_rows(
+        self, args: tuple, kwargs: dict, first: PromptSettings, total: int, length: int, placeholders, batch: int
+    ):
+        """The attention mask over ``total`` positions: the prompt keys attended, except the placeholders' rows'.
+
+        Without a mask (transformers passes none to a causal SDPA layer without padding), one is built when
+        placeholders need masking.
+        """
+        position = first.attention_mask_pos
+        if position is None:
+            if placeholders:
+                raise ValueError(
+                    f"rows without prompt tokens next to rows with them need an attention mask in {self.module_name} "
+                    "(PromptConfig.attention_mask_pos); its layers take none"
+                )
+            return args, kwargs
+        slot = ArgumentSlot(self.base_layer, position)
+        mask = slot.get(args, kwargs)
+        if mask is None and not placeholders:
+            return args, kwargs
+        if mask is None:
+            mask = _plain_mask(batch, total - length, _is_causal(self.base_layer), _device(args, kwargs))
+        mask = extend_attention_mask(mask, total, first.attach_front, first.mask_value)
+        if placeholders:
+            mask = _mask_prompt_keys(mask, batch, placeholders, length, first.attach_front)
+        return slot.replace(args, kwargs, mask)
+
+    def _decode_rows(self, args, kwargs, first: PromptSettings, length: int, state: dict, past: int, queries: int):
+        if not first.attach_front:
+            raise ValueError("prompt tokens after the sequence (attach_front=False) cannot be cached; use_cache=False")
+        placeholders = [row for row in range(len(current_rows())) if row not in state.get("prompt_rows", ())]
+        position = first.attention_mask_pos
+        slot = None if position is None else ArgumentSlot(self.base_layer, position)
+        mask = None if slot is None else slot.get(args, kwargs)
+        if isinstance(mask, torch.Tensor):
+            mask = decode_mask(mask, past, queries, length, first.mask_value)
+        elif placeholders and slot is not None:
+            mask = _plain_mask(len(current_rows()), queries, True, _device(args, kwargs))
+            mask = torch.cat((mask.new_ones(*mask.shape[:-1], past), mask), dim=-1)
+        if placeholders and isinstance(mask, torch.Tensor):
+            mask = _mask_prompt_keys(mask, len(current_rows()), placeholders, length, True)
+        if slot is not None and isinstance(mask, torch.Tensor):
+            args, kwargs = slot.replace(args, kwargs, mask)
         return self.base_layer(*args, **kwargs)
 
     def _cached_positions(self, cache, names: list[str]) -> int:
@@ -273,3 +387,30 @@ def extend_positions(table: torch.Tensor, length: int, front: bool) -> torch.Ten
     edge = table[..., :1, :] if front else table[..., -1:, :]
     rows = edge.expand(*edge.shape[:-2], extra, edge.shape[-1])
     return torch.cat((rows, table) if front else (table, rows), dim=-2)
+
+
+def _device(args: tuple, kwargs: dict) -> torch.device:
+    return next(value.device for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+
+
+def _is_causal(layer: nn.Module) -> bool:
+    """Whether the layer's attention is causal (transformers' attention modules say so in ``is_causal``)."""
+    return any(getattr(module, "is_causal", False) is True for module in layer.modules())
+
+
+def _plain_mask(batch: int, length: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """The boolean mask a layer without one implies: causal (or full) attention over ``length`` positions."""
+    mask = torch.ones(length, length, dtype=torch.bool, device=device)
+    if causal:
+        mask = mask.tril()
+    return mask.expand(batch, 1, length, length)
+
+
+def _mask_prompt_keys(mask: torch.Tensor, batch: int, rows: list[int], length: int, front: bool) -> torch.Tensor:
+    """``mask`` with the ``length`` prompt key columns masked for ``rows`` (their placeholders, never attended)."""
+    mask = mask.expand(batch, *mask.shape[1:]).clone() if mask.shape[0] != batch else mask.clone()
+    columns = slice(0, length) if front else slice(mask.shape[-1] - length, mask.shape[-1])
+    blocked = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    index = torch.tensor(rows, device=mask.device)
+    mask[index, ..., columns] = blocked
+    return mask
