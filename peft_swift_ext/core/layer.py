@@ -16,6 +16,7 @@ from torch import nn
 
 from ..compat import set_active_adapters_view
 from .probes import FeatureProbes
+from .scope import scoped_adapters
 
 
 class SwiftTunerLayer(nn.Module, BaseTunerLayer):
@@ -54,8 +55,9 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
         """Names of the active adapters that have weights in this layer, in activation order."""
         if self.disable_adapters:
             return
+        scope = scoped_adapters(self.__dict__.get("scope_token"))
         owned = getattr(self, self.adapter_layer_names[0])
-        for name in self.active_adapters:
+        for name in self.active_adapters if scope is None else scope:
             if name in owned:
                 yield name
 

@@ -13,6 +13,7 @@ from torch import nn
 from .layer import SwiftTunerLayer, adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
 from .rows import adapter_rows, checked_row_names, merged_adapters
+from .scope import ScopeToken, scoped
 
 
 class SwiftBaseTuner(BaseTuner):
@@ -115,6 +116,30 @@ class SwiftBaseTuner(BaseTuner):
             self._validate_target(model.get_submodule(name) if name else model, name, config)
         return targets
 
+    @property
+    def scope_token(self) -> ScopeToken:
+        """The token this tuner's layers carry, so that :meth:`adapters` scopes them alone."""
+        token = self.__dict__.get("_scope_token")
+        if token is None:
+            token = self.__dict__["_scope_token"] = ScopeToken()
+        return token
+
+    @contextlib.contextmanager
+    def adapters(self, *adapter_names: str) -> Iterator[None]:
+        """Inside the block, the calling thread or asyncio task (and the tasks it starts) runs exactly these adapters.
+
+        Reached as ``peft_model.adapters("a", "b")``. Other threads and tasks keep their own adapters, so concurrent
+        requests can each use theirs on one model; nothing is moved, and ``set_adapter`` outside is unaffected.
+
+        Args:
+            *adapter_names: the adapters to run, in order (none: the base model alone).
+        """
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        with scoped(self.scope_token, adapter_names):
+            yield
+
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
         """Around ``PeftModel.forward`` / ``generate``: ``adapter_names=[...]`` selects one adapter per row.
@@ -173,6 +198,7 @@ class SwiftBaseTuner(BaseTuner):
         """
         layer = target if isinstance(target, self.tuner_layer_cls) else new_layer(target)
         layer.update_layer(adapter_name, *args, **kwargs)
+        layer.scope_token = self.scope_token
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
         follow_parent_mode(layer, parent)

@@ -53,12 +53,12 @@ class SideModel(SwiftBaseTuner):
             target, parent, target_name, lambda module: SideLayer(module, current_key), adapter_name, **options
         )
 
-    @staticmethod
-    def _attach_to_root(root: nn.Module, adapter_name: str, options: dict) -> None:
+    def _attach_to_root(self, root: nn.Module, adapter_name: str, options: dict) -> None:
         # A module cannot be replaced inside itself: the layer lives in the model and its forward is routed there.
         existing = getattr(root, ROOT_SIDE_ATTR, None)
         layer = existing if isinstance(existing, SideLayer) else SideLayer(RootCall(root), type(root).__name__)
         layer.update_layer(adapter_name, **options)
+        layer.scope_token = self.scope_token
         if layer is not existing:
             attach_to_root(root, layer)
         follow_parent_mode(layer, root)
