@@ -23,7 +23,43 @@ ADAPTERS = {
 
 
 def build_serving_files(root: Path) -> tuple[Path, Path]:
-    """A tiny seeded Llama with its character tokenizer in ``root/model``, and LoRA adapters in ``root/adapters``.
+    """A tiny seeded Llama with its character tokenizer in ``root/model``, and adapters of three types in
+    ``root/adapters`` (SWIFT's layout, as ``SwiftModel.save_pretrained`` writes it): LoRA ``alpha``, Adapter
+    ``beta`` and Prompt ``gamma``, with random weights so that each changes what the model generates.
+    """
+    from peft import LoraConfig
+
+    from peft_swift_ext import AdapterConfig, PromptConfig, Swift
+    from peft_swift_ext.demo.models import load_tiny
+
+    from ..helpers import randomize_adapter
+
+    model_dir, adapters_dir = root / "model", root / "adapters"
+    tiny = load_tiny(seed=0)
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    configs = {
+        "alpha": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "beta": AdapterConfig(dim=32, target_modules=["mlp"], adapter_length=8),
+        "gamma": PromptConfig(
+            dim=32,
+            target_modules=r"model\.layers\.\d+",
+            embedding_pos=0,
+            attention_mask_pos="attention_mask",
+            position_embeddings_pos="position_embeddings",
+            prompt_length=3,
+            extract_embedding=True,
+        ),
+    }
+    model = Swift.prepare_model(load_tiny(seed=0).model, configs)
+    for seed, name in enumerate(configs, start=101):
+        randomize_adapter(model, name, seed, scale=0.3)
+    model.save_pretrained(adapters_dir)
+    return model_dir, adapters_dir
+
+
+def build_lora_serving_files(root: Path) -> tuple[Path, Path]:
+    """The same tiny model with three LoRA adapters in PEFT's layout (served by a ``PeftModel``).
 
     The adapters' B matrices are random (``init_lora_weights=False``), so each changes what the model generates.
     """
@@ -49,3 +85,8 @@ def build_serving_files(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def serving_files(tmp_path_factory) -> tuple[Path, Path]:
     return build_serving_files(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="session")
+def lora_serving_files(tmp_path_factory) -> tuple[Path, Path]:
+    return build_lora_serving_files(tmp_path_factory.mktemp("serving-lora"))

@@ -90,11 +90,13 @@ def test_token_ids_outside_the_vocabulary_are_named(scripted):
 # --- a real PEFT model: every row of one mixed batch equals that request run alone with only its adapter -----------
 
 
-def test_a_mixed_batch_equals_each_request_alone(serving_files):
+@pytest.mark.parametrize(("files", "backend"), [("serving_files", "swift"), ("lora_serving_files", "peft")])
+def test_a_mixed_batch_equals_each_request_alone(files, backend, request):
     from peft_swift_ext.serve.loading import load_engine
 
+    serving_files = request.getfixturevalue(files)
     engine = load_engine(*serving_files)
-    assert engine.backend == "peft" and list(engine.adapters) == ["alpha", "beta", "gamma"]
+    assert engine.backend == backend and list(engine.adapters) == ["alpha", "beta", "gamma"]
     prompts = ["Hello there", "a", "The quick brown fox jumps", "x = 1 + 2"]
     rows = [
         Row(name, tuple(engine.encode(prompts[(i + j) % len(prompts)])), 3 + 2 * i + j)

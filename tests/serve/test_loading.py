@@ -75,11 +75,6 @@ def test_a_model_without_per_row_adapters_fails_at_start_up(serving_files):
         check_mixed_batches(Engine(model, tokenizer, {"alpha": "LORA"}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waits for SwiftModel.generate(adapter_names=[...]); remove this mark once it lands",
-    raises=RuntimeError,
-)
 def test_the_swift_backend_serves_mixed_batches(serving_files):
     engine = load_engine(*serving_files, backend="swift")
     assert engine.backend == "swift"

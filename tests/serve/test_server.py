@@ -38,11 +38,11 @@ def test_models_and_health(server):
     assert [(m["id"], m["adapter_type"]) for m in models["data"]] == [
         (BASE_MODEL_NAME, None),
         ("alpha", "LORA"),
-        ("beta", "LORA"),
-        ("gamma", "LORA"),
+        ("beta", "ADAPTER"),
+        ("gamma", "PROMPT"),
     ]
     status, health = request(server.url + "/health")
-    assert status == 200 and health["status"] == "ok" and health["backend"] == "peft"
+    assert status == 200 and health["status"] == "ok" and health["backend"] == "swift"
 
 
 BAD_REQUESTS = [
