@@ -8,6 +8,7 @@ per-thread mode needs no change to any layer's forward.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,8 +24,76 @@ def per_thread_from_env() -> bool:
     return os.environ.get("USE_UNIQUE_THREAD", "1").strip() == "0"
 
 
+class StructureLock:
+    """Forwards share it; adding, loading or removing adapters takes it alone.
+
+    Injecting an adapter re-wraps modules, takes other tuners' layers out of the tree for a moment, and PEFT
+    rewrites each touched layer's active-adapter list until the model re-installs its view: a forward running
+    meanwhile in another thread would see a half-built model. Writers wait for running forwards and are
+    preferred over new ones. The writing thread may run forwards and nest writes; a thread inside a forward
+    that tries to change the adapters gets a ``RuntimeError`` instead of a deadlock.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the lock shared (a forward) inside the block."""
+        depth = self._local.__dict__.get("reads", 0)
+        if depth or self._writer == threading.get_ident():
+            self._local.reads = depth + 1  # nested, or inside this thread's own change: already safe
+            try:
+                yield
+            finally:
+                self._local.reads = depth
+            return
+        with self._condition:
+            while self._writer is not None or self._waiting_writers:
+                self._condition.wait()
+            self._readers += 1
+        self._local.reads = 1
+        try:
+            yield
+        finally:
+            self._local.reads = 0
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the lock alone (a change to the adapters' layers) inside the block."""
+        me = threading.get_ident()
+        if self._writer == me:
+            yield
+            return
+        if self._local.__dict__.get("reads", 0):
+            raise RuntimeError("adapters cannot be added, loaded or removed from inside a forward of the same model")
+        with self._condition:
+            self._waiting_writers += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._condition.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = None
+                self._condition.notify_all()
+
+
 class ActivationState:
-    """The set of active adapter names, shared or thread-local.
+    """The set of active adapter names, shared or thread-local, and the lock that keeps forwards off
+    half-built layers (:class:`StructureLock`).
 
     Args:
         per_thread: when True each thread has its own set, and a thread that never set one has none.
@@ -34,6 +103,8 @@ class ActivationState:
         self.per_thread = per_thread
         self._shared: tuple[str, ...] = ()
         self._local = threading.local()
+        #: forwards hold it shared, changes to the adapters' layers alone
+        self.structure = StructureLock()
 
     def current(self) -> tuple[str, ...]:
         """The active adapter names for the calling thread, in activation order."""

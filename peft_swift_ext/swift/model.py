@@ -63,7 +63,8 @@ class SwiftModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """Run the wrapped model with the active adapters (arguments as the wrapped model takes them)."""
-        return self.base_model(*args, **kwargs)
+        with self.activation.structure.reading():  # never on layers another thread is changing
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         """The wrapped model's ``generate``, with the active adapters.
@@ -72,7 +73,8 @@ class SwiftModel(nn.Module):
             *args (Any): passed to the wrapped model's ``generate``.
             **kwargs (Any): passed to the wrapped model's ``generate``.
         """
-        return self.base_model.generate(*args, **kwargs)
+        with self.activation.structure.reading():
+            return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -135,13 +137,14 @@ class SwiftModel(nn.Module):
         files.check_adapter_name(adapter_name)
         if adapter_name in self._configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {self.adapters}")
-        composition.inject(self.base_model, self._tuners, adapter_name, config, low_cpu_mem_usage)
-        self._configs[adapter_name] = config
-        if trainable and not config.inference_mode:
-            self._trainable.add(adapter_name)
-        self.structure_changed()
-        self.activation.activate(adapter_name)
-        self._refresh_in_place_trainable()
+        with self.activation.structure.writing():
+            composition.inject(self.base_model, self._tuners, adapter_name, config, low_cpu_mem_usage)
+            self._configs[adapter_name] = config
+            if trainable and not config.inference_mode:
+                self._trainable.add(adapter_name)
+            self.structure_changed()
+            self.activation.activate(adapter_name)
+            self._refresh_in_place_trainable()
 
     @contextlib.contextmanager
     def adding_adapters(self) -> Iterator[None]:
@@ -165,13 +168,14 @@ class SwiftModel(nn.Module):
         self._remove_adapter(adapter_name)
 
     def _remove_adapter(self, adapter_name: str) -> None:
-        self.offload_store.forget(adapter_name)
-        composition.remove(
-            self.base_model, self._tuners, adapter_name, PeftType(self._configs.pop(adapter_name).peft_type)
-        )
-        self._trainable.discard(adapter_name)
-        self.activation.deactivate(adapter_name)
-        self.structure_changed()
+        with self.activation.structure.writing():
+            self.offload_store.forget(adapter_name)
+            composition.remove(
+                self.base_model, self._tuners, adapter_name, PeftType(self._configs.pop(adapter_name).peft_type)
+            )
+            self._trainable.discard(adapter_name)
+            self.activation.deactivate(adapter_name)
+            self.structure_changed()
 
     def adapter_slots(self, adapter_name: str) -> dict[Slot, tuple[str, torch.Tensor]]:
         """Every tensor of one adapter: :class:`~peft_swift_ext.core.keys.Slot` -> (key in the model, tensor).
@@ -355,7 +359,8 @@ class SwiftModel(nn.Module):
         return self._unload(merged=False)
 
     def _unload(self, merged: bool) -> nn.Module:
-        composition.unwrap_all(self.base_model, self._tuners, merged)
+        with self.activation.structure.writing():
+            composition.unwrap_all(self.base_model, self._tuners, merged)
         self._layers = []
         self._adapter_modules = []
         self._configs.clear()
@@ -402,9 +407,10 @@ class SwiftModel(nn.Module):
             raise ValueError(f"add_weighted_adapter combines LoRA adapters only; not LoRA: {not_lora}")
         self._check_can_restore(self.adapters, "be deactivated (add_weighted_adapter activates only the new adapter)")
         tuner = self._tuners[PeftType.LORA]
-        tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
-        self._configs[adapter_name] = tuner.peft_config[adapter_name]
-        self.structure_changed()
+        with self.activation.structure.writing():
+            tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
+            self._configs[adapter_name] = tuner.peft_config[adapter_name]
+            self.structure_changed()
         self.activation.set([adapter_name])
         self._refresh_in_place_trainable()
 
