@@ -11,6 +11,7 @@ import json
 import re
 import resource
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -255,3 +256,38 @@ def test_rank_pattern_keeps_its_meaning_after_rewriting(tmp_path):
     }
     assert loaded.peft_config["a"].rank_pattern == {"v_proj": 2}
     shutil.rmtree(folder.parent)
+
+
+# --- config values that silently break training ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"lora_alpha": 10**30}, "lora_alpha"),
+        ({"alpha_pattern": {"q_proj": 0}}, "alpha_pattern"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": float("nan")}, "lora_dropout"),
+        ({"alora_invocation_tokens": [-1]}, "alora_invocation_tokens"),
+    ],
+    ids=["alpha-zero", "alpha-huge", "alpha-pattern-zero", "dropout-one", "dropout-nan", "negative-token"],
+)
+def test_values_that_silently_break_training_are_refused_naming_file_and_field(fields, named, tmp_path):
+    folder = saved_lora(tmp_path / "ckpt")
+    edit_config(folder, **fields)
+    base = tiny_llama()
+    before = snapshot(base)
+    with pytest.raises(ValueError) as error:
+        Swift.from_pretrained(base, tmp_path / "ckpt")
+    assert str(folder / CONFIG) in str(error.value) and named in str(error.value)
+    assert snapshot(base) == before
+
+
+def test_a_config_file_cannot_make_peft_import_a_module(tmp_path):
+    marker = "tests.reliability._imported_by_config"
+    folder = saved_lora(tmp_path / "ckpt")
+    edit_config(folder, megatron_config={"tensor_model_parallel_size": 1}, megatron_core=marker)
+    with pytest.raises(ValueError, match="megatron_config"):
+        Swift.from_pretrained(tiny_llama(), tmp_path / "ckpt")
+    assert marker not in sys.modules
