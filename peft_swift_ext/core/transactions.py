@@ -85,6 +85,17 @@ class Staging:
         """
         return self._claim(name)
 
+    def adopt(self, name: str) -> Path:
+        """Claim an entry the caller already wrote into :attr:`folder` (by a writer that picks its own names).
+
+        Args:
+            name: the entry's name in :attr:`folder`.
+        """
+        _check_entry_name(name)
+        if not os.path.lexists(self.folder / name):
+            raise FileNotFoundError(f"{self.folder / name} was not written before being adopted into the update")
+        return self._claim(name)
+
     def _claim(self, name: str) -> Path:
         _check_entry_name(name)
         if name in self.names:

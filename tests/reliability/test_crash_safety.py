@@ -353,3 +353,17 @@ def test_concurrent_saves_into_one_folder_all_succeed_and_loads_see_whole_checkp
     wholes = [s for s in seen if any(same(s, ref) for ref in (old_state, new_state, other_state))]
     assert seen and len(wholes) == len(seen), "a load saw adapters from two different saves"
     assert json.loads((root / "configuration.json").read_text())["adapter_order"] == ["ad0", "ad1"]
+
+
+def test_an_update_adopts_entries_written_by_a_writer_that_names_them(tmp_path):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    write_foreign(root)
+    (root / "model.safetensors").write_bytes(b"old")
+    with transactions.update(root) as staged:
+        (staged.folder / "model.safetensors").write_bytes(b"new")  # a writer that picks its own file names
+        staged.adopt("model.safetensors")
+        with pytest.raises(FileNotFoundError):
+            staged.adopt("config.json")  # never written
+    assert (root / "model.safetensors").read_bytes() == b"new"
+    assert foreign_intact(root) and bookkeeping_left(root) == []

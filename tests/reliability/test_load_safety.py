@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_swift_ext import Swift
 
-from ..helpers import randomize_adapter, state_hash
+from ..helpers import base_of, randomize_adapter, state_hash
 from ..tiny_models import llama_inputs, tiny_llama
 from ._forking import run_in_child
 
@@ -77,7 +77,7 @@ def test_a_load_never_runs_an_initialiser_that_rewrites_the_base(init, tmp_path)
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     loaded = Swift.from_pretrained(base, tmp_path / "ckpt")
-    after = {re.sub(r"\.base_layer", "", k): v for k, v in loaded.base_model.state_dict().items() if "lora_" not in k}
+    after = {re.sub(r"\.base_layer", "", k): v for k, v in base_of(loaded).state_dict().items() if "lora_" not in k}
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(logits(loaded), expected)
     assert loaded.peft_config["a"].init_lora_weights == init  # kept for saving
@@ -111,7 +111,7 @@ def test_deleting_a_trainable_tokens_adapter_restores_the_embedding(tmp_path):
     before = snapshot(base)
     loaded = Swift.from_pretrained(base, tmp_path / "ckpt")
     loaded.delete_adapter("a")
-    assert snapshot(loaded.base_model) == before
+    assert snapshot(base_of(loaded)) == before
 
 
 def test_a_load_whose_injection_replaces_a_base_tensor_is_refused_and_undone(tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_extra_states_under_a_module_an_adapter_wraps_are_loaded(key, tmp_path):
         {key: value, "model.norm.weight": torch.full((32,), 2.0)}, str(tmp_path / "ckpt" / "extra_states" / SAFE)
     )
     loaded = Swift.from_pretrained(tiny_llama(), tmp_path / "ckpt")
-    state = loaded.base_model.state_dict()
+    state = base_of(loaded).state_dict()
     assert torch.equal(state["model.layers.0.self_attn.q_proj.base_layer.weight"], value)
     assert torch.equal(state["model.norm.weight"], torch.full((32,), 2.0))
 
@@ -168,9 +168,9 @@ def test_conversion_of_an_adapter_named_like_a_key_segment_loads_exactly_in_peft
     assert lora_keys
     for key in lora_keys:  # model.layers.0.self_attn.q_proj.lora_A.<name>.weight
         path, container, _, rest = re.match(r"(.*)\.(lora_[AB])\.([^.]+)\.(\w+)$", key).groups()
-        layer = peft_model.base_model.model.get_submodule(path)
+        layer = base_of(peft_model).get_submodule(path)
         assert torch.equal(getattr(getattr(layer, container)["default"], rest), saved[key]), key
-    head = peft_model.base_model.model.lm_head
+    head = base_of(peft_model).lm_head
     assert torch.equal(head.modules_to_save["default"].weight, saved["lm_head.weight"])
 
 
@@ -217,7 +217,7 @@ def load_outcome(root: str) -> str:
         model = Swift.from_pretrained(tiny_llama(), root)
     except ValueError as error:
         return f"ValueError: {error}"
-    return "loaded: " + ",".join(sorted(p for p, m in model.base_model.named_modules() if isinstance(m, LoraLayer)))
+    return "loaded: " + ",".join(sorted(p for p, m in base_of(model).named_modules() if isinstance(m, LoraLayer)))
 
 
 REDOS = r"(\w+\.?)+q_proj"  # exponential for Python's re on names that do not end in q_proj
@@ -250,7 +250,7 @@ def test_catastrophic_regexes_are_matched_in_bounded_time_or_refused(fields, exp
 def test_rank_pattern_keeps_its_meaning_after_rewriting(tmp_path):
     folder = saved_lora(tmp_path / "ckpt", target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
     loaded = Swift.from_pretrained(tiny_llama(), tmp_path / "ckpt")
-    ranks = {p: m.r["a"] for p, m in loaded.base_model.named_modules() if isinstance(m, LoraLayer)}
+    ranks = {p: m.r["a"] for p, m in base_of(loaded).named_modules() if isinstance(m, LoraLayer)}
     assert ranks == {
         f"model.layers.{i}.self_attn.{m}": (2 if m == "v_proj" else 4) for i in (0, 1) for m in ("q_proj", "v_proj")
     }
