@@ -66,6 +66,12 @@ class StructureLock:
                 if not self._readers:
                     self._condition.notify_all()
 
+    def __getstate__(self) -> dict:
+        return {}  # a copied model starts unlocked: locks and their waiters belong to the original
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the lock alone (a change to the adapters' layers) inside the block."""

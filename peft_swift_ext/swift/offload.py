@@ -11,7 +11,6 @@ retried), and the folder goes when its store does, at exit, or, after a crash, w
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import tempfile
@@ -53,7 +52,26 @@ class OffloadStore:
     def __init__(self) -> None:
         self.records: dict[str, OffloadRecord] = {}
         self._folder: OffloadFolder | None = None
-        self._counter = itertools.count()
+        self._files_made = 0
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle, torch.save of the model) carries the offloaded values themselves: sharing the
+        # files would let one store's restore delete what the other still needs.
+        return {
+            "records": {
+                name: (record.kind, record.devices, None if record.file is None else record.file.read_bytes())
+                for name, record in self.records.items()
+            }
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        for name, (kind, devices, payload) in state["records"].items():
+            record = OffloadRecord(kind, devices)
+            if payload is not None:
+                record.file = self._new_file(name)
+                record.file.write_bytes(payload)
+            self.records[name] = record
 
     def is_offloaded(self, adapter_name: str) -> bool:
         """Whether ``adapter_name``'s tensors are currently offloaded (to CPU or the meta device).
@@ -175,7 +193,8 @@ class OffloadStore:
     def _new_file(self, adapter_name: str) -> Path:
         if self._folder is None:
             self._folder = OffloadFolder()
-        return self._folder.path / f"{adapter_name}-{next(self._counter)}.safetensors"
+        self._files_made += 1
+        return self._folder.path / f"{adapter_name}-{self._files_made}.safetensors"
 
 
 class OffloadFolder:

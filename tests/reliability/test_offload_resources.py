@@ -13,6 +13,7 @@ import errno
 import fcntl
 import gc
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -165,3 +166,19 @@ def test_a_killed_process_leaves_its_folder_only_until_the_next_store(private_tm
 def test_interpreter_exit_removes_the_folder(private_tmp):
     assert run_in_child(offload_then, "exit", str(private_tmp)).error is None
     assert store_folders(private_tmp) == []
+
+
+def test_a_copied_store_owns_its_own_copy_of_the_offloaded_weights(private_tmp):
+    model = two_adapters()
+    reference = model.adapter_state_dict("moved")
+    model.deactivate_adapter("moved", offload="meta")
+    copied = pickle.loads(pickle.dumps(model.offload_store))
+    original_file, copied_file = model.offload_store.records["moved"].file, copied.records["moved"].file
+    assert copied_file != original_file and copied_file.read_bytes() == original_file.read_bytes()
+    model.activate_adapter("moved")  # the original's restore removes its file, not the copy's
+    assert not original_file.exists() and copied_file.exists()
+    state = model.adapter_state_dict("moved")
+    assert all(torch.equal(state[key], reference[key]) for key in reference)
+    del copied
+    gc.collect()
+    assert not copied_file.exists()
