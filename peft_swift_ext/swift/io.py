@@ -175,6 +175,7 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
         if not low_cpu_mem_usage:  # low_cpu_mem_usage injects on meta anyway and checks before assigning
             _check_on_meta(model, plan, is_trainable)
         base = safeguards.BaseTensors(model.base_model)
+        overwritten: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
             with model.adding_adapters():
                 _inject(model, plan, is_trainable, low_cpu_mem_usage, base)
@@ -187,10 +188,11 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
                             item.new_name, item.weights, str(item.source), item.saved_name, assign=low_cpu_mem_usage
                         )
                 if extra:
-                    _write_extra_states(model, extra, extra_source)
+                    overwritten = _write_extra_states(model, extra, extra_source)
                 for item in in_place:
                     model.load_adapter_weights(item.new_name, item.weights, str(item.source), item.saved_name)
         except BaseException:
+            _put_back(overwritten)
             base.restore()
             raise
     if saved_active is not None:  # every loaded adapter is active; those saved active lead, in their order
@@ -246,21 +248,31 @@ def _check_on_meta(model: SwiftModel, plan: list[PlannedAdapter], trainable: boo
         raise
 
 
-def _write_extra_states(model: SwiftModel, extra: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy the extra states into the base weights under their current keys; undone if it fails."""
+def _write_extra_states(
+    model: SwiftModel, extra: dict[str, torch.Tensor], source: Path
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copy the extra states into the base weights under their current keys; undone if it fails.
+
+    Returns ``(weight, its previous value)`` pairs, for the caller to undo the copy if a later step fails.
+    """
     keys = extra_state_keys(model, extra, source)
     targets = dict(model.base_model.state_dict(keep_vars=True))
-    saved = {model_key: targets[model_key].detach().clone() for model_key in keys.values()}
+    previous = [(targets[model_key], targets[model_key].detach().clone()) for model_key in keys.values()]
     try:
         state = {model_key: extra[key].to(targets[model_key].dtype) for key, model_key in keys.items()}
         result = model.base_model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{source}: keys {result.unexpected_keys[:6]} were not taken by the model")
     except BaseException:
-        with torch.no_grad():
-            for model_key, value in saved.items():
-                targets[model_key].copy_(value)
+        _put_back(previous)
         raise
+    return previous
+
+
+def _put_back(previous: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, value in previous:
+            tensor.copy_(value)
 
 
 def save(model: SwiftModel, save_directory: str | os.PathLike, names: list[str], safe_serialization: bool) -> None:

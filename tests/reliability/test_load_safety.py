@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
-from peft_swift_ext import Swift
+from peft_swift_ext import LisaConfig, Swift, SwiftModel
 
 from ..helpers import base_of, randomize_adapter, state_hash
 from ..tiny_models import llama_inputs, tiny_llama
@@ -291,3 +291,25 @@ def test_a_config_file_cannot_make_peft_import_a_module(tmp_path):
     with pytest.raises(ValueError, match="megatron_config"):
         Swift.from_pretrained(tiny_llama(), tmp_path / "ckpt")
     assert marker not in sys.modules
+
+
+def test_extra_states_are_undone_when_a_later_step_of_the_load_fails(tmp_path, monkeypatch):
+    model = Swift.prepare_model(
+        tiny_llama(), {"lora": LoraConfig(r=4, target_modules=["q_proj"]), "lisa": LisaConfig(n_layers=1)}
+    )
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "extra_states").mkdir()
+    save_file({"model.norm.weight": torch.full((32,), 2.0)}, str(tmp_path / "ckpt" / "extra_states" / SAFE))
+    real_load = SwiftModel.load_adapter_weights
+
+    def failing_for_lisa(self, adapter_name, *args, **kwargs):
+        if adapter_name == "lisa":  # the in-place adapter loads last, after the extra states
+            raise OSError("injected: read error")
+        return real_load(self, adapter_name, *args, **kwargs)
+
+    monkeypatch.setattr(SwiftModel, "load_adapter_weights", failing_for_lisa)
+    base = tiny_llama()
+    before = snapshot(base)
+    with pytest.raises(OSError, match="injected"):
+        Swift.from_pretrained(base, tmp_path / "ckpt")
+    assert snapshot(base) == before
