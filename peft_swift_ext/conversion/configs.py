@@ -8,6 +8,7 @@ next to the generic one, so the tuner packages know nothing of ms-swift's file f
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftConfig
 
 from ..core.registry import config_class_for, spec_for_swift_type
-from ..core.validators import check_field_types
+from ..core.validators import check_field_types, is_number
 from ..tuners.llamapro import LlamaProConfig
 from ..tuners.longlora import LongLoraConfig
 from ..tuners.lora_plus import LoraPlusConfig
@@ -142,8 +143,80 @@ def config_from_dict(config_dict: dict, source: Path | str) -> PeftConfig:
         )
     fields = {key: value for key, value in fields.items() if key in known}
     check_field_types(config_cls, fields, source)
+    check_untrusted_fields(config_cls, fields, source)
     fields.pop("peft_type", None)
     try:
-        return config_cls(**fields)
-    except (TypeError, ValueError, AttributeError, KeyError) as error:
-        raise ValueError(f"{source}: invalid {config_cls.__name__}: {error}") from None
+        config = config_cls(**fields)
+    except Exception as error:  # a hostile value fails anywhere in a config's __post_init__ (OverflowError, ...)
+        raise ValueError(f"{source}: invalid {config_cls.__name__}: {type(error).__name__}: {error}") from None
+    check_lora_scale(config, source)
+    return config
+
+
+#: Largest LoRA scale (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) accepted from a file: the largest half-
+#: precision number. Far beyond, the adapter's output drowns the base model's and gradients vanish behind norms.
+MAX_LORA_SCALE = 65504.0
+
+
+def check_untrusted_fields(config_cls: type, fields: dict, source: Path | str) -> None:
+    """Refuse values a config file may not carry, though the config class would take them.
+
+    NaN and infinities anywhere (JSON readers accept them, and one poisons every step it touches); dropout
+    probabilities of 1 or more (the adapter would see only zeros in training, and never learn); negative token ids
+    for aLoRA's invocation (they never occur, so the adapter would never act); and ``megatron_config``, which makes
+    PEFT import the module that the file's ``megatron_core`` names.
+
+    Args:
+        config_cls: the config class the fields are for.
+        fields: the fields, as read.
+        source: the file, for the message.
+    """
+    for name, value in fields.items():
+        bad = _non_finite(value)
+        if bad is not None:
+            raise ValueError(f"{source}: field {name!r}{bad} of {config_cls.__name__} must be finite, got {value!r}")
+        if "dropout" in name and is_number(value) and not 0 <= value < 1:
+            raise ValueError(f"{source}: field {name!r} of {config_cls.__name__} must be in [0, 1), got {value!r}")
+    if fields.get("megatron_config") is not None:
+        raise ValueError(
+            f"{source}: field 'megatron_config' is refused in files read here: it makes PEFT import the module the "
+            "file names in 'megatron_core'; build a Megatron LoRA config in code instead"
+        )
+    tokens = fields.get("alora_invocation_tokens")
+    if isinstance(tokens, list) and any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in tokens):
+        raise ValueError(f"{source}: field 'alora_invocation_tokens' must list token ids (ints >= 0), got {tokens!r}")
+
+
+def check_lora_scale(config: PeftConfig, source: Path | str) -> None:
+    """Refuse a LoRA config whose scale ``lora_alpha / r`` (and that of each ``alpha_pattern`` entry) is 0 (the
+    adapter would neither act nor train) or beyond :data:`MAX_LORA_SCALE`.
+
+    Args:
+        config: a built config; those without ``lora_alpha`` and ``r`` pass.
+        source: the file, for the message.
+    """
+    rank, alpha = getattr(config, "r", None), getattr(config, "lora_alpha", None)
+    if not (is_number(rank) and is_number(alpha)) or rank <= 0:
+        return
+    alphas = [("lora_alpha", alpha)]
+    pattern = getattr(config, "alpha_pattern", None) or {}
+    alphas += [(f"alpha_pattern[{key!r}]", value) for key, value in pattern.items() if is_number(value)]
+    root = math.sqrt(rank) if getattr(config, "use_rslora", False) else rank
+    for name, value in alphas:
+        if value == 0 or abs(value / root) > MAX_LORA_SCALE:
+            raise ValueError(
+                f"{source}: {type(config).__name__}.{name}={value!r} gives the LoRA scale {value / root:g}; it must "
+                f"be non-zero and at most {MAX_LORA_SCALE:g} in size"
+            )
+
+
+def _non_finite(value: object, path: str = "") -> str | None:
+    """The path (``""``, ``"['key']"``, ``"[2]"``) to a NaN or infinity inside ``value``, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None

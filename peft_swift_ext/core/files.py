@@ -3,7 +3,8 @@
 SWIFT writes ``<dir>/<adapter>/adapter_config.json`` + ``adapter_model.safetensors`` per adapter, with the
 adapter name kept in the keys; PEFT writes one adapter at the root (others in sub-folders) with the name
 removed and a ``base_model.model.`` prefix. Everything here checks its input and names the file and field
-at fault; pickles are only ever read with ``torch.load(weights_only=True)``.
+at fault; pickles are only ever read with ``torch.load(weights_only=True)``. Writes are flushed to the disk
+(:mod:`.transactions` replaces a checkpoint's entries with them crash-safely).
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from . import transactions
 
 CONFIG_NAME = "adapter_config.json"
 SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,6 +37,8 @@ def check_adapter_name(name: object) -> str:
         raise ValueError(f"adapter name {name!r} would escape the save directory; use a plain folder name")
     if name == EXTRA_STATES_DIR:
         raise ValueError(f"adapter name {name!r} is reserved for SWIFT's extra trainable weights")
+    if name.startswith("."):  # hidden entries are bookkeeping (a save in progress): a loader skips them
+        raise ValueError(f"adapter name {name!r} starts with '.', which a loader would skip; use a plain name")
     return name
 
 
@@ -83,13 +85,53 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def write_adapter_files(folder: Path, config_dict: dict, tensors: dict[str, torch.Tensor], safe: bool) -> None:
-    """Write one adapter's config and weights into an existing (empty) ``folder``."""
-    (folder / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=_json_default))
+    """Write one adapter's config and weights into an existing (empty) ``folder``, flushed to the disk.
+
+    Args:
+        folder: the adapter's (staged) folder.
+        config_dict: its ``adapter_config.json``.
+        tensors: its weights.
+        safe: safetensors, or a torch pickle of plain tensors.
+    """
+    write_config(folder / CONFIG_NAME, config_dict)
+    write_weights(folder / (SAFE_WEIGHTS_NAME if safe else PICKLE_WEIGHTS_NAME), tensors, safe)
+
+
+def write_config(path: Path, config_dict: dict) -> None:
+    """Write ``config_dict`` as an ``adapter_config.json`` at ``path``, flushed to the disk.
+
+    Args:
+        path: the file to write.
+        config_dict: the config's fields.
+    """
+    write_text(path, json.dumps(config_dict, indent=2, sort_keys=True, default=_json_default))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` and flush it to the disk (one announced file-system change).
+
+    Args:
+        path: the file to write.
+        text: its content.
+    """
+    path.write_text(text)
+    transactions.fsync_path(path)
+
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], safe: bool) -> None:
+    """Write tensors to ``path`` (safetensors or a torch pickle of plain tensors), flushed to the disk.
+
+    Args:
+        path: the file to write.
+        tensors: the tensors by key.
+        safe: safetensors (``metadata={"format": "pt"}``, as PEFT writes them) or a pickle.
+    """
     contiguous = {key: tensor.detach().contiguous() for key, tensor in tensors.items()}
     if safe:
-        save_file(contiguous, str(folder / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(contiguous, str(path), metadata={"format": "pt"})
     else:
-        torch.save(contiguous, str(folder / PICKLE_WEIGHTS_NAME))
+        torch.save(contiguous, str(path))
+    transactions.fsync_path(path)
 
 
 def _json_default(value: object):
@@ -98,70 +140,6 @@ def _json_default(value: object):
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     raise TypeError(f"cannot store {type(value).__name__} in adapter_config.json")
-
-
-@contextmanager
-def staging_directory(target: str | os.PathLike):
-    """Yield a fresh temporary sibling folder of ``target``, removed afterwards whatever happens.
-
-    Being a sibling keeps the final moves into ``target`` renames on one file system.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike):
-    """Yield a folder to fill; on success it replaces ``target`` whole, on failure ``target`` is untouched."""
-    with staging_directory(target) as staging:
-        content = staging / "content"
-        content.mkdir()
-        yield content
-        replace_paths([(content, Path(target))])
-
-
-def replace_paths(moves: list[tuple[Path, Path]]) -> None:
-    """Move each staged ``source`` onto its ``target`` (folder or file), all or nothing.
-
-    Each existing target is first renamed aside; if any move fails, the targets already replaced are put
-    back, so a checkpoint is never left half old, half new. The renamed-aside copies go once all moves
-    succeeded.
-    """
-    done: list[tuple[Path, Path | None]] = []
-    try:
-        for source, target in moves:
-            retired = _aside(target) if target.exists() else None
-            if retired is not None:
-                os.replace(target, retired)
-            done.append((target, retired))
-            os.replace(source, target)
-    except BaseException:
-        for target, retired in reversed(done):
-            if target.exists():  # the new content made it in (the old one, if any, is parked aside)
-                _remove(target)
-            if retired is not None:
-                os.replace(retired, target)
-        raise
-    for _, retired in done:
-        if retired is not None:
-            _remove(retired)
-
-
-def _aside(target: Path) -> Path:
-    """A fresh sibling name to park ``target`` under while it is being replaced."""
-    return Path(tempfile.mktemp(prefix=f".{target.name}.old-", dir=target.parent))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 def list_adapter_folders(root: Path) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,11 @@ BASE = "__base__"
 
 _ROWS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("adapter_rows", default=None)
 _STATE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("adapter_rows_state", default=None)
+# How many mixed-batch calls are running in the process. Layers read it first and touch the context variables
+# only when it is non-zero: torch.compile cannot trace ContextVar.get (a graph break in every layer), but it
+# traces a module-level int, so an ordinary forward stays one graph.
+_RUNNING = 0
+_RUNNING_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -33,10 +39,15 @@ def adapter_rows(names: Sequence[str]) -> Iterator[None]:
     Args:
         names: one adapter name (or ``"__base__"``) per row.
     """
+    global _RUNNING
     token, state_token = _ROWS.set(tuple(names)), _STATE.set({})
+    with _RUNNING_LOCK:
+        _RUNNING += 1
     try:
         yield
     finally:
+        with _RUNNING_LOCK:
+            _RUNNING -= 1
         _ROWS.reset(token)
         _STATE.reset(state_token)
 
@@ -44,7 +55,7 @@ def adapter_rows(names: Sequence[str]) -> Iterator[None]:
 def rows_state() -> dict:
     """Scratch space shared by the layers during one mixed-batch call (a ``generate`` included): what an earlier
     layer or step decided that later ones need (e.g. which rows carry prompt tokens). Empty outside one."""
-    state = _STATE.get()
+    state = _STATE.get() if _RUNNING else None
     return {} if state is None else state
 
 
@@ -96,7 +107,7 @@ def merged_adapters(model: nn.Module) -> set[str]:
 
 def current_rows() -> tuple[str, ...] | None:
     """The per-row adapter names of the running mixed batch, or None outside one."""
-    return _ROWS.get()
+    return _ROWS.get() if _RUNNING else None
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 
 _SCOPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("scoped_adapters", default=None)
+# Blocks open in the process: layers read the context variable only when one is (torch.compile cannot trace
+# ContextVar.get, but traces a module-level int, so a forward outside any block stays one graph).
+_OPEN = 0
+_OPEN_LOCK = threading.Lock()
 
 
 class ScopeToken:
@@ -27,11 +32,16 @@ def scoped(token: ScopeToken, names: Sequence[str]) -> Iterator[None]:
         token: the tuner's token.
         names: the adapters to run.
     """
+    global _OPEN
     current = _SCOPES.get() or {}
     reset = _SCOPES.set({**current, token: tuple(dict.fromkeys(names))})
+    with _OPEN_LOCK:
+        _OPEN += 1
     try:
         yield
     finally:
+        with _OPEN_LOCK:
+            _OPEN -= 1
         _SCOPES.reset(reset)
 
 
@@ -41,5 +51,5 @@ def scoped_adapters(token: ScopeToken | None) -> tuple[str, ...] | None:
     Args:
         token: a layer's token (None: the layer is in no tuner that scopes).
     """
-    scopes = _SCOPES.get()
+    scopes = _SCOPES.get() if _OPEN else None
     return None if scopes is None or token is None else scopes.get(token)

@@ -157,7 +157,10 @@ def _fits(value: object, hint: object) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, arg) for arg in typing.get_args(hint))
     if origin is typing.Literal:
-        return value in typing.get_args(hint)
+        # PEFT writes families of values as one placeholder entry: "pissa_niter_[number of iters]"
+        options = typing.get_args(hint)
+        families = tuple(option.split("[")[0] for option in options if isinstance(option, str) and "[" in option)
+        return value in options or (isinstance(value, str) and bool(families) and value.startswith(families))
     if hint is type(None):
         return value is None
     if hint is float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -27,8 +28,82 @@ def per_thread_from_env() -> bool:
     return os.environ.get("USE_UNIQUE_THREAD", "1").strip() == "0"
 
 
+class StructureLock:
+    """Forwards share it; adding, loading or removing adapters takes it alone.
+
+    Injecting an adapter re-wraps modules, takes other tuners' layers out of the tree for a moment, and PEFT
+    rewrites each touched layer's active-adapter list until the model re-installs its view: a forward running
+    meanwhile in another thread would see a half-built model. Writers wait for running forwards and are
+    preferred over new ones. The writing thread may run forwards and nest writes; a thread inside a forward
+    that tries to change the adapters gets a ``RuntimeError`` instead of a deadlock.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold the lock shared (a forward) inside the block."""
+        depth = self._local.__dict__.get("reads", 0)
+        if depth or self._writer == threading.get_ident():
+            self._local.reads = depth + 1  # nested, or inside this thread's own change: already safe
+            try:
+                yield
+            finally:
+                self._local.reads = depth
+            return
+        with self._condition:
+            while self._writer is not None or self._waiting_writers:
+                self._condition.wait()
+            self._readers += 1
+        self._local.reads = 1
+        try:
+            yield
+        finally:
+            self._local.reads = 0
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    def __getstate__(self) -> dict:
+        return {}  # a copied model starts unlocked: locks and their waiters belong to the original
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the lock alone (a change to the adapters' layers) inside the block."""
+        me = threading.get_ident()
+        if self._writer == me:
+            yield
+            return
+        if self._local.__dict__.get("reads", 0):
+            raise RuntimeError("adapters cannot be added, loaded or removed from inside a forward of the same model")
+        with self._condition:
+            self._waiting_writers += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._condition.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = me
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = None
+                self._condition.notify_all()
+
+
 class ActivationState:
-    """The active adapter names: shared by the process, or per thread / task, or chosen for one block.
+    """The active adapter names (shared by the process, per thread / task, or chosen for one block), and the lock
+    that keeps forwards off half-built layers (:class:`StructureLock`).
 
     Args:
         per_thread: when True each thread (and each asyncio task) has its own set, and one that never set it
@@ -38,6 +113,8 @@ class ActivationState:
     def __init__(self, per_thread: bool = False) -> None:
         self.per_thread = per_thread
         self._shared: tuple[str, ...] = ()
+        #: forwards hold it shared, changes to the adapters' layers alone
+        self.structure = StructureLock()
         self._new_context_vars()
 
     def _new_context_vars(self) -> None:
@@ -46,10 +123,14 @@ class ActivationState:
         self._scope: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
             "scoped_adapters", default=None
         )
+        # Blocks open on this state in any thread: current() reads the context variable only when one is, since
+        # torch.compile cannot trace ContextVar.get (a graph break in every layer) but traces an int attribute.
+        self._open_scopes = 0
+        self._count_lock = threading.Lock()
 
     def current(self) -> tuple[str, ...]:
         """The active adapter names for the calling context, in activation order."""
-        scoped = self._scope.get()
+        scoped = self._scope.get() if self._open_scopes else None  # see scoped(): compile-friendly
         if scoped is not None:
             return scoped
         return self._local.get() if self.per_thread else self._shared
@@ -62,7 +143,7 @@ class ActivationState:
             names: the adapters to make active, in order (duplicates dropped).
         """
         names = tuple(dict.fromkeys(names))
-        if self._scope.get() is not None:
+        if self._open_scopes and self._scope.get() is not None:
             self._scope.set(names)
         elif self.per_thread:
             self._local.set(names)
@@ -77,9 +158,13 @@ class ActivationState:
             names: the adapters to make active, in order.
         """
         token = self._scope.set(tuple(dict.fromkeys(names)))
+        with self._count_lock:
+            self._open_scopes += 1
         try:
             yield
         finally:
+            with self._count_lock:
+                self._open_scopes -= 1
             self._scope.reset(token)
 
     def activate(self, name: str) -> None:
@@ -107,6 +192,7 @@ class ActivationState:
     def __setstate__(self, state: dict) -> None:
         self.per_thread = state["per_thread"]
         self._shared = state["shared"]
+        self.structure = StructureLock()
         self._new_context_vars()
         self._local.set(state["mine"])
 

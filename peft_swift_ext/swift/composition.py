@@ -26,7 +26,7 @@ from ..compat import (
 )
 from ..core.contract import StructureOwner
 from ..core.layer import SwiftTunerLayer
-from ..core.paths import canonical_path, find_target_modules, parent_of
+from ..core.paths import canonical_path, find_target_modules, literal_patterns, parent_of
 from ..core.tuner import SwiftBaseTuner, follow_feature_sources
 
 
@@ -75,7 +75,7 @@ def inject(
         contextlib.nullcontext() if issubclass(tuner_cls, SwiftBaseTuner) else _other_layers_hidden(model, tuner_cls)
     )
     try:
-        with hide:
+        with hide, literal_patterns(model, config):  # PEFT's re never sees the config's own regexes
             targets = getattr(config, "target_modules", None)
             if isinstance(targets, (list, tuple, set)) or (isinstance(targets, str) and targets != "all-linear"):
                 find_target_modules(model, config)  # this package's clear error, before PEFT's
@@ -211,7 +211,7 @@ def unwrap_all(model: nn.Module, tuners: dict[PeftType, BaseTuner], merged: bool
     for tuner in tuners.values():
         if isinstance(tuner, StructureOwner):
             tuner.finalize_unload(merged)
-    for path, module in reversed(list(model.named_modules())):
+    for path, module in reversed(_modules_outside_wrappers(model)):
         if isinstance(module, BaseTunerLayer):
             parent, child = parent_of(model, path)
             setattr(parent, child, module.base_layer)
@@ -219,15 +219,29 @@ def unwrap_all(model: nn.Module, tuners: dict[PeftType, BaseTuner], merged: bool
             parent, child = parent_of(model, path)
             active = [name for name in module.active_adapters if name in module.modules_to_save]
             setattr(parent, child, module.modules_to_save[active[0]] if merged and active else module.original_module)
+        elif isinstance(module, AuxiliaryTrainingWrapper):  # trainable tokens: a merge wrote into the original
+            parent, child = parent_of(model, path)
+            setattr(parent, child, module.original_module)
     tuners.clear()
 
 
 def _unwrap_empty_layers(model: nn.Module) -> None:
     """Put the original module back wherever a tuner layer or wrapper has no adapter left."""
-    for path, module in reversed(list(model.named_modules())):
+    for path, module in reversed(_modules_outside_wrappers(model)):
         if isinstance(module, BaseTunerLayer) and not has_adapters(module):
             parent, child = parent_of(model, path)
             setattr(parent, child, module.base_layer)
-        elif isinstance(module, ModulesToSaveWrapper) and not has_adapters(module):
+        elif isinstance(module, AuxiliaryTrainingWrapper) and not has_adapters(module):
             parent, child = parent_of(model, path)
             setattr(parent, child, module.original_module)
+
+
+def _modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules`` without the tuner layers that PEFT's auxiliary wrappers keep inside themselves.
+
+    A trainable-tokens wrapper holds its own tuner layer (``token_adapter``) and reaches the original module
+    through it: unwrapping that layer first would leave a broken wrapper in the model. The wrapper goes as a whole.
+    """
+    modules = list(model.named_modules())
+    wrappers = {path for path, module in modules if isinstance(module, AuxiliaryTrainingWrapper)}
+    return [(path, module) for path, module in modules if path.rpartition(".")[0] not in wrappers or not path]

@@ -1,7 +1,8 @@
 """Reading and writing a SwiftModel's checkpoints: SWIFT's layout, PEFT's, and ms-swift's own formats.
 
 Loading discovers, reads and checks everything before the model changes, then adds the adapters; a failure
-removes whatever was added. Saving writes every adapter into a staging folder and moves it into place.
+removes whatever was added. Saving stages every adapter inside the checkpoint folder and switches them in as
+one crash-safe unit (:mod:`~peft_swift_ext.core.transactions`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from peft import PeftConfig
 from peft.utils import PeftType
 
 from ..conversion import config_from_dict, is_swift_native, state_dict_from_swift
-from ..core import files
+from ..core import files, transactions
 from ..core.contract import InPlaceTuner
 from ..core.keys import PEFT_KEY_PREFIX, Slot
+from ..core.paths import canonical_path
 from ..core.registry import spec_for_swift_type
-from . import whole_model
+from . import safeguards, whole_model
 
 #: the file the HF Trainer writes into each checkpoint folder
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -122,25 +124,40 @@ def read_extra_states(root: Path) -> dict[str, torch.Tensor]:
     return files.read_weights(folder)
 
 
-def check_extra_states(model: SwiftModel, extra: dict[str, torch.Tensor], source: Path) -> None:
-    """Raise unless every tensor of a checkpoint's extra states has a parameter of the same shape in the model.
+def extra_state_keys(model: SwiftModel, extra: dict[str, torch.Tensor], source: Path) -> dict[str, str]:
+    """Checkpoint key -> the model's current key for every tensor of a checkpoint's extra states; raises first.
+
+    Keys are matched without ``base_layer`` segments: an adapter that wraps the module (now or in the checkpoint's
+    model) moves its weights under ``base_layer``, and a key compared as written would miss them.
 
     Args:
-        model: the model the states will be loaded into.
+        model: the model the states go into, as it is now (call again after injecting adapters).
         extra: the saved tensors, by state-dict key.
         source: the file they came from (named in the error).
     """
-    params = dict(model.model.state_dict(keep_vars=True))
-    unexpected = [key for key in extra if key not in params]
-    mismatched = [key for key in extra if key in params and params[key].shape != extra[key].shape]
+    state = model.model.state_dict(keep_vars=True)
+    current = {canonical_path(key): (key, tensor) for key, tensor in state.items()}
+    unexpected = [key for key in extra if canonical_path(key) not in current]
+    fits = {key: current[canonical_path(key)] for key in extra if key not in unexpected}
+    mismatched = [key for key, (_, tensor) in fits.items() if tensor.shape != extra[key].shape]
+    mismatched += [
+        f"{key} (checkpoint dtype {extra[key].dtype} for a {tensor.dtype} tensor)"
+        for key, (_, tensor) in fits.items()
+        if tensor.is_floating_point() and not extra[key].is_floating_point()
+    ]
     if unexpected or mismatched:
         raise ValueError(
             f"{source} does not fit the model: unexpected keys {unexpected[:6]}, mismatched shapes {mismatched[:6]}"
         )
+    return {key: model_key for key, (model_key, _) in fits.items()}
 
 
 def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, low_cpu_mem_usage: bool) -> None:
     """Load the selected adapters of ``root`` into ``model``; all or nothing.
+
+    Everything is read under the folder's read lock (a save interrupted by a crash is finished first, see
+    :mod:`~peft_swift_ext.core.transactions`). Shapes are compared with the checkpoint's on the meta device
+    before anything is allocated, and forwards in other threads wait while the layers change.
 
     Args:
         model: the model to add the adapters to.
@@ -149,43 +166,126 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
         is_trainable: whether the loaded adapters require grad.
         low_cpu_mem_usage: create the adapters' weights on the meta device and assign the loaded tensors.
     """
-    found = discover_adapters(root)
-    wanted = select_adapters(found, adapter_name)
-    clashes = [new for new in wanted.values() if new in model.peft_config]
-    if clashes:
-        raise ValueError(f"adapter(s) {clashes} already exist in the model; pass a dict to load under new names")
-    plan = [read_adapter(found[saved], saved, new, is_trainable, model.model) for saved, new in wanted.items()]
-    extra = read_extra_states(root)
+    with transactions.reading(root):
+        found = discover_adapters(root)
+        wanted = select_adapters(found, adapter_name)
+        clashes = [new for new in wanted.values() if new in model.peft_config]
+        if clashes:
+            raise ValueError(f"adapter(s) {clashes} already exist in the model; pass a dict to load under new names")
+        plan = [read_adapter(found[old], old, new, is_trainable, model.model) for old, new in wanted.items()]
+        extra = read_extra_states(root)
+        _, saved_active = read_order(root)
+        whole = whole_model.read(root)  # the base model saved whole (full fine-tuning beside NEFTune)
+    extra_source = root / files.EXTRA_STATES_DIR
     if extra:
-        check_extra_states(model, extra, root / files.EXTRA_STATES_DIR)
-    whole = whole_model.read(root)  # the base model saved whole (full fine-tuning beside NEFTune), checked now
+        extra_state_keys(model, extra, extra_source)
     if whole is not None:
         whole_model.check(model, *whole)
-    # An in-place adapter (LISA) writes into the base weights, which a rollback cannot take back: its weights
-    # are loaded last, once every other adapter has loaded (its own keys and shapes are checked before writing).
-    in_place: list[PlannedAdapter] = []
-    with model.adding_adapters():
-        for item in plan:
-            model.add_adapter(item.new_name, item.config, trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
-            model.activate_adapter(item.new_name)
-            if model.in_place_tuner(item.new_name) is not None:
-                in_place.append(item)
-                continue
-            model.load_adapter_weights(
-                item.new_name, item.weights, str(item.source), item.saved_name, assign=low_cpu_mem_usage
-            )
-        for item in in_place:
-            model.load_adapter_weights(item.new_name, item.weights, str(item.source), item.saved_name)
-    _, saved_active = read_order(root)
+    with model.activation.structure.writing():
+        if not low_cpu_mem_usage:  # low_cpu_mem_usage injects on meta anyway and checks before assigning
+            _check_on_meta(model, plan, is_trainable)
+        base = safeguards.BaseTensors(model.model)
+        overwritten: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with model.adding_adapters():
+                _inject(model, plan, is_trainable, low_cpu_mem_usage, base)
+                # An in-place adapter (LISA) writes into the base weights, which a rollback cannot take back: its
+                # weights load last, once everything else has (its own keys and shapes are checked before writing).
+                in_place = [item for item in plan if model.in_place_tuner(item.new_name) is not None]
+                for item in plan:
+                    if all(item is not other for other in in_place):
+                        model.load_adapter_weights(
+                            item.new_name, item.weights, str(item.source), item.saved_name, assign=low_cpu_mem_usage
+                        )
+                if extra:
+                    overwritten = _write_extra_states(model, extra, extra_source)
+                for item in in_place:
+                    model.load_adapter_weights(item.new_name, item.weights, str(item.source), item.saved_name)
+                if whole is not None:  # checked above; written last, as nothing after it can fail
+                    whole_model.load(model, whole[0])
+        except BaseException:
+            _put_back(overwritten)
+            base.restore()
+            raise
     if saved_active is not None:  # every loaded adapter is active; those saved active lead, in their order
         loaded = list(wanted.values())
         first = [wanted[name] for name in saved_active if name in wanted]
         before = [name for name in model.active_adapters if name not in loaded]
         model.activation.set(before + first + [name for name in loaded if name not in first])
-    if whole is not None:
-        whole_model.load(model, whole[0])
-    if extra:
-        model.model.load_state_dict(extra, strict=False)
+
+
+def _inject(
+    model: SwiftModel, plan: list[PlannedAdapter], trainable: bool, meta: bool, base: safeguards.BaseTensors
+) -> None:
+    """Add the planned adapters; raise ``ValueError`` naming the config file if building one fails or if
+    building it replaced a tensor of the base model."""
+    for item in plan:
+        config_file = item.source / files.CONFIG_NAME
+        with safeguards.named_errors(config_file, f"cannot build adapter {item.new_name!r} on this model"):
+            with safeguards.base_rewriting_initialisers_off(item.config):
+                model.add_adapter(item.new_name, item.config, trainable=trainable, low_cpu_mem_usage=meta)
+        model.activate_adapter(item.new_name)  # add_adapter leaves it inactive (PEFT); a loaded adapter runs
+        changed = base.changed()
+        if changed:
+            raise ValueError(
+                f"{config_file}: building adapter {item.new_name!r} replaced base-model tensors {changed[:6]}; a load "
+                "must not change the base model (an initialiser that rewrites base weights?)"
+            )
+
+
+class _CheckedOnMeta(Exception):
+    """Ends the dry run of :func:`_check_on_meta` (its adapters are then removed)."""
+
+
+def _check_on_meta(model: SwiftModel, plan: list[PlannedAdapter], trainable: bool) -> None:
+    """Build the planned adapters on the meta device and compare their keys and shapes with the checkpoint's,
+    then remove them: a config that asks for more than its file holds (``r=2**20`` beside a 9 KB file) fails here
+    without allocating anything."""
+    base = safeguards.BaseTensors(model.model)
+    try:
+        with model.adding_adapters():
+            # the device context makes every tensor the injection creates a meta tensor from the start (PEFT's
+            # low_cpu_mem_usage moves parameters to meta only after torch.empty has reserved their memory)
+            with torch.device("meta"):
+                _inject(model, plan, trainable, True, base)
+            for item in plan:
+                slots = model.adapter_slots(item.new_name)
+                key_of = _checkpoint_key(model.in_place_tuner(item.new_name), slots, item.weights, item.saved_name)
+                by_key = {key_of(slot): (slot, key, tensor) for slot, (key, tensor) in slots.items()}
+                _check_fit(item.new_name, item.weights, by_key, str(item.source))
+            raise _CheckedOnMeta
+    except _CheckedOnMeta:
+        pass
+    except BaseException:
+        base.restore()
+        raise
+
+
+def _write_extra_states(
+    model: SwiftModel, extra: dict[str, torch.Tensor], source: Path
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copy the extra states into the base weights under their current keys; undone if it fails.
+
+    Returns ``(weight, its previous value)`` pairs, for the caller to undo the copy if a later step fails.
+    """
+    keys = extra_state_keys(model, extra, source)
+    targets = dict(model.model.state_dict(keep_vars=True))
+    previous = [(targets[model_key], targets[model_key].detach().clone()) for model_key in keys.values()]
+    try:
+        state = {model_key: extra[key].to(targets[model_key].dtype) for key, model_key in keys.items()}
+        result = model.model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{source}: keys {result.unexpected_keys[:6]} were not taken by the model")
+    except BaseException:
+        _put_back(previous)
+        raise
+    return previous
+
+
+def _put_back(previous: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, value in previous:
+            tensor.copy_(value)
 
 
 def save(
@@ -195,7 +295,10 @@ def save(
     safe_serialization: bool,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write each adapter of ``names`` to ``save_directory/<adapter>/`` in SWIFT's layout, atomically.
+    """Write each adapter of ``names`` to ``save_directory/<adapter>/`` in SWIFT's layout, crash-safely.
+
+    The adapters and ``configuration.json`` replace their previous versions as one unit
+    (:func:`~peft_swift_ext.core.transactions.update`); everything else in the folder is kept.
 
     Args:
         model: the model holding the adapters.
@@ -205,28 +308,24 @@ def save(
         state_dict: the SwiftModel's full state dict (keys ``base_model.model.<key in the model>``) to take the
             tensors from instead of the live parameters.
     """
-    root = Path(save_directory)
-    with files.staging_directory(root) as staging:
-        moves = []
+    for name in names:
+        files.check_adapter_name(name)
+    with transactions.update(save_directory) as staged:
         # base weights that train with no adapter saving them (full fine-tuning beside NEFTune): the whole base
-        # model goes to the root, as ms-swift writes it
-        if whole_model.untracked_trainable(model):
-            (staging / ".whole_model").mkdir()
-            written = whole_model.write(model, staging / ".whole_model")
-            moves += [(staging / ".whole_model" / name, root / name) for name in written]
+        # model goes to the root, as ms-swift writes it (first: the writer wants the staging folder empty)
+        whole = bool(whole_model.untracked_trainable(model))
+        if whole:
+            for written in whole_model.write(model, staged.folder):
+                staged.adopt(written)
         for name in names:
-            folder = staging / files.check_adapter_name(name)
-            folder.mkdir()
+            folder = staged.new_folder(name)
             config = model.peft_config[name].to_dict()
             files.write_adapter_files(folder, config, adapter_state_dict(model, name, state_dict), safe_serialization)
         # Adapters that meet on a module nest in the order they were added, and adapters sharing a layer apply in
         # activation order (DoRA normalises what precedes it): both are recorded so a reload rebuilds the same model.
-        order = staging / files.ORDER_FILE
         active = [name for name in model.active_adapters if name in names]
-        whole = {whole_model.ORDER_KEY: bool(moves)}
-        order.write_text(json.dumps({"adapter_order": names, "active_adapters": active, **whole}))
-        root.mkdir(parents=True, exist_ok=True)
-        files.replace_paths(moves + [(staging / name, root / name) for name in names] + [(order, root / order.name)])
+        order = json.dumps({"adapter_order": names, "active_adapters": active, whole_model.ORDER_KEY: whole})
+        files.write_text(staged.new_file(files.ORDER_FILE), order)
 
 
 def adapter_state_dict(

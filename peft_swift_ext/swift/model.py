@@ -122,7 +122,11 @@ class SwiftModel(PeftModel):
                 computed as if only its adapter were active (inference only).
             **kwargs (Any): passed to the adapted model.
         """
-        with self._adapter_rows(adapter_names, kwargs):
+        if torch.compiler.is_compiling() and adapter_names is None:
+            # dynamo cannot trace the structure lock; a compiled forward runs the model as one graph and leaves
+            # keeping adapters unchanged while it runs to the caller (as for any compiled module)
+            return self.base_model.model(*args, **kwargs)
+        with self.activation.structure.reading(), self._adapter_rows(adapter_names, kwargs):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -133,7 +137,7 @@ class SwiftModel(PeftModel):
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter).
             **kwargs (Any): passed to the adapted model's ``generate``.
         """
-        with self._adapter_rows(adapter_names, kwargs):
+        with self.activation.structure.reading(), self._adapter_rows(adapter_names, kwargs):
             return self.base_model.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -260,11 +264,14 @@ class SwiftModel(PeftModel):
         files.check_adapter_name(adapter_name)
         if adapter_name in self._configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {self.adapters}")
-        composition.inject(self.model, self._tuners, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
-        self._configs[adapter_name] = config
-        if trainable and not config.inference_mode:
-            self._trainable.add(adapter_name)
-        self.structure_changed()
+        with self.activation.structure.writing():
+            composition.inject(
+                self.model, self._tuners, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype
+            )
+            self._configs[adapter_name] = config
+            if trainable and not config.inference_mode:
+                self._trainable.add(adapter_name)
+            self.structure_changed()
 
     @contextlib.contextmanager
     def adding_adapters(self) -> Iterator[None]:
@@ -288,11 +295,14 @@ class SwiftModel(PeftModel):
         self._remove_adapter(adapter_name)
 
     def _remove_adapter(self, adapter_name: str) -> None:
-        self.offload_store.forget(adapter_name)
-        composition.remove(self.model, self._tuners, adapter_name, PeftType(self._configs.pop(adapter_name).peft_type))
-        self._trainable.discard(adapter_name)
-        self.activation.deactivate(adapter_name)
-        self.structure_changed()
+        with self.activation.structure.writing():
+            self.offload_store.forget(adapter_name)
+            composition.remove(
+                self.model, self._tuners, adapter_name, PeftType(self._configs.pop(adapter_name).peft_type)
+            )
+            self._trainable.discard(adapter_name)
+            self.activation.deactivate(adapter_name)
+            self.structure_changed()
 
     def adapter_slots(self, adapter_name: str, loading: bool = False) -> dict[Slot, tuple[str, torch.Tensor]]:
         """Every tensor of one adapter: :class:`~peft_swift_ext.core.keys.Slot` -> (key in the model, tensor).
@@ -510,7 +520,8 @@ class SwiftModel(PeftModel):
         return self._unload(merged=False)
 
     def _unload(self, merged: bool) -> nn.Module:
-        composition.unwrap_all(self.model, self._tuners, merged)
+        with self.activation.structure.writing():
+            composition.unwrap_all(self.model, self._tuners, merged)
         self._layers = []
         self._adapter_modules = []
         self._configs.clear()
@@ -555,9 +566,10 @@ class SwiftModel(PeftModel):
             raise ValueError(f"add_weighted_adapter combines adapters of one type, LoRA or LoRA+; got {kinds}")
         self._check_can_restore(self.adapters, "be deactivated (add_weighted_adapter activates only the new adapter)")
         tuner = self._tuners[types.pop()]
-        tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
-        self._configs[adapter_name] = tuner.peft_config[adapter_name]
-        self.structure_changed()
+        with self.activation.structure.writing():
+            tuner.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
+            self._configs[adapter_name] = tuner.peft_config[adapter_name]
+            self.structure_changed()
         self.activation.set([adapter_name])
         self._refresh_in_place_trainable()
 

@@ -94,7 +94,8 @@ class Swift:
 
         Args:
             ckpt_dir: the folder written by ``SwiftModel.save_pretrained`` or by ms-swift.
-            output_dir: the folder to create (replaced as a whole if it exists).
+            output_dir: where to write (created if needed). Only the converted adapters' entries are replaced, as one
+                crash-safe unit; other content is kept, and an output that overlaps ``ckpt_dir`` is refused.
         """
         save_to_peft_format(ckpt_dir, output_dir)
 

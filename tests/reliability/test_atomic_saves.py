@@ -8,6 +8,7 @@ Failures are injected into each step that writes or moves files (the n-th call o
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -156,8 +157,41 @@ def test_save_to_peft_format_failing_while_moving_into_place_keeps_previous(call
     assert_previous_intact(tmp_path, converted)
 
 
-def test_save_to_peft_format_success_replaces_the_whole_folder(converted, tmp_path):
-    # the reference: a conversion into a fresh folder, compared file by file
+def test_save_to_peft_format_success_replaces_its_own_entries_and_keeps_the_rest(converted, tmp_path):
+    # the reference: a conversion into a fresh folder, compared file by file, plus a file the conversion never wrote
+    (tmp_path / "ckpt" / "README.md").write_text("kept")
     Swift.save_to_peft_format(tmp_path / "swift", tmp_path / "fresh")
     Swift.save_to_peft_format(tmp_path / "swift", tmp_path / "ckpt")
-    assert files_of(tmp_path / "ckpt") == files_of(tmp_path / "fresh") != converted
+    assert files_of(tmp_path / "ckpt") == {**files_of(tmp_path / "fresh"), "README.md": b"kept"}
+    assert files_of(tmp_path / "fresh") != converted
+
+
+def replace_calls_of_a_save(tmp_path: Path, save) -> int:
+    """How many times ``save`` calls ``os.replace`` (counted on a copy, so each can then be made to fail)."""
+    calls = []
+    original = os.replace
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    os.replace = counting
+    try:
+        save()
+    finally:
+        os.replace = original
+    return len(calls)
+
+
+def test_save_pretrained_failing_in_any_rename_keeps_previous(saved, tmp_path, monkeypatch):
+    model, before = saved
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "probe")
+    total = replace_calls_of_a_save(tmp_path, lambda: model.save_pretrained(tmp_path / "probe"))
+    shutil.rmtree(tmp_path / "probe")
+    assert total >= 6  # the journal, and two renames per replaced entry
+    for call in range(1, total + 1):
+        with monkeypatch.context() as patch:
+            fail_on_call(patch, os, "replace", call)
+            with pytest.raises(Injected):
+                model.save_pretrained(tmp_path / "ckpt")
+        assert_previous_intact(tmp_path, before)

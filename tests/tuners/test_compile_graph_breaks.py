@@ -1,5 +1,7 @@
 """Every tuner compiles to one graph under ``torch.compile``: no graph break in training (forward and backward)
-or in evaluation, on the contract suite's tiny models, inputs and configs (``tests/contract/cases``).
+or in evaluation, on the contract suite's tiny models, inputs and configs (``tests/contract/cases``), through
+``get_peft_model`` and through ``Swift.prepare_model`` (the whole SwiftModel compiled, as Trainer's
+``torch_compile`` does).
 
 Graphs are counted by a backend that records each graph dynamo hands it and runs it as traced (no inductor,
 so the check stays quick on CPU); ``fullgraph=True`` turns a break into an error naming its cause. The
@@ -12,6 +14,8 @@ import pytest
 import torch
 import torch._dynamo
 from peft import get_peft_model
+
+from peft_swift_ext import Swift
 
 from ..contract.cases import ALL_CASES
 from ..helpers import randomize_adapter
@@ -47,12 +51,16 @@ def _params():
     for case in ALL_CASES:
         reason = KNOWN_BREAKS.get(case.id)
         mark = [pytest.mark.xfail(strict=True, reason=reason, raises=torch._dynamo.exc.Unsupported)] if reason else []
-        marks.append(pytest.param(case, id=case.id, marks=mark))
+        for entry in ("peft", "swift"):
+            marks.append(pytest.param(case, entry, id=f"{case.id}-{entry}", marks=mark))
     return marks
 
 
-def adapted(case, training: bool) -> torch.nn.Module:
-    model = get_peft_model(case.make_model(), case.make_config())
+def adapted(case, entry: str, training: bool) -> torch.nn.Module:
+    if entry == "peft":
+        model = get_peft_model(case.make_model(), case.make_config())
+    else:
+        model = Swift.prepare_model(case.make_model(), {"default": case.make_config()})
     randomize_adapter(model, "default", seed=0)
     return model.train(training)
 
@@ -68,9 +76,9 @@ def training_step(model, case, compiled_with=None) -> tuple[torch.Tensor, list[t
     return output.detach(), [p.grad for p in model.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("case", _params())
-def test_training_step_compiles_to_one_graph_with_the_eager_output_and_gradients(case):
-    model = adapted(case, training=True)
+@pytest.mark.parametrize(("case", "entry"), _params())
+def test_training_step_compiles_to_one_graph_with_the_eager_output_and_gradients(case, entry):
+    model = adapted(case, entry, training=True)
     expected, expected_grads = training_step(model, case)
     counter = GraphCounter()
     actual, grads = training_step(model, case, compiled_with=counter)
@@ -81,9 +89,9 @@ def test_training_step_compiles_to_one_graph_with_the_eager_output_and_gradients
         torch.testing.assert_close(grad, reference, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("case", _params())
-def test_evaluation_compiles_to_one_graph_with_the_eager_output(case):
-    model = adapted(case, training=False)
+@pytest.mark.parametrize(("case", "entry"), _params())
+def test_evaluation_compiles_to_one_graph_with_the_eager_output(case, entry):
+    model = adapted(case, entry, training=False)
     inputs = case.make_inputs()
     with torch.no_grad():
         expected = case.output(model(**inputs))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 from peft import LoraModel
@@ -13,6 +12,7 @@ from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ...core.lora_rows import install_row_hooks
+from ...core.paths import PatternMatcher
 from ...core.rows import adapter_rows, checked_row_names, merged_adapters
 from . import attention
 from .config import LongLoraConfig
@@ -158,10 +158,11 @@ def trainable_module_names(model: nn.Module, selector: str | list[str]) -> list[
         selector: a regex full-matched against parameter names, or substrings any of which a name contains.
     """
     names = []
+    matcher = PatternMatcher(selector, "LongLoraConfig.embedder_and_normalizer") if isinstance(selector, str) else None
     for module_name, module in _base_modules(model):
         for param_name, _ in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            picked = re.fullmatch(selector, full) if isinstance(selector, str) else any(s in full for s in selector)
+            picked = matcher.matches(full) if matcher is not None else any(s in full for s in selector)
             if picked and module_name:
                 names.append(module_name)
                 break

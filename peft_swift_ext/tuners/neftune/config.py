@@ -7,6 +7,9 @@ from peft.utils import PeftType
 
 from ...core import validators as check
 
+#: The largest noise scale accepted: the paper uses 5-15, and far beyond the noise drowns the embeddings.
+MAX_NOISE_ALPHA = 1e4
+
 
 @dataclass
 class NEFTuneConfig(PeftConfig):
@@ -28,6 +31,6 @@ class NEFTuneConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.NEFTUNE
-        check.positive_number(self, "noise_alpha")
+        check.positive_number(self, "noise_alpha", upper=MAX_NOISE_ALPHA)
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = list(self.target_modules)

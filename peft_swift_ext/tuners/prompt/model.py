@@ -38,6 +38,12 @@ class PromptModel(SwiftBaseTuner):
             problem = None if position is None else ArgumentSlot.problem(base, position)
             if problem is not None:
                 raise ValueError(f"PromptConfig.{field} does not fit {name}: {problem}")
+        if not config.attach_front and any(getattr(m, "is_causal", False) is True for m in base.modules()):
+            # causal attention: no token ever sees tokens placed after it, so the prompts would never train
+            raise ValueError(
+                f"PromptConfig.attach_front=False does not fit {name}: its attention is causal, so no token would "
+                "see prompt tokens placed after the sequence; use attach_front=True"
+            )
 
     def _create_and_replace(
         self, peft_config: PromptConfig, adapter_name, target, target_name, parent, current_key, **kwargs

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ...core.paths import canonical_module_names, module_at
+from ...core.paths import PatternMatcher, canonical_module_names, module_at
 from ...core.probes import ProbeSource
 from ...core.tuner import SwiftBaseTuner
 from ...core.widths import feature_width
@@ -64,7 +63,8 @@ def plan_adapter(model: nn.Module, config: ResTuningConfig) -> ResTuningPlan:
     stems = _stem_names(names, config.stem_modules)
     root = None
     if config.root_modules is not None:
-        root = next((name for name in names if re.fullmatch(config.root_modules, name)), None)
+        matcher = PatternMatcher(config.root_modules, "ResTuningConfig.root_modules")
+        root = next((name for name in names if matcher.matches(name)), None)
         if root is None:
             raise ValueError(f"ResTuningConfig.root_modules={config.root_modules!r} matches no module{_sample(names)}")
     targets = [name for name in names if check_target_module_exists(config, name)]
@@ -89,7 +89,8 @@ def plan_adapter(model: nn.Module, config: ResTuningConfig) -> ResTuningPlan:
 
 def _stem_names(names: list[str], stem_modules: str | list[str]) -> list[str]:
     if isinstance(stem_modules, str):
-        stems = [name for name in names if re.fullmatch(stem_modules, name)]
+        matcher = PatternMatcher(stem_modules, "ResTuningConfig.stem_modules")
+        stems = [name for name in names if matcher.matches(name)]
         if not stems:
             raise ValueError(f"ResTuningConfig.stem_modules={stem_modules!r} matches no module{_sample(names)}")
         return stems

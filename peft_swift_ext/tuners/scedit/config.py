@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft import PeftConfig
@@ -56,6 +57,8 @@ class SCEditConfig(PeftConfig):
         if self.tuner_op != "SCEAdapter":
             raise ValueError(f"SCEditConfig.tuner_op must be 'SCEAdapter', got {self.tuner_op!r}")
         ratio = check.positive_number(self, "down_ratio")
+        if not all(math.isfinite(d * ratio) for d in dims):
+            raise ValueError(f"SCEditConfig.down_ratio={ratio} gives hidden widths beyond any number")
         too_narrow = [d for d in dims if int(d * ratio) < 1]
         if too_narrow:
             raise ValueError(f"SCEditConfig.down_ratio={ratio} leaves no hidden units for dims {too_narrow}")

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.paths import canonical_module_names, module_at
+from ...core.paths import PatternMatcher, canonical_module_names, module_at
 from ...core.probes import ProbeSource
 from ...core.tuner import SwiftBaseTuner
 from ...core.widths import feature_width
@@ -85,7 +84,8 @@ def plan_adapter(model: nn.Module, config: SCEditConfig) -> list[SCEditTarget]:
 def _select(names: list[str], pattern: str | list[str], field_name: str) -> list[str]:
     """ms-swift's matching: a regex (full match, model order) or a list of exact names (list order)."""
     if isinstance(pattern, str):
-        selected = [name for name in names if re.fullmatch(pattern, name)]
+        matcher = PatternMatcher(pattern, f"SCEditConfig.{field_name}")
+        selected = [name for name in names if matcher.matches(name)]
         if not selected:
             sample = ", ".join(names[:8])
             raise ValueError(
