@@ -29,7 +29,7 @@ def dict_like_attributes(obj) -> dict[str, object]:
             continue
         try:
             value = getattr(obj, name)
-        except AttributeError:
+        except Exception:  # properties that need an active adapter (there may be none left)
             continue
         if callable(getattr(value, "keys", None)) and hasattr(value, "__contains__") and hasattr(value, "__getitem__"):
             found[name] = value
@@ -100,12 +100,11 @@ def test_deleting_an_adapter_leaves_nothing_of_it(case, active):
     model.add_adapter("delete_me", case.make_config())
     if active:
         model.set_adapter("delete_me")
-    held = holders_of(model, "delete_me")
-    assert held, "no per-adapter mapping holds the new adapter"
+    assert holders_of(model, "delete_me"), "no per-adapter mapping holds the new adapter"
     model.delete_adapter("delete_me")
     assert "delete_me" not in model.peft_config
     assert model.active_adapters == ["default"]
-    assert not [name for name, value in held.items() if "delete_me" in value]
+    assert not holders_of(model, "delete_me")
     for layer in tuner_layers(model):
         for attr in (*layer.adapter_layer_names, *layer.other_param_names):
             assert "delete_me" not in getattr(layer, attr), f"{type(layer).__name__}.{attr}"
@@ -114,11 +113,10 @@ def test_deleting_an_adapter_leaves_nothing_of_it(case, active):
 
 def test_deleting_the_last_adapter_leaves_nothing_of_it(case):
     model = adapted(case, adapter_name="foobar", perturbed=False)
-    held = holders_of(model, "foobar")
-    assert held, "no per-adapter mapping holds the adapter"
+    assert holders_of(model, "foobar"), "no per-adapter mapping holds the adapter"
     model.delete_adapter("foobar")
     assert model.active_adapters == []
-    assert not [name for name, value in held.items() if "foobar" in value]
+    assert not holders_of(model, "foobar")
     with torch.no_grad():
         model.base_model(**case.make_inputs())  # the model still runs without any adapter
 
