@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
@@ -29,6 +29,7 @@ __all__ = [
     "has_adapters",
     "move_adapter_to_base_device",
     "set_active_adapters_view",
+    "upcast_half_adapter",
 ]
 
 
@@ -114,6 +115,17 @@ def freeze_non_trainable(layer: BaseTunerLayer) -> None:
     freeze = getattr(type(layer), "_freeze_non_trainable_peft_weights", None)
     if freeze is not None:
         freeze(layer)
+
+
+def upcast_half_adapter(tuner: BaseTuner, adapter_name: str) -> None:
+    """Upcast one adapter's float16 / bfloat16 weights to float32, as ``PeftModel`` does after creating an adapter
+    with ``autocast_adapter_dtype=True`` (a tuner may override this, as PEFT lets it).
+
+    Args:
+        tuner: the tuner holding the adapter.
+        adapter_name: the adapter just created.
+    """
+    tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=True)
 
 
 def move_adapter_to_base_device(layer: BaseTunerLayer, adapter_name: str) -> None:

@@ -22,6 +22,7 @@ from ..compat import (
     adapter_names_in,
     delete_wrapper_adapter,
     has_adapters,
+    upcast_half_adapter,
 )
 from ..core.contract import StructureOwner
 from ..core.paths import find_target_modules, parent_of
@@ -77,10 +78,14 @@ def inject(
                 find_target_modules(model, config)  # this package's clear error, before PEFT's
             tuner = tuners.get(peft_type)
             if tuner is None:
-                tuners[peft_type] = tuner_cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+                tuner = tuners[peft_type] = tuner_cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
             else:
                 tuner.peft_config[adapter_name] = config
                 tuner.inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            if isinstance(tuner, SwiftBaseTuner):
+                # this package's adapters train in float32 on half-precision bases, as PEFT's default does;
+                # PEFT's own tuners keep the base dtype here, as they always did in a SwiftModel
+                upcast_half_adapter(tuner, adapter_name)
     except BaseException:
         remove(model, tuners, adapter_name, peft_type)
         raise
