@@ -21,8 +21,13 @@ def tuner_layers(model) -> list[BaseTunerLayer]:
     return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
-def dict_like_attributes(obj) -> dict[str, object]:
-    """Public attributes that behave like mappings (per-adapter state is kept in such)."""
+def is_mapping(value) -> bool:
+    return callable(getattr(value, "keys", None)) and hasattr(value, "__contains__") and hasattr(value, "__getitem__")
+
+
+def mapping_attributes(obj, private: bool) -> dict[str, object]:
+    """Attributes that behave like mappings (per-adapter state is kept in such): public ones, and with
+    ``private`` also the object's own underscored ones (a tuner's bookkeeping between calls)."""
     found = {}
     for name in dir(obj):
         if name.startswith("_"):
@@ -31,18 +36,20 @@ def dict_like_attributes(obj) -> dict[str, object]:
             value = getattr(obj, name)
         except Exception:  # properties that need an active adapter (there may be none left)
             continue
-        if callable(getattr(value, "keys", None)) and hasattr(value, "__contains__") and hasattr(value, "__getitem__"):
+        if is_mapping(value):
             found[name] = value
+    if private:
+        found.update({name: value for name, value in vars(obj).items() if name.startswith("_") and is_mapping(value)})
     return found
 
 
 def holders_of(model, adapter_name: str) -> dict[str, object]:
-    """Every public mapping on the model and its tuner layers that holds ``adapter_name``, by a readable name."""
+    """Every mapping on the model, its tuner and its tuner layers that holds ``adapter_name``, by a readable name."""
     owners = {"model": model, "tuner": model.base_model}
     owners.update({f"layer {i} ({type(m).__name__})": m for i, m in enumerate(tuner_layers(model))})
     held = {}
     for owner_name, owner in owners.items():
-        for name, value in dict_like_attributes(owner).items():
+        for name, value in mapping_attributes(owner, private=owner is not model).items():
             try:
                 holds = adapter_name in value
             except TypeError:
