@@ -1,0 +1,29 @@
+"""The dtype of adapters a SwiftModel creates on a half-precision base (unchanged since adapters follow PEFT's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from peft_swift_ext import AdapterConfig, Swift
+from peft_swift_ext.core.keys import adapter_tensors
+
+from ..tiny_models import llama_inputs, main_output, tiny_llama
+
+
+def dtypes(model, adapter_name: str) -> set[torch.dtype]:
+    return {t.dtype for _, t in adapter_tensors(model.base_model, adapter_name).values() if t.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_swift_adapters_train_in_float32_and_peft_loras_keep_the_base_dtype(dtype):
+    configs = {
+        "adapter": AdapterConfig(dim=32, target_modules=["mlp"], adapter_length=8),
+        "lora": LoraConfig(r=2, target_modules=["q_proj"]),
+    }
+    model = Swift.prepare_model(tiny_llama().to(dtype), configs).eval()
+    assert dtypes(model, "adapter") == {torch.float32}
+    assert dtypes(model, "lora") == {dtype}
+    with torch.no_grad():
+        assert main_output(model(**llama_inputs())).dtype == dtype
