@@ -63,7 +63,7 @@ class SideLayer(SwiftTunerLayer):
     def remove_probes(self) -> None:
         """On the root model, give it back its own ``forward`` and take this layer out of it."""
         if isinstance(self.base_layer, RootCall):
-            detach_from_root(self.base_layer.root)
+            detach_from_root(self.base_layer.forward.__self__)
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
         # On the root the wrapped module is a RootCall, which holds no tensors: the root model's own decide.
