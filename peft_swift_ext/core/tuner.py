@@ -61,6 +61,18 @@ class SwiftBaseTuner(BaseTuner):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PeftModel hands a call's PEFT-only arguments here before the forward. adapter_names (one adapter per row of
+        # the batch) is served by PEFT's LoRA layers only; ignoring it would run the active adapters on every row.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                f"{self.tuner_layer_cls.tuner_name} adapters cannot run a different adapter per row "
+                "(adapter_names=...): activate one adapter with set_adapter() and run the rows of each adapter as "
+                "their own batch"
+            )
+        yield
+
     def _plan_targets(self, model: nn.Module, adapter_name: str, config: PeftConfig) -> list[str]:
         """The module paths to wrap, in model order; every check that can fail runs here, before any change.
 

@@ -40,7 +40,7 @@ from .models import (
     tokens_features_input,
 )
 
-NO_MODULES_TO_SAVE = "{config} has no modules_to_save option (SWIFT's config has none either)"
+NO_MODULES_TO_SAVE = "{config} has no modules_to_save option"
 
 
 @dataclass
@@ -208,4 +208,26 @@ CASES = [
             "test_mixed_enabled_state_warns_and_ends_enabled": "LISA has one bookkeeping layer per model",
         },
     ),
+]
+
+
+# The checks that need a decoder's API (generate, inputs_embeds, gradient checkpointing) run on the Llama cases and on
+# these decoder variants of tuners whose main case is a toy model.
+DECODER_CASES = [case for case in CASES if case.id.endswith("-llama")] + [
+    GenericCase(
+        "prompt-llama",
+        "prompt",
+        tiny_llama,
+        llama_inputs,
+        lambda: PromptConfig(
+            dim=32,
+            target_modules=LLAMA_LAYERS,
+            embedding_pos=0,
+            attention_mask_pos="attention_mask",
+            position_embeddings_pos="position_embeddings",
+            prompt_length=4,
+            extract_embedding=True,
+        ),
+    ),
+    GenericCase("neftune-llama", "neftune", tiny_llama, llama_inputs, NEFTuneConfig, eval_effect=False),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -237,3 +238,61 @@ def test_weight_and_bias_can_be_asked_for_on_every_tuner_layer(case):
             base_value = getattr(layer.get_base_layer(), name, None)
             if isinstance(base_value, torch.Tensor):
                 assert value is base_value
+
+
+def test_only_the_active_adapter_trains(case):
+    if case.one_adapter:
+        pytest.skip(case.one_adapter)
+    model = get_peft_model(case.make_model(), case.make_config())
+    model.add_adapter("other", case.make_config())
+    own = {name: adapter_parameters(model, name, modules_to_save=False) for name in ("default", "other")}
+    for active, inactive in (("default", "other"), ("other", "default"), ("default", "other")):
+        model.set_adapter(active)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable.isdisjoint(own[inactive]), f"{inactive} trains while {active} is active"
+        assert set(own[active]) <= trainable, f"{active} is active but does not train"
+
+
+def test_set_requires_grad_switches_one_adapter(case):
+    if case.weightless:
+        pytest.skip(f"{case.tuner} has no weights whose training could be switched")
+    model = get_peft_model(case.make_model(), case.make_config())
+    own = adapter_parameters(model, modules_to_save=False).values()
+    model.set_requires_grad("default", requires_grad=False)
+    assert not [p for p in own if p.requires_grad]
+    model.set_requires_grad("default", requires_grad=True)
+    assert all(p.requires_grad for p in own)
+
+
+def test_the_adapter_name_makes_no_difference(case):
+    torch.manual_seed(0)
+    first = outputs(case, adapted(case, perturbed=False))
+    torch.manual_seed(0)
+    renamed = outputs(case, adapted(case, adapter_name="another-name", perturbed=False))
+    torch.testing.assert_close(renamed, first, atol=0, rtol=0)
+
+
+def test_a_different_adapter_per_row_is_served_or_clearly_refused(case):
+    model = adapted(case)
+    names = ["__base__", "default"]
+    if not case.one_adapter:
+        model.add_adapter("other", case.make_config())
+        perturb(case, model, "other", seed=1)
+        names.append("other")
+    inputs = case.make_inputs()
+    rows = next(iter(inputs.values())).shape[0]
+    per_row = [names[i % len(names)] for i in range(rows)]
+    try:
+        mixed = outputs(case, model, {**inputs, "adapter_names": per_row})
+    except (ValueError, TypeError) as error:
+        assert re.search(r"per row|batch", str(error), re.IGNORECASE), error
+        return
+    for name in names:  # each row must equal that row run with its own adapter alone
+        rows_of = [i for i, row_name in enumerate(per_row) if row_name == name]
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = outputs(case, model)
+        else:
+            model.set_adapter(name)
+            alone = outputs(case, model)
+        torch.testing.assert_close(mixed[rows_of], alone[rows_of], atol=1e-5, rtol=0, msg=name)

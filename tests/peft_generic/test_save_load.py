@@ -6,6 +6,7 @@ import json
 import re
 import warnings
 
+import peft
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model
@@ -157,3 +158,18 @@ def test_trained_weights_survive_save_and_reload(case, tmp_path):
     loaded = PeftModel.from_pretrained(case.make_model(), tmp_path)
     assert_same_state(get_peft_model_state_dict(loaded), get_peft_model_state_dict(model))
     torch.testing.assert_close(outputs(case, loaded), trained, atol=1e-6, rtol=0)
+
+
+def test_base_model_state_dict_reads_and_writes_the_base_weights_only(case):
+    if not hasattr(peft, "get_base_model_state_dict"):
+        pytest.skip(f"peft {peft.__version__} has no get_base_model_state_dict (added in 0.20)")
+    expected = case.make_model().state_dict()
+    model = adapted(case, perturbed=not case.in_place)  # an in-place adapter's weights are the base's
+    state = peft.get_base_model_state_dict(model)
+    assert_same_state(state, expected)
+    with torch.no_grad():
+        for param in model.get_base_model().parameters():
+            param.add_(1.0)
+    result = peft.set_base_model_state_dict(model, expected, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_same_state(peft.get_base_model_state_dict(model), expected)

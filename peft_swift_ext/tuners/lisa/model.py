@@ -52,6 +52,7 @@ class LisaMarker(nn.Module, BaseTunerLayer):
     # one weightless entry per adapter, so that PEFT's bookkeeping (available adapters, deletion) finds the adapter
     adapter_layer_names = ("lisa_adapter",)
     other_param_names = ()
+    tuner_name = "LISA"
 
     def __init__(self, adapter_name: str) -> None:
         nn.Module.__init__(self)
@@ -255,6 +256,9 @@ class LisaModel(SwiftBaseTuner):
         """
         if self.peft_config[self._adapter_name].inference_mode:
             return []
+        return self._drawn_parameters(all_candidates)
+
+    def _drawn_parameters(self, all_candidates: bool = False) -> list[nn.Parameter]:
         active = self.lisa_active_layers
         params = [
             param
@@ -329,6 +333,19 @@ class LisaModel(SwiftBaseTuner):
         marker.enable_adapters(True)
         for param in self.trainable_parameters():
             param.requires_grad_(True)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Let the LISA adapter train (the parameters it trains now) or freeze every parameter it may train.
+
+        Args:
+            adapter_names: the adapter(s) to switch; names of no LISA adapter are ignored.
+            requires_grad: train (True) or freeze (False).
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self._adapter_name not in names:
+            return
+        for param in self._drawn_parameters() if requires_grad else self.candidates.all_params():
+            param.requires_grad_(requires_grad)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Mark the adapter merged: its weights already are the base model's (PEFT's warning if already marked).
