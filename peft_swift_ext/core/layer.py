@@ -67,9 +67,29 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
         # PEFT reads base_layer.weight, which wrapped blocks (decoder layers, UNet blocks) lack: follow their first
-        # tensor's device and first floating tensor's dtype. PEFT then creates the adapter in that dtype and, with
+        # tensor's device and first floating tensor's dtype. The adapter is created in that dtype; PeftModel then, with
         # autocast_adapter_dtype=True (its default), upcasts fp16/bf16 adapters to float32.
         return device_and_dtype(itertools.chain(base_layer.parameters(), base_layer.buffers()))
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # PEFT's own version does the same from the wrapped module's weight alone before peft 0.19 (no look-up hook),
+        # which left adapters around blocks where they were created: the move is done here on every peft version.
+        base_device, base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        device = device if device is not None else base_device
+        if device is None:
+            return
+        floating_base = base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex)
+        dtype = base_dtype if floating_base else None
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            tensors = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
+            if any(t.device.type == "meta" for t in tensors):
+                continue  # created empty (low_cpu_mem_usage): the checkpoint that is loaded next places it
+            floating = not isinstance(entry, torch.Tensor) or entry.is_floating_point() or entry.is_complex()
+            container[adapter_name] = entry.to(device, dtype=dtype) if dtype and floating else entry.to(device)
 
     def remove_probes(self) -> None:
         """Remove the hooks this layer put on other modules (none by default), before it is unloaded."""

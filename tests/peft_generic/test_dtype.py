@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -71,7 +72,8 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(case, dtype, autocast, low
     # PEFT creates adapter weights in the base's dtype and, with autocast_adapter_dtype, upcasts fp16/bf16 ones
     upcast = autocast and dtype in (torch.float16, torch.bfloat16) and not case.keeps_base_dtype
     expected = {torch.float32 if upcast else dtype}
-    several = not case.one_adapter
+    # peft < 0.19 takes autocast_adapter_dtype in get_peft_model / from_pretrained only, not for further adapters
+    several = not case.one_adapter and "autocast_adapter_dtype" in inspect.signature(PeftModel.add_adapter).parameters
     model = get_peft_model(case.make_model().to(dtype), case.make_config(), autocast_adapter_dtype=autocast)
     if several:
         model.add_adapter("other", case.make_config(), autocast_adapter_dtype=autocast)

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from ...core.tuner import forget_adapter_configs
 from . import attention
 from .config import LongLoraConfig
 
@@ -120,6 +121,7 @@ class LongLoraModel(LoraModel):
                     setattr(self.model.get_submodule(parent_path), child, module.original_module)
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         self._restore_attention()
+        forget_adapter_configs(model)  # peft < 0.19 leaves them on the unloaded model
         return model
 
     def _restore_attention(self) -> None:
