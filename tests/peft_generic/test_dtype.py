@@ -100,3 +100,22 @@ def test_moving_to_another_dtype_moves_the_adapter_and_keeps_the_outputs(case):
     out = model(**cast_inputs(case.make_inputs(), torch.float64))
     assert case.output(out).dtype == torch.float64
     torch.testing.assert_close(case.output(out).float().detach(), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda"])
+def test_adapters_are_created_on_the_base_models_device(case, device, tmp_path):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    model = get_peft_model(case.make_model().to(device), case.make_config())
+    assert {t.device.type for t in adapter_parameters(model).values()} <= {device}
+    if device == "meta":
+        return  # nothing can run on meta; placement is what it checks
+    inputs = {k: v.to(device) for k, v in case.make_inputs().items()}
+    on_device = outputs(case, model.eval(), inputs)
+    model.save_pretrained(tmp_path)
+    model.to("cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    torch.testing.assert_close(outputs(case, model), on_device.cpu(), atol=1e-4, rtol=1e-4)
+    loaded = PeftModel.from_pretrained(case.make_model().to(device), tmp_path, low_cpu_mem_usage=True)
+    assert {p.device.type for p in loaded.parameters()} == {device}
+    torch.testing.assert_close(outputs(case, loaded.eval(), inputs), on_device, atol=1e-4, rtol=1e-4)
