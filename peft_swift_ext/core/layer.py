@@ -9,9 +9,12 @@ every supported version.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
 
-from peft.tuners.tuners_utils import BaseTunerLayer
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..compat import set_active_adapters_view
@@ -23,9 +26,10 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     """Base of the modules a plugin tuner puts in place of a targeted module.
 
     Subclasses declare ``adapter_layer_names`` (their per-adapter ``ModuleDict``/``ParameterDict``
-    attributes, first one decides which adapters exist here), create entries in ``update_layer`` and
-    implement ``forward``. Attribute look-ups that miss fall through to the wrapped module, because model
-    code often reads attributes of the layers it owns (e.g. ``layer.attention_type``).
+    attributes, first one decides which adapters exist here) and ``other_param_names`` (every other attribute
+    keyed by adapter name, so that PEFT's ``delete_adapter`` removes those entries too), create entries in
+    ``update_layer`` and implement ``forward``. Attribute look-ups that miss fall through to the wrapped module,
+    because model code often reads attributes of the layers it owns (e.g. ``layer.attention_type``).
 
     Args:
         base_layer: the module being wrapped.
@@ -35,11 +39,17 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     #: hooks on other modules whose features this layer reads (Res-Tuning's root and stems, SCEdit's hints)
     probes: FeatureProbes | None = None
 
+    #: True for tuners whose merge only marks adapters as merged (their layer's ``forward`` decides what that
+    #: means: LLaMA-PRO keeps running its blocks, NEFTune stops its noise); False: merging is refused.
+    merges_by_marking = False
+
     def __init__(self, base_layer: nn.Module) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
         set_active_adapters_view(self, [])
         self.merged_adapters: list[str] = []
+        # PEFT expects every tuner layer to have these (None where the wrapped module has no such sizes)
+        self.in_features, self.out_features = in_and_out_features(base_layer)
         self.register_state_dict_post_hook(_flatten_nested_adapter_keys)
         self.register_load_state_dict_pre_hook(_unflatten_nested_adapter_keys)
 
@@ -62,38 +72,114 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
                 yield name
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
-        # PEFT reads base_layer.weight, which wrapped blocks (decoder layers, UNet blocks) lack: follow their
-        # first tensor's device. The dtype stays the adapter's own; forward casts, so fp16/bf16 bases train
-        # fp32 adapters.
-        tensor = next(base_layer.parameters(), None)
-        if tensor is None:
-            tensor = next(base_layer.buffers(), None)
-        return (None if tensor is None else tensor.device), None
+        # PEFT reads base_layer.weight, which wrapped blocks (decoder layers, UNet blocks) lack: follow their first
+        # tensor's device and first floating tensor's dtype. The adapter is created in that dtype; PeftModel then, with
+        # autocast_adapter_dtype=True (its default), upcasts fp16/bf16 adapters to float32.
+        return device_and_dtype(itertools.chain(base_layer.parameters(), base_layer.buffers()))
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # PEFT's own version does the same from the wrapped module's weight alone before peft 0.19 (no look-up hook),
+        # which left adapters around blocks where they were created: the move is done here on every peft version.
+        base_device, base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        device = device if device is not None else base_device
+        if device is None:
+            return
+        floating_base = base_dtype is not None and (base_dtype.is_floating_point or base_dtype.is_complex)
+        dtype = base_dtype if floating_base else None
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            tensors = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
+            if any(t.device.type == "meta" for t in tensors):
+                continue  # created empty (low_cpu_mem_usage): the checkpoint that is loaded next places it
+            floating = not isinstance(entry, torch.Tensor) or entry.is_floating_point() or entry.is_complex()
+            container[adapter_name] = entry.to(device, dtype=dtype) if dtype and floating else entry.to(device)
 
     def remove_probes(self) -> None:
         """Remove the hooks this layer put on other modules (none by default), before it is unloaded."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Refuse: this tuner changes activations, not weights, so there is nothing to fold into the base.
+        """Mark adapters as merged, for tuners with ``merges_by_marking``; refuse for every other tuner.
 
-        Tuners whose adapters can be merged (LLaMA-PRO, NEFTune) override this.
+        PEFT's rules apply: adapters already merged are skipped with PEFT's warning, and with ``safe_merge`` an
+        adapter whose weights hold NaN or infinity is refused (with PEFT's message) before this layer changes.
 
         Args:
-            safe_merge: PEFT's flag (check for NaNs before merging); unused here.
-            adapter_names: the adapters to merge; unused here.
+            safe_merge: check each adapter's weights for non-finite values first.
+            adapter_names: the adapters to merge; the active ones by default.
 
         Raises:
-            ValueError: always, naming the tuner; ``unload()`` removes the adapters instead.
+            ValueError: the tuner changes activations, not weights (naming it; ``unload()`` removes the adapters
+                instead), or ``safe_merge`` found a non-finite weight.
         """
-        raise ValueError(
-            f"{self.tuner_name} adapters change activations, not weights, so they cannot be merged into the base "
-            "model; use unload() to remove them instead"
-        )
+        if not self.merges_by_marking:
+            raise ValueError(
+                f"{self.tuner_name} adapters change activations, not weights, so they cannot be merged into the "
+                "base model; use unload() to remove them instead"
+            )
+        owned = getattr(self, self.adapter_layer_names[0])
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in owned]
+        if safe_merge:
+            for name in names:
+                if not all(torch.isfinite(p).all() for p in adapter_parameters(self, name)):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Undo ``merge``: a no-op here, since ``merge`` refuses."""
-        # Nothing was ever merged (merge refuses), so there is nothing to undo.
-        return None
+        """Undo ``merge``: forget the merge marks (PEFT's warning when nothing is merged)."""
+        if not self.merges_by_marking:
+            return  # nothing was ever merged: merge refuses
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.merged_adapters.clear()
+
+
+def in_and_out_features(module: nn.Module) -> tuple[int | None, int | None]:
+    """The input and output sizes of a module, as PEFT's layers record them; ``(None, None)`` where unknown.
+
+    Args:
+        module: the wrapped module (another tuner's layer stands for the module it wraps).
+    """
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0], module.normalized_shape[0]
+    return None, None
+
+
+def new_parameters_go_to_meta() -> bool:
+    """Whether a parameter registered now lands on the meta device.
+
+    That is the case inside PEFT's (and accelerate's) ``init_empty_weights``, which PEFT enters for
+    ``low_cpu_mem_usage=True``; tuners that make their weights by copying modules rather than constructing them
+    ask this to create meta weights there too.
+    """
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(0)))
+    return probe.probe.device.type == "meta"
+
+
+def device_and_dtype(tensors: Iterable[torch.Tensor]) -> tuple[torch.device | None, torch.dtype | None]:
+    """The device of the first tensor and the dtype of the first floating-point one (None where there is none).
+
+    Args:
+        tensors: a module's parameters and buffers, say.
+    """
+    device = dtype = None
+    for tensor in tensors:
+        device = tensor.device if device is None else device
+        if tensor.is_floating_point():
+            return device, tensor.dtype
+    return device, dtype
 
 
 # PEFT strips the adapter name from saved keys only where it is the last or second-to-last segment, and on

@@ -12,12 +12,13 @@ The hooks doing this are installed once per layer and act only inside a mixed ba
 
 from __future__ import annotations
 
+import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..compat import ModulesToSaveWrapper
-from .rows import BASE, current_rows, per_row, plan_rows, split_plan, structure_key
+from .rows import BASE, RowPlan, current_rows, per_row, plan_rows, split_plan, structure_key
 
 _HOOKED = "_peft_swift_ext_row_hooks"
 
@@ -81,6 +82,35 @@ def _lora_rows(layer: LoraLayer, args: tuple, kwargs: dict, output):
         return None
     x = args[0]
     plan = plan_rows(rows, layer.lora_A, x.shape[0], "a LoRA layer")
+    if not plan:
+        return output
+    biased = getattr(layer, "lora_bias", {})  # peft >= 0.14: a trainable bias on lora_B
+    if any(biased.get(name, False) for name in plan.adapters):
+        return _lora_rows_per_module(layer, plan, x, output)
+    for group in split_plan(plan, lambda name: (layer.lora_A[name].weight.shape, layer.lora_B[name].weight.shape)):
+        every_row = group.rows.shape[0] == x.shape[0]  # rows are listed in order, so all of them is the identity
+        delta = _stacked_lora_delta(layer, group, x if every_row else x[group.rows]).to(output.dtype)
+        output = output + delta if every_row else output.index_add(0, group.rows.to(output.device), delta)
+    return output
+
+
+def _stacked_lora_delta(layer: LoraLayer, group: RowPlan, x: torch.Tensor) -> torch.Tensor:
+    """``scaling_k · B_k A_k x`` for each row, with ``k`` the row's adapter: two batched matrix products, each row
+    multiplied by its own adapter's matrices (gathered per row: ``r`` is small, so this copies far less than
+    grouping the rows' inputs by adapter would)."""
+    names = group.adapters
+    index = group.index.to(x.device)
+    weight_a = torch.stack([layer.lora_A[name].weight for name in names])[index]  # (rows, r, in)
+    weight_b = torch.stack([layer.lora_B[name].weight for name in names])[index]  # (rows, out, r)
+    scaling = weight_a.new_tensor([float(layer.scaling[name]) for name in names])[index]
+    flat = x.to(weight_a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
+    delta = torch.bmm(torch.bmm(flat, weight_a.transpose(1, 2)), weight_b.transpose(1, 2))
+    delta = delta * scaling[:, None, None]
+    return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+
+def _lora_rows_per_module(layer: LoraLayer, plan: RowPlan, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Adapters with a bias on ``lora_B``: each adapter's ``B(A(x))`` as a module through :func:`per_row`."""
 
     def key(name: str):
         return structure_key(layer.lora_A[name]) + structure_key(layer.lora_B[name])

@@ -187,12 +187,20 @@ def plan_rows(names: Sequence[str], owned: Iterable[str], batch: int, where: str
     return RowPlan(adapters, rows, index)
 
 
+#: Rows go adapter-major (each adapter's rows padded to the largest group) when an adapter's weights outweigh a
+#: row's inputs and the padding at most doubles the rows computed; otherwise each row gathers its own copy of its
+#: adapter's weights.
+GROUPED_PADDING_LIMIT = 2.0
+
+
 def per_row(modules: Sequence[nn.Module], index: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     """Run row ``i`` of ``inputs`` through ``modules[index[i]]``, every row in one vectorised pass.
 
-    The modules (one adapter's network each) must share one structure; their parameters are stacked, gathered per
-    row, and ``torch.func.vmap`` computes every row with its own weights. Each call sees one row with a batch
-    dimension of 1, as the module would on its own.
+    The modules (one adapter's network each) must share one structure and treat rows independently. Their
+    parameters are stacked and ``torch.func.vmap`` runs every adapter at once: over the adapters, each on its own
+    rows (padded to the largest group), when an adapter's weights outweigh a row's inputs and rows share adapters
+    evenly enough; otherwise over the rows, each with a gathered copy of its adapter's weights. Whichever copies
+    less is what a mixed batch costs beyond the one-adapter batch.
 
     Args:
         modules: one module per adapter, identical in structure.
@@ -202,15 +210,18 @@ def per_row(modules: Sequence[nn.Module], index: torch.Tensor, *inputs: torch.Te
     if len(modules) == 1:  # one adapter: the module itself, on the whole batch
         return modules[0](*inputs)
     # stacked with torch.stack (not stack_module_state): adapters may differ in requires_grad
-    params = {
-        name: torch.stack([dict(m.named_parameters())[name] for m in modules])
-        for name, _ in modules[0].named_parameters()
-    }
-    buffers = {
-        name: torch.stack([dict(m.named_buffers())[name] for m in modules]) for name, _ in modules[0].named_buffers()
-    }
+    own_params = [dict(module.named_parameters()) for module in modules]
+    own_buffers = [dict(module.named_buffers()) for module in modules]
+    params = {name: torch.stack([own[name] for own in own_params]) for name in own_params[0]}
+    buffers = {name: torch.stack([own[name] for own in own_buffers]) for name in own_buffers[0]}
     index = index.to(inputs[0].device)
     template = modules[0]
+    width = int(torch.bincount(index, minlength=len(modules)).max())
+    weights = sum(value[0].numel() for value in (*params.values(), *buffers.values()))
+    row_inputs = sum(value[0].numel() for value in inputs)
+    # gathering weights per row copies `weights` per row; grouping rows copies only the rows' inputs
+    if weights > row_inputs and width * len(modules) <= GROUPED_PADDING_LIMIT * index.shape[0]:
+        return _adapter_major(template, params, buffers, index, len(modules), inputs)
 
     def one_row(row_params, row_buffers, *row_inputs):
         batched = tuple(value.unsqueeze(0) for value in row_inputs)
@@ -221,9 +232,48 @@ def per_row(modules: Sequence[nn.Module], index: torch.Tensor, *inputs: torch.Te
     return vmap(one_row)(gathered_params, gathered_buffers, *inputs)
 
 
+def adapter_major_layout(index: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row goes when rows are grouped by adapter: ``(layout, slot)``.
+
+    ``layout[k, j]`` is the ``j``-th row of adapter ``k`` (groups padded to the largest with copies of some row,
+    whose results are never read), and row ``i`` sits at ``layout[index[i], slot[i]]``.
+
+    Args:
+        index: for each row, the index of its adapter.
+        adapters: how many adapters there are.
+    """
+    counts = torch.bincount(index, minlength=adapters)
+    order = torch.argsort(index, stable=True)  # rows grouped by adapter, in their batch order within a group
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(index)
+    slot[order] = torch.arange(index.shape[0], device=index.device) - starts[index[order]]
+    layout = order[:1].repeat(adapters, int(counts.max()))
+    layout[index, slot] = torch.arange(index.shape[0], device=index.device)
+    return layout, slot
+
+
+def _adapter_major(
+    template: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    adapters: int,
+    inputs: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """:func:`per_row` over the adapters: adapter ``k`` computes its rows as one batch."""
+    layout, slot = adapter_major_layout(index, adapters)
+
+    def one_adapter(adapter_params, adapter_buffers, *adapter_rows):
+        return functional_call(template, (adapter_params, adapter_buffers), adapter_rows)
+
+    grouped = vmap(one_adapter)(params, buffers, *(value[layout] for value in inputs))
+    return grouped[index, slot]
+
+
 __all__ = [
     "BASE",
     "RowPlan",
+    "adapter_major_layout",
     "adapter_rows",
     "checked_row_names",
     "current_rows",

@@ -208,11 +208,26 @@ class SwiftBaseTuner(BaseTuner):
         # update_layer already put the adapter on the base layer's device.
         setattr(parent, child_name, new_module)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        # Merge every layer first (safe_merge checks them all before unloading starts), then let the tuner undo
+        # what it did outside its layers (LLaMA-PRO keeps its merged blocks as decoder layers), then take the
+        # layers out as PEFT does. The model no longer holds adapters, so it must not keep their configs either:
+        # a later get_peft_model would otherwise carry them along.
         if merge:
             self._check_merge_allowed()
+            for module in list(self.model.modules()):
+                if isinstance(module, self.tuner_layer_cls):
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         self.finalize_unload(merge)
-        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        model = super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+        forget_adapter_configs(model)
+        return model
 
     def remove_adapter_structures(self, adapter_name: str) -> None:
         """Tidy up outside the layers after ``adapter_name`` was deleted (nothing by default).
@@ -240,11 +255,14 @@ class SwiftBaseTuner(BaseTuner):
         super()._check_merge_allowed()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # Only the active adapters train, and not those loaded for inference (inference_mode, is_trainable=False).
         for param in model.parameters():
             param.requires_grad = False
         for module in model.modules():
             if isinstance(module, self.tuner_layer_cls):
                 for name in module.active_adapters:
+                    if name in self.peft_config and self.peft_config[name].inference_mode:
+                        continue
                     for param in adapter_parameters(module, name):
                         param.requires_grad = True
 
@@ -262,3 +280,13 @@ def follow_feature_sources(model: nn.Module) -> None:
     for module in list(model.modules()):
         if isinstance(module, SwiftTunerLayer) and module.probes is not None:
             module.probes.follow(model, module)
+
+
+def forget_adapter_configs(model: nn.Module) -> None:
+    """Remove the ``peft_config`` that PEFT's tuners put on a model, once its adapters are gone.
+
+    Args:
+        model: the model that was unloaded.
+    """
+    if "peft_config" in vars(model):
+        del model.peft_config

@@ -81,7 +81,7 @@ def inject(
                 find_target_modules(model, config)  # this package's clear error, before PEFT's
             tuner = tuners.get(peft_type)
             if tuner is None:
-                tuners[peft_type] = tuner_cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+                tuner = tuners[peft_type] = tuner_cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
             else:
                 tuner.peft_config[adapter_name] = config
                 tuner.inject_adapter(model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)

@@ -37,6 +37,7 @@ PEFT_PRIVATE_ATTRIBUTES = {
     "_adapters",
     "_freeze_non_trainable_peft_weights",
     "_move_adapter_to_device_of_base_layer",
+    "_cast_adapter_dtype",
     "_value2member_map_",
     "_member_map_",
     "_member_names_",

@@ -15,7 +15,7 @@ from torch import nn
 from peft_swift_ext import Swift, SwiftModel
 from peft_swift_ext.core.keys import adapter_tensors
 
-from ..helpers import base_of, randomize_adapter, run, state_hash
+from ..helpers import adapter_parameter_ids, randomize_adapter, run, state_hash
 from .cases import ALL_CASES
 
 pytestmark = pytest.mark.parametrize("case", ALL_CASES, ids=[case.id for case in ALL_CASES])
@@ -28,6 +28,13 @@ def _known_defects(request, case):
     reason = case.known_defects.get(request.node.originalname)
     if reason:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _not_applicable(request, case):
+    reason = case.not_applicable.get(request.node.originalname)
+    if reason:
+        pytest.skip(f"not applicable to {case.id}: {reason}")
 
 
 def adapted(case, adapter_seed: int = 0) -> PeftModel:
@@ -64,7 +71,7 @@ def test_adapter_changes_output(case):
 
 def test_only_adapter_parameters_are_trainable(case):
     model = get_peft_model(case.make_model(), case.make_config())
-    adapter_params = {id(t) for _, t in adapter_tensors(base_of(model), "default").values()}
+    adapter_params = adapter_parameter_ids(model, "default")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert all(id(p) in adapter_params for p in model.parameters() if p.requires_grad), trainable
     if adapter_params:

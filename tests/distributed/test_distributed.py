@@ -31,6 +31,15 @@ CONTRACT = {case.id: case for case in ALL_CASES}
 ATOL = 1e-5
 
 
+# (engine, case) -> why its checkpoint check fails today: strict expected failures, so a fix shows up as a pass
+CHECKPOINT_DEFECTS = {
+    ("fsdp", "lisa-llama"): (
+        "LISA as a PEFT method under FSDP2: fully_shard replaces the parameters LISA hooked to record trained "
+        "layers, so the checkpoint carries the embeddings and head but no trained decoder layer"
+    ),
+}
+
+
 def case_folder(run: Path, case_id: str) -> Path:
     folder = run / case_id
     errors = sorted(folder.glob("error*.txt"))
@@ -121,7 +130,10 @@ def test_base_frozen_and_counts_full_sizes(engine, case_id, engine_run):
 
 @pytest.mark.parametrize("case_id", list(CASES))
 @pytest.mark.parametrize("engine", ENGINES)
-def test_rank0_checkpoint_loads_in_one_process(engine, case_id, engine_run):
+def test_rank0_checkpoint_loads_in_one_process(engine, case_id, engine_run, request):
+    defect = CHECKPOINT_DEFECTS.get((engine, case_id))
+    if defect:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=defect))
     folder = case_folder(engine_run, case_id) / "ckpt"
     case, want_model = CASES[case_id], reference(case_id)
     if case.swift:

@@ -153,6 +153,9 @@ def test_unexpected_key_is_named_and_model_unchanged(case, case_ckpt, tmp_path):
 @pytest.mark.parametrize("case", WEIGHTED_CASES, ids=[case.id for case in WEIGHTED_CASES])
 def test_missing_key_into_a_loaded_model_is_named_and_model_unchanged(case, case_ckpt, tmp_path):
     # the contract suite loads into a bare model; here the target already holds an adapter of the same type
+    one_per_model = case.not_applicable.get("test_several_adapters_of_one_type")
+    if one_per_model:
+        pytest.skip(f"not applicable to {case.id}: {one_per_model}")
     folder = copy_checkpoint(case_ckpt(case), tmp_path / "ckpt")
     weights = load_file(str(folder / "first" / SAFE))
     dropped = sorted(weights)[0]

@@ -31,7 +31,7 @@ class AdapterLayer(SwiftTunerLayer):
     """
 
     adapter_layer_names = ("adapter_down", "adapter_up")
-    other_param_names = ("adapter_act",)
+    other_param_names = ("adapter_act", "hidden_pos", "method_name")
     tuner_name = "Adapter"
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:

@@ -22,16 +22,19 @@ out of the tree while LISA is injected, so its candidates are the base weights o
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
+from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...compat import set_active_adapters_view
 from ...core.decoder_layers import find_decoder_layers
 from ...core.paths import canonical_path
-from ...core.tuner import SwiftBaseTuner
+from ...core.tuner import SwiftBaseTuner, forget_adapter_configs
 from .candidates import LisaCandidates, lisa_candidates
 from .config import LisaConfig
 
@@ -48,13 +51,30 @@ class LisaMarker(nn.Module, BaseTunerLayer):
         adapter_name: the LISA adapter's name.
     """
 
-    adapter_layer_names = ()
+    # one weightless entry per adapter, so that PEFT's bookkeeping (available adapters, deletion) finds the adapter
+    adapter_layer_names = ("lisa_adapter",)
     other_param_names = ()
+    tuner_name = "LISA"
 
     def __init__(self, adapter_name: str) -> None:
         nn.Module.__init__(self)
+        self.lisa_adapter = nn.ModuleDict({adapter_name: nn.Identity()})
         set_active_adapters_view(self, [adapter_name])
         self.merged_adapters: list[str] = []
+        # PEFT expects these on every tuner layer; the marker wraps no module, so it has no sizes
+        self.in_features = self.out_features = None
+
+    # BaseTunerLayer reads weight and bias from the wrapped module; the marker wraps none (and would otherwise find
+    # itself as its own base layer and recurse forever)
+    @property
+    def weight(self) -> None:
+        """None: the marker has no weight (LISA's weights are the base model's own)."""
+        return None
+
+    @property
+    def bias(self) -> None:
+        """None: the marker has no bias."""
+        return None
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("LisaMarker has no forward: it only marks a LISA adapter")
@@ -268,6 +288,9 @@ class LisaModel(SwiftBaseTuner):
         """
         if self.peft_config[self._adapter_name].inference_mode:
             return []
+        return self._drawn_parameters(all_candidates)
+
+    def _drawn_parameters(self, all_candidates: bool = False) -> list[nn.Parameter]:
         active = self.lisa_active_layers
         params = [
             param
@@ -293,7 +316,7 @@ class LisaModel(SwiftBaseTuner):
             adapter_name: the LISA adapter being removed.
         """
         if adapter_name == getattr(self, "_adapter_name", None):
-            self._unload_and_optionally_merge(merge=True)
+            self._release()
 
     def finalize_unload(self, merged: bool) -> None:
         """SwiftModel's unload: the trained weights stay in the base model; only the bookkeeping goes.
@@ -301,7 +324,16 @@ class LisaModel(SwiftBaseTuner):
         Args:
             merged: whether the other adapters were merged (SwiftModel refuses a plain unload once LISA trained).
         """
-        self._unload_and_optionally_merge(merge=True)
+        self._release()
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        # LISA trains the base weights themselves: no row of a batch could run without its training
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "adapter_names: per-row selection is not available for LISA, which trains the base weights in place"
+            )
+        yield
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # Trainability is decided in inject_adapter and then by the LISA scheduler.
@@ -324,12 +356,66 @@ class LisaModel(SwiftBaseTuner):
             )
 
     def disable_adapter_layers(self) -> None:
-        """Refuses once anything has trained: the base outputs cannot be restored."""
+        """Freeze LISA's candidates and mark the adapter disabled; refused once anything has trained.
+
+        Before any training the model is still the base model, so disabling only stops LISA from training (as
+        PEFT's ``disable_adapter_layers`` freezes adapter weights); afterwards the base outputs are gone.
+        """
         self._refuse_restore("disable the adapter")
+        for param in self.candidates.all_params():
+            param.requires_grad_(False)
+        self.lisa_marker.enable_adapters(False)
 
     def enable_adapter_layers(self) -> None:
-        """Nothing to switch on: LISA is always in effect."""
-        return None
+        """Undo :meth:`disable_adapter_layers`: the parameters LISA trains now are trainable again."""
+        marker = self.lisa_marker
+        if not marker.disable_adapters:
+            return
+        marker.enable_adapters(True)
+        for param in self.trainable_parameters():
+            param.requires_grad_(True)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Let the LISA adapter train (the parameters it trains now) or freeze every parameter it may train.
+
+        Args:
+            adapter_names: the adapter(s) to switch; names of no LISA adapter are ignored.
+            requires_grad: train (True) or freeze (False).
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self._adapter_name not in names:
+            return
+        for param in self._drawn_parameters() if requires_grad else self.candidates.all_params():
+            param.requires_grad_(requires_grad)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Mark the adapter merged: its weights already are the base model's (PEFT's warning if already marked).
+
+        Args:
+            adapter_names: the adapters to merge; the active one by default.
+            safe_merge: first check the weights LISA trains for NaN or infinity.
+        """
+        self._check_merge_allowed()
+        marker = self.lisa_marker
+        names = [name for name in check_adapters_to_merge(marker, adapter_names) if name == self._adapter_name]
+        if names and safe_merge:
+            self._check_finite()
+        marker.merged_adapters.extend(names)
+
+    def unmerge_adapter(self) -> None:
+        """Forget the merge mark (the weights stay as trained)."""
+        marker = self.lisa_marker
+        if not marker.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        marker.merged_adapters.clear()
+
+    def _check_finite(self) -> None:
+        for param in [*self.candidates.all_params(), *self._alias_targets.values()]:
+            if not torch.isfinite(param).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {self._adapter_name} seems to be broken"
+                )
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter (a model has one LISA adapter, so this only checks the name).
@@ -350,16 +436,26 @@ class LisaModel(SwiftBaseTuner):
                 handle.remove()
         self._hooks.clear()
 
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs) -> nn.Module:
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
+    ) -> nn.Module:
+        # PEFT's merge_and_unload / unload: the trained model stays, LISA's bookkeeping and configs go
         if not merge:
             self._refuse_restore("unload() back to the original model")
+        elif safe_merge:
+            self._check_finite()
+        self._release()
+        forget_adapter_configs(self.model)
+        return self.model
+
+    def _release(self) -> None:
+        """Drop the gradient hooks, the checkpoint aliases and the marker (the trained weights stay)."""
         self._remove_hooks()
         for name in list(self._alias_targets):
             delattr(self, name)
         self._alias_targets.clear()
         if "lisa_marker" in self._modules:
             del self.lisa_marker
-        return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove the LISA adapter's bookkeeping; refused once anything has trained (the weights cannot go back).
@@ -370,7 +466,7 @@ class LisaModel(SwiftBaseTuner):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
         self._refuse_restore(f"delete adapter {adapter_name!r}")
-        self._unload_and_optionally_merge(merge=True)
+        self._release()
         del self.peft_config[adapter_name]
         self.active_adapter = []
 

@@ -7,9 +7,10 @@ import copy
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.cache_utils import Cache
 
 from ...compat import AuxiliaryTrainingWrapper
-from ...core.layer import SwiftTunerLayer
+from ...core.layer import SwiftTunerLayer, new_parameters_go_to_meta
 from ...core.rows import current_rows, plan_rows
 
 
@@ -27,30 +28,22 @@ class LlamaProLayer(SwiftTunerLayer):
 
     adapter_layer_names = ("llamapro_blocks",)
     tuner_name = "LLaMA-PRO"
+    # merging only marks the blocks: they cannot be folded into weights, and unloading keeps the marked ones
+    merges_by_marking = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.llamapro_blocks = nn.ModuleDict()
 
     def update_layer(self, adapter_name: str, num_blocks: int, output_projections: list[str]) -> None:
-        """Add ``num_blocks`` identity-initialised copies of the wrapped layer for ``adapter_name``."""
-        blocks = nn.ModuleList(new_block(self.base_layer, output_projections) for _ in range(num_blocks))
-        self.llamapro_blocks[adapter_name] = blocks
+        """Add ``num_blocks`` identity-initialised copies of the wrapped layer for ``adapter_name``.
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Mark the adapters' blocks as merged: ``merge_and_unload`` then keeps them as ordinary layers.
-
-        Args:
-            safe_merge: PEFT's flag; unused (the blocks are kept as they are, no arithmetic happens).
-            adapter_names: the adapters to merge; the active ones by default.
+        Inside PEFT's ``low_cpu_mem_usage`` (its ``init_empty_weights``) the copies' parameters are created on the
+        meta device, as every other adapter weight is there, to be filled by the checkpoint that is loaded next.
         """
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.llamapro_blocks and name not in self.merged_adapters:
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Forget the merge marks (the blocks never left the layer)."""
-        self.merged_adapters.clear()
+        on_meta = new_parameters_go_to_meta()
+        blocks = nn.ModuleList(new_block(self.base_layer, output_projections, on_meta) for _ in range(num_blocks))
+        self.llamapro_blocks[adapter_name] = blocks
 
     def forward(self, hidden_states, *args, **kwargs):
         output = self.base_layer(hidden_states, *args, **kwargs)
@@ -65,21 +58,45 @@ class LlamaProLayer(SwiftTunerLayer):
     def _blocks_rows(self, output, rows: tuple[str, ...], args: tuple, kwargs: dict):
         """Each row of a mixed batch continues through its own adapter's blocks; other rows skip them.
 
-        Every adapter's blocks run on the whole batch (their KV-cache slots are batch-wide), and each row keeps the
-        result of its own adapter.
+        Without a KV cache each adapter's blocks run on that adapter's rows only (the batch's work is one adapter's
+        blocks over the batch, however many adapters it holds). With a cache, whose slots are batch-wide, every
+        adapter's blocks run on the whole batch and each row keeps its own adapter's result.
         """
         hidden = output[0] if isinstance(output, tuple) else output
         plan = plan_rows(rows, self.llamapro_blocks, hidden.shape[0], "a LLaMA-PRO layer")
+        whole_batch = any(isinstance(value, Cache) for value in (*args, *kwargs.values()))
         result = hidden
         for k, name in enumerate(plan.adapters):
-            continued = output
-            for block in self.llamapro_blocks[name]:
-                continued = _run_block(block, continued, args, kwargs)
             chosen = plan.rows[plan.index == k]
+            if whole_batch:
+                continued, block_args, block_kwargs, pick = output, args, kwargs, chosen
+            else:
+                batch = hidden.shape[0]
+                continued = _rows_of(output, chosen, batch)
+                block_args, block_kwargs = _rows_of(args, chosen, batch), _rows_of(kwargs, chosen, batch)
+                pick = slice(None)
+            for block in self.llamapro_blocks[name]:
+                continued = _run_block(block, continued, block_args, block_kwargs)
             if result is hidden:
                 result = hidden.clone()
-            result[chosen] = (continued[0] if isinstance(continued, tuple) else continued)[chosen]
+            result[chosen] = (continued[0] if isinstance(continued, tuple) else continued)[pick]
         return (result, *output[1:]) if isinstance(output, tuple) else result
+
+
+#: decoder-layer keyword arguments that are not batch-first even when their length equals the batch size
+_NOT_BATCHED = frozenset({"cache_position"})
+
+
+def _rows_of(value, rows: torch.Tensor, batch: int):
+    """``value`` (a decoder layer's output, arguments or keyword arguments) cut to ``rows``: every tensor whose
+    first dimension is the batch; broadcast tensors (first dimension 1) and other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_rows_of(item, rows, batch) for item in value)
+    if isinstance(value, dict):
+        return {key: item if key in _NOT_BATCHED else _rows_of(item, rows, batch) for key, item in value.items()}
+    return value
 
 
 def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):
@@ -102,9 +119,15 @@ def _cast_floats(value, dtype: torch.dtype):
     return value
 
 
-def new_block(layer: nn.Module, output_projections: list[str]) -> nn.Module:
-    """A trainable copy of ``layer`` without other tuners' modules, its output projections zeroed."""
-    block = plain_copy(layer)
+def new_block(layer: nn.Module, output_projections: list[str], on_meta: bool = False) -> nn.Module:
+    """A trainable copy of ``layer`` without other tuners' modules, its output projections zeroed.
+
+    Args:
+        layer: the decoder layer to copy.
+        output_projections: names of the modules whose weight and bias are zeroed.
+        on_meta: give the copy meta parameters of the same shapes and dtypes instead of copied values.
+    """
+    block = plain_copy(layer, on_meta)
     with torch.no_grad():
         for name, module in block.named_modules():
             if name.rpartition(".")[2] in output_projections:
@@ -114,19 +137,22 @@ def new_block(layer: nn.Module, output_projections: list[str]) -> nn.Module:
     return block
 
 
-def plain_copy(module: nn.Module) -> nn.Module:
+def plain_copy(module: nn.Module, on_meta: bool = False) -> nn.Module:
     """A deep copy of ``module`` in which every tuner layer or wrapper is replaced by a copy of what it wraps.
 
     Copying the adapters of other tuners into a new block would duplicate their weights under keys nobody saves,
     so each wrapper is pre-seeded in ``deepcopy``'s memo with a copy of its original module (and configs with
-    themselves).
+    themselves). With ``on_meta`` the parameters are pre-seeded with meta tensors, so no value is copied.
     """
     if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-        return plain_copy(_original_of(module))
+        return plain_copy(_original_of(module), on_meta)
     memo: dict[int, object] = {}
+    if on_meta:
+        for param in module.parameters():
+            memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
     for sub in module.modules():
         if sub is not module and id(sub) not in memo and isinstance(sub, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-            memo[id(sub)] = plain_copy(_original_of(sub))
+            memo[id(sub)] = plain_copy(_original_of(sub), on_meta)
         # The model config is shared, not copied: the attention implementation and other settings read at run time
         # must stay the model's own in the new blocks.
         config = sub.__dict__.get("config")

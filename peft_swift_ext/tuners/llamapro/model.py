@@ -144,20 +144,6 @@ class LlamaProModel(SwiftBaseTuner):
         super().delete_adapter(adapter_name)
         self.remove_adapter_structures(adapter_name)
 
-    def _unload_and_optionally_merge(
-        self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
-    ) -> nn.Module:
-        if merge:
-            self._check_merge_allowed()
-        layers = self.model.get_submodule(self._layers_path)
-        for layer in layers:
-            if isinstance(layer, LlamaProLayer) and merge:
-                layer.merge(adapter_names=adapter_names)
-        self.finalize_unload(merged=merge)
-        return self.model
-
-    # --- ms-swift checkpoints --------------------------------------------------------------------------------------
-
 
 def find_layer_list(model: nn.Module, config: LlamaProConfig) -> tuple[str, nn.ModuleList]:
     """``(path, list)`` of the decoder layers: ``config.layers_path``, or the largest list of repeated blocks

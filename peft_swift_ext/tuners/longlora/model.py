@@ -14,6 +14,7 @@ from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ...core.lora_rows import install_row_hooks
 from ...core.paths import PatternMatcher
 from ...core.rows import adapter_rows, checked_row_names, merged_adapters
+from ...core.tuner import forget_adapter_configs
 from . import attention
 from .config import LongLoraConfig
 
@@ -142,6 +143,7 @@ class LongLoraModel(LoraModel):
                     setattr(self.model.get_submodule(parent_path), child, module.original_module)
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         self._restore_attention()
+        forget_adapter_configs(model)  # peft < 0.19 leaves them on the unloaded model
         return model
 
     def _restore_attention(self) -> None:

@@ -4,9 +4,11 @@ import contextlib
 from collections.abc import Iterator
 
 from peft import LoraModel
+from torch import nn
 
 from ...core.lora_rows import install_row_hooks
 from ...core.rows import adapter_rows, checked_row_names, merged_adapters
+from ...core.tuner import forget_adapter_configs
 
 
 class LoraPlusModel(LoraModel):
@@ -26,3 +28,8 @@ class LoraPlusModel(LoraModel):
         install_row_hooks(self.model)
         with adapter_rows(rows):
             yield
+
+    def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        forget_adapter_configs(model)  # peft < 0.19 leaves them on the unloaded model
+        return model

@@ -47,6 +47,8 @@ class NEFTuneEmbedding(SwiftTunerLayer):
 
     adapter_layer_names = ("neftune_noise",)
     tuner_name = "NEFTune"
+    # the noise is a training-time regulariser with no weights: "merging" only switches it off
+    merges_by_marking = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -60,22 +62,6 @@ class NEFTuneEmbedding(SwiftTunerLayer):
             noise_alpha: NEFTune's alpha (noise magnitude ``alpha / sqrt(seq_len * dim)``).
         """
         self.neftune_noise[adapter_name] = NEFTuneNoise(noise_alpha)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Switch the adapters' noise off; there are no weights to fold in.
-
-        Args:
-            safe_merge: PEFT's flag; unused (nothing is computed).
-            adapter_names: the adapters to merge; the active ones by default.
-        """
-        # The noise is a training-time regulariser with no weights: "merging" only switches it off.
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.neftune_noise and name not in self.merged_adapters:
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Switch the noise of every merged adapter back on."""
-        self.merged_adapters.clear()
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         output = self.base_layer(*args, **kwargs)

@@ -52,6 +52,7 @@ class PromptLayer(SwiftTunerLayer):
     """
 
     adapter_layer_names = ("prompt_token",)
+    other_param_names = ("prompt_settings",)
     tuner_name = "Prompt"
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:

@@ -30,6 +30,10 @@ class PromptModel(SwiftBaseTuner):
         self._targets = {**getattr(self, "_targets", {}), adapter_name: [canonical_path(t) for t in targets]}
         return targets
 
+    def _finish_injection(self, model: nn.Module, adapter_name: str) -> None:
+        # the planned target list is only needed while the adapter is injected
+        self._targets.pop(adapter_name, None)
+
     def _validate_target(self, module: nn.Module, name: str, config: PromptConfig) -> None:
         super()._validate_target(module, name, config)
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module

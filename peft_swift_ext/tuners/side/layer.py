@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...compat import move_adapter_to_base_device
-from ...core.layer import SwiftTunerLayer
+from ...core.layer import SwiftTunerLayer, device_and_dtype
 from ...core.rows import current_rows, per_row, plan_rows, split_plan, structure_key
 from ...core.slots import ArgumentSlot, Position, output_value, replace_output_value
 from .networks import SIDE_NETWORKS
@@ -26,6 +26,7 @@ class SideLayer(SwiftTunerLayer):
     """
 
     adapter_layer_names = ("side_net", "side_alpha")
+    other_param_names = ("source_hidden_pos", "target_hidden_pos")
     tuner_name = "Side"
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:
@@ -166,6 +167,13 @@ class SideLayer(SwiftTunerLayer):
         if isinstance(self.base_layer, RootCall):
             detach_from_root(self.base_layer.forward.__self__)
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        # On the root the wrapped module is a RootCall, which holds no tensors: the root model's own decide.
+        if isinstance(base_layer, RootCall):
+            root, own = base_layer.root, {id(t) for t in (*self.parameters(), *self.buffers())}
+            return device_and_dtype(t for t in (*root.parameters(), *root.buffers()) if id(t) not in own)
+        return super()._get_base_layer_device_and_dtype(base_layer)
+
     def blend(self, adapter_name: str, source: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
         """``σ(α)·main + (1-σ(α))·side_net(source)`` in the side network's dtype, returned in ``main``'s dtype."""
         alpha = self.side_alpha[adapter_name]
@@ -218,6 +226,11 @@ class RootCall(nn.Module):
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
         self.forward = type(root).forward.__get__(root)
+
+    @property
+    def root(self) -> nn.Module:
+        """The model this stands in for."""
+        return self.forward.__self__
 
 
 class RoutedForward:
