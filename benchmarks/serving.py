@@ -10,7 +10,9 @@ The figure is ``8 adapters / one adapter`` for that tuner, on one machine in one
 LoRA (``PeftModel(..., adapter_names=...)``, which runs one sub-batch per adapter in a loop) is measured beside
 ours as the anchor. LLM tuners run on SmolLM2-135M's architecture (30 layers, width 576, random weights) over a
 16 x 64-token prefill; SCEdit, a diffusion tuner, runs on a UNet with SD-like blocks (16 latents of 32 x 32).
-NEFTune is left out: it adds noise only in training, and a mixed batch is inference only.
+NEFTune is left out: it adds noise only in training, and a mixed batch is inference only. LLaMA-PRO is measured
+with and without the KV cache: with one (as ``generate`` runs), every adapter of the batch runs its new blocks on
+the whole batch, since the cache's slots span the batch.
 
 Writes ``benchmarks/results/serving.json``.
 
@@ -196,6 +198,14 @@ def measure(quick: bool) -> dict:
             model, tokens, names, lambda model=model: model.set_active_adapters([names[0]]), repeats
         )
         print(f"{tuner:20s} {results[tuner]['ratio']:.3f}", flush=True)
+        if tuner == "llamapro":  # its rows split by adapter only where no KV cache spans the batch
+            results["llamapro (use_cache=False)"] = mixed_vs_single(
+                model,
+                {**tokens, "use_cache": False},
+                names,
+                lambda model=model: model.set_active_adapters([names[0]]),
+                repeats,
+            )
         del model
     model_unet, latents, skip_widths = unet(quick)
     model = swift_model(
