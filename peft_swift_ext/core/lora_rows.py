@@ -12,13 +12,15 @@ The hooks doing this are installed once per layer and act only inside a mixed ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..compat import ModulesToSaveWrapper
-from .rows import BASE, RowPlan, current_rows, per_row, plan_rows, split_plan, structure_key
+from .rows import BASE, RowPlan, current_rows, per_row, plan_rows, rows_state, split_plan, structure_key
 
 _HOOKED = "_peft_swift_ext_row_hooks"
 
@@ -56,13 +58,52 @@ def install_row_hooks(model: nn.Module) -> None:
         module.__dict__[_HOOKED] = True
 
 
-def _held(layer: LoraLayer) -> set[str]:
-    return set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {}))
+@dataclass(frozen=True)
+class _LayerRows:
+    """What one LoRA layer does in one mixed-batch call, worked out at its first step and reused at every later
+    one (a ``generate`` calls each layer once per token; the adapters cannot change during an inference call).
+
+    Args:
+        batched: the layer adds the rows' adapters itself; otherwise PEFT's per-adapter path runs them.
+        names: the per-row names passed to PEFT's forward as ``adapter_names``.
+        groups: for a batched layer, ``(rows, every_row, A, B, scaling)`` per group of same-shaped adapters, the
+            matrices gathered per row.
+        per_module: adapters with a bias on ``lora_B`` go through :func:`per_row` instead.
+    """
+
+    batched: bool
+    names: list[str]
+    groups: tuple = ()
+    per_module: bool = False
 
 
-def _batched(layer: LoraLayer, rows: tuple[str, ...]) -> bool:
-    named = _held(layer) & set(rows)
-    return type(layer) is LoraLinear and not any(layer.use_dora.get(name, False) for name in named)
+def _layer_rows(layer: LoraLayer, rows: tuple[str, ...]) -> _LayerRows:
+    memo = rows_state().setdefault("lora_layers", {})
+    found = memo.get(id(layer))  # the layer lives through the call (the structure lock), so its id is stable
+    if found is None:
+        found = memo[id(layer)] = _plan_layer(layer, rows)
+    return found
+
+
+def _plan_layer(layer: LoraLayer, rows: tuple[str, ...]) -> _LayerRows:
+    held = set(layer.lora_A) | set(getattr(layer, "lora_embedding_A", {}))
+    named = held & set(rows)
+    batched = type(layer) is LoraLinear and not any(layer.use_dora.get(name, False) for name in named)
+    if not batched:
+        return _LayerRows(False, [name if name in held else BASE for name in rows])
+    plan = plan_rows(rows, layer.lora_A, len(rows), "a LoRA layer")
+    biased = getattr(layer, "lora_bias", {})  # peft >= 0.14: a trainable bias on lora_B
+    if any(biased.get(name, False) for name in plan.adapters):
+        return _LayerRows(True, [BASE] * len(rows), (plan,), per_module=True)
+    groups = []
+    for group in split_plan(plan, lambda name: (layer.lora_A[name].weight.shape, layer.lora_B[name].weight.shape)):
+        names = group.adapters
+        weight_a = torch.stack([layer.lora_A[name].weight for name in names])[group.index]  # (rows, r, in)
+        weight_b = torch.stack([layer.lora_B[name].weight for name in names])[group.index]  # (rows, out, r)
+        scaling = weight_a.new_tensor([float(layer.scaling[name]) for name in names])[group.index]
+        every_row = group.rows.shape[0] == len(rows)  # rows are listed in order, so all of them is the identity
+        groups.append((group.rows.to(weight_a.device), every_row, weight_a, weight_b, scaling))
+    return _LayerRows(True, [BASE] * len(rows), tuple(groups))
 
 
 def _lora_names(layer: LoraLayer, args: tuple, kwargs: dict):
@@ -71,42 +112,30 @@ def _lora_names(layer: LoraLayer, args: tuple, kwargs: dict):
     rows = current_rows()
     if rows is None:
         return None
-    held = _held(layer)
-    names = [BASE] * len(rows) if _batched(layer, rows) else [name if name in held else BASE for name in rows]
-    return args, {**kwargs, "adapter_names": names}
+    return args, {**kwargs, "adapter_names": _layer_rows(layer, rows).names}
 
 
 def _lora_rows(layer: LoraLayer, args: tuple, kwargs: dict, output):
     rows = current_rows()
-    if rows is None or not _batched(layer, rows):
+    if rows is None:
         return None
     x = args[0]
-    plan = plan_rows(rows, layer.lora_A, x.shape[0], "a LoRA layer")
-    if not plan:
-        return output
-    biased = getattr(layer, "lora_bias", {})  # peft >= 0.14: a trainable bias on lora_B
-    if any(biased.get(name, False) for name in plan.adapters):
-        return _lora_rows_per_module(layer, plan, x, output)
-    for group in split_plan(plan, lambda name: (layer.lora_A[name].weight.shape, layer.lora_B[name].weight.shape)):
-        every_row = group.rows.shape[0] == x.shape[0]  # rows are listed in order, so all of them is the identity
-        delta = _stacked_lora_delta(layer, group, x if every_row else x[group.rows]).to(output.dtype)
-        output = output + delta if every_row else output.index_add(0, group.rows.to(output.device), delta)
+    if x.shape[0] != len(rows):
+        raise ValueError(f"adapter_names has {len(rows)} entries but a LoRA layer received {x.shape[0]} rows")
+    work = _layer_rows(layer, rows)
+    if not work.batched:
+        return None
+    if work.per_module:
+        return _lora_rows_per_module(layer, work.groups[0], x, output)
+    for rows_of_group, every_row, weight_a, weight_b, scaling in work.groups:
+        # scaling_k · B_k A_k x for each row: two batched products with the row's own matrices (gathered per row:
+        # r is small, so this copies far less than grouping the rows' inputs by adapter would)
+        part = x if every_row else x[rows_of_group]
+        flat = part.to(weight_a.dtype).reshape(part.shape[0], -1, part.shape[-1])  # (rows, tokens, in)
+        delta = torch.bmm(torch.bmm(flat, weight_a.transpose(1, 2)), weight_b.transpose(1, 2)) * scaling[:, None, None]
+        delta = delta.reshape(*part.shape[:-1], delta.shape[-1]).to(output.dtype)
+        output = output + delta if every_row else output.index_add(0, rows_of_group, delta)
     return output
-
-
-def _stacked_lora_delta(layer: LoraLayer, group: RowPlan, x: torch.Tensor) -> torch.Tensor:
-    """``scaling_k · B_k A_k x`` for each row, with ``k`` the row's adapter: two batched matrix products, each row
-    multiplied by its own adapter's matrices (gathered per row: ``r`` is small, so this copies far less than
-    grouping the rows' inputs by adapter would)."""
-    names = group.adapters
-    index = group.index.to(x.device)
-    weight_a = torch.stack([layer.lora_A[name].weight for name in names])[index]  # (rows, r, in)
-    weight_b = torch.stack([layer.lora_B[name].weight for name in names])[index]  # (rows, out, r)
-    scaling = weight_a.new_tensor([float(layer.scaling[name]) for name in names])[index]
-    flat = x.to(weight_a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
-    delta = torch.bmm(torch.bmm(flat, weight_a.transpose(1, 2)), weight_b.transpose(1, 2))
-    delta = delta * scaling[:, None, None]
-    return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
 def _lora_rows_per_module(layer: LoraLayer, plan: RowPlan, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -178,13 +178,18 @@ def plan_rows(names: Sequence[str], owned: Iterable[str], batch: int, where: str
     """
     if len(names) != batch:
         raise ValueError(f"adapter_names has {len(names)} entries but {where} received a batch of {batch} rows")
-    owned = set(owned)
-    adapters = tuple(dict.fromkeys(name for name in names if name in owned))
-    position = {name: k for k, name in enumerate(adapters)}
-    chosen = [(row, position[name]) for row, name in enumerate(names) if name in position]
-    rows = torch.tensor([row for row, _ in chosen], dtype=torch.long)
-    index = torch.tensor([k for _, k in chosen], dtype=torch.long)
-    return RowPlan(adapters, rows, index)
+    owned = frozenset(owned)
+    # every layer holding the same adapters gets the same plan, at every step of a generate: made once per call
+    memo = rows_state().setdefault("plans", {})
+    key = (tuple(names), owned)
+    if key not in memo:
+        adapters = tuple(dict.fromkeys(name for name in names if name in owned))
+        position = {name: k for k, name in enumerate(adapters)}
+        chosen = [(row, position[name]) for row, name in enumerate(names) if name in position]
+        rows = torch.tensor([row for row, _ in chosen], dtype=torch.long)
+        index = torch.tensor([k for _, k in chosen], dtype=torch.long)
+        memo[key] = RowPlan(adapters, rows, index)
+    return memo[key]
 
 
 #: Rows go adapter-major (each adapter's rows padded to the largest group) when an adapter's weights outweigh a
