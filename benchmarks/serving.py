@@ -6,13 +6,14 @@ For each tuner, one model holds 8 adapters of that tuner. The same 16-row batch 
 - ``one adapter``: one adapter active, no ``adapter_names`` (what a single-adapter server runs);
 - ``8 adapters``: ``adapter_names`` names the 8 adapters in turn, two rows each.
 
-The figure is ``8 adapters / one adapter`` for that tuner, on one machine in one run. PEFT's own mixed-batch
-LoRA (``PeftModel(..., adapter_names=...)``, which runs one sub-batch per adapter in a loop) is measured beside
-ours as the anchor. LLM tuners run on SmolLM2-135M's architecture (30 layers, width 576, random weights) over a
-16 x 64-token prefill; SCEdit, a diffusion tuner, runs on a UNet with SD-like blocks (16 latents of 32 x 32).
-NEFTune is left out: it adds noise only in training, and a mixed batch is inference only. LLaMA-PRO is measured
-with and without the KV cache: with one (as ``generate`` runs), every adapter of the batch runs its new blocks on
-the whole batch, since the cache's slots span the batch.
+The figure is ``8 adapters / one adapter`` for that tuner, on one machine in one run. PEFT's own mixed-batch LoRA
+(``PeftModel(..., adapter_names=...)``, which runs one sub-batch per adapter in a loop) is the anchor: it and our
+LoRA are measured in one group, all four runs interleaved, so their figures compare directly. LLM tuners run on
+SmolLM2-135M's architecture (30 layers, width 576, random weights) over a 16 x 64-token prefill; SCEdit, a
+diffusion tuner, runs on a UNet with SD-like blocks (16 latents of 32 x 32). NEFTune is left out: it adds noise
+only in training, and a mixed batch is inference only. LLaMA-PRO is measured with and without the KV cache: with
+one (as ``generate`` runs), every adapter of the batch runs its new blocks on the whole batch, since the cache's
+slots span the batch.
 
 Writes ``benchmarks/results/serving.json``.
 
@@ -23,6 +24,7 @@ Writes ``benchmarks/results/serving.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -162,6 +164,30 @@ def mixed_vs_single(model, inputs: dict, names: list[str], select_one: Callable[
     return {"seconds": seconds, "ratio": seconds["mixed"] / seconds["one_adapter"]}
 
 
+def side_by_side(models: list[tuple], inputs: dict, names: list[str], repeats: int) -> list[dict]:
+    """:func:`mixed_vs_single` for several ``(model, select_one)`` pairs, all four-way interleaved in one group."""
+    rows = [names[i % len(names)] for i in range(ROWS)]
+    runs: dict[str, Callable[[], None]] = {}
+    for index, (model, select_one) in enumerate(models):
+
+        def single(model=model, select_one=select_one) -> None:
+            select_one()
+            with torch.no_grad():
+                model(**inputs)
+
+        def mixed(model=model) -> None:
+            with torch.no_grad():
+                model(**inputs, adapter_names=rows)
+
+        runs[f"{index}/one_adapter"], runs[f"{index}/mixed"] = single, mixed
+    seconds = paired_medians(runs, repeats)
+    out = []
+    for index in range(len(models)):
+        pair = {"one_adapter": seconds[f"{index}/one_adapter"], "mixed": seconds[f"{index}/mixed"]}
+        out.append({"seconds": pair, "ratio": pair["mixed"] / pair["one_adapter"]})
+    return out
+
+
 def swift_model(base: torch.nn.Module, make: Callable[[], PeftConfig], names: list[str]):
     """A SwiftModel with one adapter of ``make`` per name, in eval mode, the first one active."""
     model = Swift.prepare_model(base, {name: make() for name in names}).eval()
@@ -179,20 +205,32 @@ def measure(quick: bool) -> dict:
 
     def base() -> LlamaForCausalLM:
         torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
+        # a copy: LLaMA-PRO grows its model's config, which must not change the next model's shape
+        return LlamaForCausalLM(copy.deepcopy(config)).eval()
 
     results: dict[str, dict] = {}
-    # the anchor: PEFT's mixed-batch LoRA, one sub-batch per adapter
+    # the anchor: PEFT's mixed-batch LoRA (one sub-batch per adapter), interleaved with our LoRA in one group so
+    # that neither side gets the other's warm-up or a quieter stretch of the machine
     lora = llm_configs(config.hidden_size)["lora"]
     peft_model = get_peft_model(base(), lora(), adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, lora())
     peft_model.eval()
-    results["peft_lora (anchor)"] = mixed_vs_single(
-        peft_model, tokens, names, lambda model=peft_model: model.set_adapter(names[0]), repeats
+    ours = swift_model(base(), lora, names)
+    results["peft_lora (anchor)"], results["lora"] = side_by_side(
+        [
+            (peft_model, lambda model=peft_model: model.set_adapter(names[0])),
+            (ours, lambda model=ours: model.set_active_adapters([names[0]])),
+        ],
+        tokens,
+        names,
+        repeats,
     )
-    del peft_model
+    print(f"{'peft_lora (anchor)':20s} {results['peft_lora (anchor)']['ratio']:.3f}", flush=True)
+    del peft_model, ours
     for tuner, make in llm_configs(config.hidden_size).items():
+        if tuner in results:
+            continue
         model = swift_model(base(), make, names)
         results[tuner] = mixed_vs_single(
             model, tokens, names, lambda model=model: model.set_active_adapters([names[0]]), repeats
