@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
 from collections.abc import Iterator, Sequence
 
 _SCOPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("scoped_adapters", default=None)
-# Blocks open in the process: layers read the context variable only when one is (torch.compile cannot trace
-# ContextVar.get, but traces a module-level int, so a forward outside any block stays one graph).
-_OPEN = 0
-_OPEN_LOCK = threading.Lock()
 
 
 class ScopeToken:
-    """Identifies one tuner's layers in a scope (copied along with the model, so a copy has its own)."""
+    """Identifies one tuner's layers in a scope (copied along with the model, so a copy has its own).
 
-    __slots__ = ()
+    ``used`` turns true with the first block opened for it: its layers read the context variable only from then
+    on, since torch.compile cannot trace ``ContextVar.get`` but traces an attribute, so a model never scoped stays
+    one graph. It is never cleared: a task started inside a block keeps the block's choice after the block ends.
+    """
+
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        self.used = False
 
 
 @contextlib.contextmanager
@@ -32,16 +35,12 @@ def scoped(token: ScopeToken, names: Sequence[str]) -> Iterator[None]:
         token: the tuner's token.
         names: the adapters to run.
     """
-    global _OPEN
     current = _SCOPES.get() or {}
     reset = _SCOPES.set({**current, token: tuple(dict.fromkeys(names))})
-    with _OPEN_LOCK:
-        _OPEN += 1
+    token.used = True
     try:
         yield
     finally:
-        with _OPEN_LOCK:
-            _OPEN -= 1
         _SCOPES.reset(reset)
 
 
@@ -51,5 +50,7 @@ def scoped_adapters(token: ScopeToken | None) -> tuple[str, ...] | None:
     Args:
         token: a layer's token (None: the layer is in no tuner that scopes).
     """
-    scopes = _SCOPES.get() if _OPEN else None
-    return None if scopes is None or token is None else scopes.get(token)
+    if token is None or not token.used:
+        return None
+    scopes = _SCOPES.get()
+    return None if scopes is None else scopes.get(token)

@@ -123,14 +123,14 @@ class ActivationState:
         self._scope: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
             "scoped_adapters", default=None
         )
-        # Blocks open on this state in any thread: current() reads the context variable only when one is, since
-        # torch.compile cannot trace ContextVar.get (a graph break in every layer) but traces an int attribute.
-        self._open_scopes = 0
-        self._count_lock = threading.Lock()
+        # Set by the first scoped() block on this state: current() reads the context variable only from then on,
+        # since torch.compile cannot trace ContextVar.get (a graph break in every layer) but traces a bool
+        # attribute. Never cleared: a task started inside a block keeps the block's selection after it ends.
+        self._scopes_used = False
 
     def current(self) -> tuple[str, ...]:
         """The active adapter names for the calling context, in activation order."""
-        scoped = self._scope.get() if self._open_scopes else None  # see scoped(): compile-friendly
+        scoped = self._scope.get() if self._scopes_used else None  # see _new_context_vars: compile-friendly
         if scoped is not None:
             return scoped
         return self._local.get() if self.per_thread else self._shared
@@ -143,7 +143,7 @@ class ActivationState:
             names: the adapters to make active, in order (duplicates dropped).
         """
         names = tuple(dict.fromkeys(names))
-        if self._open_scopes and self._scope.get() is not None:
+        if self._scopes_used and self._scope.get() is not None:
             self._scope.set(names)
         elif self.per_thread:
             self._local.set(names)
@@ -158,13 +158,10 @@ class ActivationState:
             names: the adapters to make active, in order.
         """
         token = self._scope.set(tuple(dict.fromkeys(names)))
-        with self._count_lock:
-            self._open_scopes += 1
+        self._scopes_used = True
         try:
             yield
         finally:
-            with self._count_lock:
-                self._open_scopes -= 1
             self._scope.reset(token)
 
     def activate(self, name: str) -> None:

@@ -123,3 +123,25 @@ def test_64_concurrent_tasks_and_threads_each_see_their_own_adapters(build):
     asyncio.run(main())
     assert len(done) == 64 * 50
     assert not mismatches, f"{len(mismatches)} requests saw another request's adapters: {mismatches[:5]}"
+
+
+@pytest.mark.parametrize("build", [_peft_model, _swift_model], ids=["peft", "swift"])
+def test_a_task_started_in_a_scope_keeps_its_adapters_after_the_block_ends(build):
+    # contextvars semantics: a task copies its context when created, so it runs the block's adapters even when
+    # it runs after the block has closed and no other block is open anywhere in the process
+    model = build()
+    ids = torch.arange(6)[None]
+    refs = _references(model, [ids])
+
+    async def forward() -> torch.Tensor:
+        await asyncio.sleep(0)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    async def main() -> torch.Tensor:
+        with _scope(model, ["b"]):
+            task = asyncio.create_task(forward())
+        return await task
+
+    assert torch.equal(asyncio.run(main()), refs[("b",), 0])
+    assert not torch.equal(refs[("b",), 0], refs[("a",), 0])
