@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
     names = list(engine.adapters)
+    # listening before the line that tells clients the port is ready (uvicorn's own listen() is then a no-op)
+    sock.listen(2048)
     print(f"serving {len(names)} adapter(s) {names} ({engine.backend}) on http://{shown}:{port}", flush=True)
     config = uvicorn.Config(create_app(engine, settings), log_level="info", access_log=args.access_log)
     uvicorn.Server(config).run(sockets=[sock])

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..swift import Swift
 from .engine import BASE_MODEL_NAME, Engine, Row
@@ -129,9 +130,14 @@ def attach_adapters(
         from peft import PeftModel
 
         names = list(adapters)
-        wrapped = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            wrapped.load_adapter(adapters[name], adapter_name=name)
+        loading = names[0]
+        try:
+            wrapped = PeftModel.from_pretrained(model, adapters[loading], adapter_name=loading)
+            for loading in names[1:]:
+                wrapped.load_adapter(adapters[loading], adapter_name=loading)
+        except SafetensorError as error:  # PEFT's loader lets the reader's own error type through
+            folder = adapters[loading]
+            raise ValueError(f"--adapters: {folder} holds an unreadable safetensors file: {error}") from None
         return wrapped.eval()
     raise ValueError(f"backend must be 'peft' or 'swift', got {backend!r}")
 

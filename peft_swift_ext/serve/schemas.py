@@ -136,6 +136,8 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # arrays or objects nested thousands deep, well under the size limit
+        raise RequestError("the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(f"the body must be a JSON object, got {_json_type(data)}")
     try:

@@ -56,12 +56,12 @@ class ServerProcess:
                 raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log()}")
             match = LISTENING.search(self.log())
             if match:
+                # the line comes once the socket listens: the first connection is accepted, with no retry
                 url = f"http://127.0.0.1:{match.group(1)}"
-                try:
-                    if request(url + "/health", timeout=5)[0] == 200:
-                        return url
-                except OSError:
-                    pass  # bound but not accepting yet
+                status, answer = request(url + "/health", timeout=60)
+                if status != 200:
+                    raise RuntimeError(f"/health answered {status}: {answer}\n{self.log()}")
+                return url
             time.sleep(0.2)
         raise RuntimeError(f"the server did not become healthy in {timeout} s:\n{self.log()}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -78,3 +79,14 @@ def test_a_model_without_per_row_adapters_fails_at_start_up(serving_files):
 def test_the_swift_backend_serves_mixed_batches(serving_files):
     engine = load_engine(*serving_files, backend="swift")
     assert engine.backend == "swift"
+
+
+def test_an_unreadable_weights_file_is_named_at_start_up(lora_serving_files, tmp_path):
+    # PEFT's loader lets the safetensors reader's own exception type through; the server names the folder instead
+    model_dir, adapters_dir = lora_serving_files
+    broken = tmp_path / "adapters"
+    shutil.copytree(adapters_dir, broken)
+    (weights,) = (broken / "beta").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"--adapters: .*beta holds an unreadable safetensors file"):
+        load_engine(model_dir, broken, backend="peft")

@@ -68,6 +68,8 @@ BAD_REQUESTS = [
     (b'{"model": "alpha", "prompt": "hi",', 400, None, "not valid JSON"),
     (b'["alpha", "hi"]', 400, None, "must be a JSON object"),
     (b"\xff\xfe", 400, None, "not valid JSON"),
+    # 200 KB, under the size limit, nested deeper than Python's JSON decoder recurses
+    (b'{"model": "alpha", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "nested"),
 ]
 
 
