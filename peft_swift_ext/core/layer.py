@@ -43,6 +43,12 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
     #: means: LLaMA-PRO keeps running its blocks, NEFTune stops its noise); False: merging is refused.
     merges_by_marking = False
 
+    def adapters_passing_tokens_on(self) -> list[str]:
+        """This layer's adapters whose output carries tokens its caller's masks and positions do not cover (deep
+        prompts between their first and last layer); a module run on that output with the caller's arguments would
+        not fit it. None for most tuners."""
+        return []
+
     def __init__(self, base_layer: nn.Module) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer

@@ -13,11 +13,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from peft_swift_ext import Swift
+from peft_swift_ext import LlamaProConfig, PromptConfig, Swift
 from peft_swift_ext.tuners.adapter.layer import AdapterLayer
 
 from ..helpers import state_hash
 from ..swift_fixtures import FIXTURES, load_case, run_case
+from ..tiny_models import tiny_llama
 from .harness import ATOL, VISIBLE, build, equal, forward, randomized, reference
 
 
@@ -141,3 +142,57 @@ def test_merging_one_of_two_active_adapters_in_one_lora_layer_is_refused():
     expected = forward(model, "llama")
     model.merge(adapter_names=["o_lora", "o_loraplus"])
     torch.testing.assert_close(forward(model, "llama"), expected, atol=ATOL, rtol=0)
+
+
+def _deep_prompt(width: int) -> PromptConfig:
+    return PromptConfig(
+        dim=width,
+        target_modules=r"model\.layers\.\d+",
+        embedding_pos=0,
+        attention_mask_pos="attention_mask",
+        position_embeddings_pos="position_embeddings",
+        prompt_length=4,
+        extract_embedding=True,
+    )
+
+
+def test_llamapro_blocks_after_a_layer_that_passes_prompt_tokens_on_are_refused_before_any_change():
+    # The blocks would run on the prompted hidden states (sequence + 4) with the model's own masks and rotary tables
+    # (sequence): every forward failed deep in attention. Refused by name, with the order that works.
+    base = tiny_llama(num_layers=4)
+    width = base.config.hidden_size
+    ids = torch.arange(9)[None].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    model = Swift.prepare_model(base, {"prompt": _deep_prompt(width)}).eval()
+    before, modules_before = state_hash(model), [name for name, _ in model.named_modules()]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    refused = r"cannot add blocks after 'model\.layers\.1'.*add the LLaMA-PRO adapter before"
+    with pytest.raises(ValueError, match=refused):
+        model.add_adapter("pro", LlamaProConfig(num_new_blocks=2))
+    assert state_hash(model) == before and [name for name, _ in model.named_modules()] == modules_before
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
+    with pytest.raises(ValueError, match="add the LLaMA-PRO adapter before"):
+        Swift.prepare_model(
+            tiny_llama(num_layers=4), {"p": _deep_prompt(width), "pro": LlamaProConfig(num_new_blocks=2)}
+        )
+
+
+def test_llamapro_added_before_deep_prompts_runs_its_blocks_inside_the_prompted_layers():
+    # the order the refusal names: the prompt layers wrap the blocks, which get the prompts' masks and positions
+    base = tiny_llama(num_layers=4)
+    ids = torch.arange(9)[None].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    configs = {"pro": LlamaProConfig(num_new_blocks=2), "prompt": _deep_prompt(base.config.hidden_size)}
+    model = Swift.prepare_model(base, configs).eval()
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.2)
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask).logits
+        model.set_active_adapters(["prompt"])
+        prompt_only = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(both).all() and (both - prompt_only).abs().max() > 1e-4

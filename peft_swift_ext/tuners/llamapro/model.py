@@ -6,6 +6,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.decoder_layers import find_decoder_layers
+from ...core.layer import SwiftTunerLayer
 from ...core.tuner import SwiftBaseTuner
 from .config import LlamaProConfig
 from .layer import LlamaProLayer, output_projection_names, set_layer_index
@@ -39,6 +40,7 @@ class LlamaProModel(SwiftBaseTuner):
         plan = expansion_plan(len(layers), config)
         for index in plan:
             check_expandable(layers[index], f"{path}.{index}", config)
+            check_no_tokens_passed_on(layers[index], f"{path}.{index}")
         if not hasattr(self, "_original_text_config"):
             text_config = _text_config(model)
             self._layers_path = path
@@ -189,6 +191,26 @@ def check_expandable(layer: nn.Module, name: str, config: LlamaProConfig) -> Non
     merged = [type(m).__name__ for m in base.modules() if isinstance(m, BaseTunerLayer) and m.merged]
     if merged:
         raise ValueError(f"'{name}' holds merged adapters ({', '.join(merged)}); unmerge them before adding LLaMA-PRO")
+
+
+def check_no_tokens_passed_on(layer: nn.Module, name: str) -> None:
+    """Raise before any change if the new blocks would wrap a layer whose output carries tokens (deep prompts)
+    that the arguments the blocks get (the model's masks and positions) do not cover.
+
+    Added first, LLaMA-PRO works with prompts: a Prompt adapter added later wraps the layer with its blocks, so
+    they get its extended masks and positions too.
+    """
+    module = layer
+    while isinstance(module, BaseTunerLayer) and not isinstance(module, LlamaProLayer):
+        passing = module.adapters_passing_tokens_on() if isinstance(module, SwiftTunerLayer) else []
+        if passing:
+            raise ValueError(
+                f"LLaMA-PRO cannot add blocks after '{name}': its {module.tuner_name} adapter(s) {passing} pass "
+                "their tokens on to the next layer, and the new blocks would get them without the masks and "
+                f"positions that cover them; add the LLaMA-PRO adapter before {passing} (the {module.tuner_name} "
+                "layer then wraps the new blocks too)"
+            )
+        module = module.base_layer
 
 
 def _text_config(model: nn.Module):

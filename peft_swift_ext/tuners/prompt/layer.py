@@ -71,6 +71,10 @@ class PromptLayer(SwiftTunerLayer):
         self.prompt_settings[adapter_name] = settings
         move_adapter_to_base_device(self, adapter_name)
 
+    def adapters_passing_tokens_on(self) -> list[str]:
+        """The adapters whose tokens stay in this layer's output (every layer but an extracting last one)."""
+        return [name for name, setting in self.prompt_settings.items() if not setting.extracts]
+
     def forward(self, *args, **kwargs):
         rows = current_rows()
         if rows is not None:
