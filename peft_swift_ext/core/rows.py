@@ -59,8 +59,38 @@ def rows_state() -> dict:
     return {} if state is None else state
 
 
+#: the arguments whose first dimension is the batch, in the order they are looked for
+_BATCHED_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "sample", "input_values", "input_features")
+
+
+def check_rows_fit_batch(names: Sequence[str], call_args: tuple, call_kwargs: dict) -> None:
+    """Refuse a call whose batch has another number of rows than ``names`` (when the batch can be seen).
+
+    Args:
+        names: one adapter name per row.
+        call_args: the call's positional arguments (the first tensor among them is the batch, if no keyword is).
+        call_kwargs: the call's keyword arguments (``input_ids``, ``inputs_embeds``, ``pixel_values``, ...).
+
+    Raises:
+        ValueError: naming both counts.
+    """
+    batch = next((call_kwargs[key] for key in _BATCHED_INPUTS if torch.is_tensor(call_kwargs.get(key))), None)
+    if batch is None:
+        batch = next((value for value in call_args if torch.is_tensor(value)), None)
+    if batch is not None and batch.dim() > 0 and batch.shape[0] != len(names):
+        raise ValueError(
+            f"adapter_names has {len(names)} name(s) but the batch has {batch.shape[0]} row(s); give one adapter "
+            f"name (or {BASE!r}) per row"
+        )
+
+
 def checked_row_names(
-    adapter_names: object, known: Iterable[str], training: bool, merged: Iterable[str], call_kwargs: dict
+    adapter_names: object,
+    known: Iterable[str],
+    training: bool,
+    merged: Iterable[str],
+    call_kwargs: dict,
+    call_args: tuple = (),
 ) -> tuple[str, ...]:
     """Check a call's ``adapter_names`` before anything runs, and repeat each for beam search.
 
@@ -69,10 +99,13 @@ def checked_row_names(
         known: the adapters rows may name.
         training: whether the model is in training mode (mixed batches are for inference, as in PEFT).
         merged: the adapters merged into the base weights (then no row could run without them).
-        call_kwargs: the call's other arguments (``num_beams`` repeats each row's name).
+        call_kwargs: the call's other arguments (``num_beams`` repeats each row's name; the inputs give the
+            batch's row count, which must match).
+        call_args: the call's positional arguments (the batch, when it is passed positionally).
 
     Raises:
-        ValueError: naming the unknown adapters, or why mixed batches are refused now.
+        ValueError: naming the unknown adapters, a row count that differs from the batch's, or why mixed batches
+            are refused now.
     """
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
@@ -88,10 +121,30 @@ def checked_row_names(
     unknown = sorted({name for name in names if name != BASE and name not in known})
     if unknown:
         raise ValueError(f"adapter_names names unknown adapter(s) {unknown}; this model has {sorted(known)}")
+    check_rows_fit_batch(names, call_args, call_kwargs)
     beams = call_kwargs.get("num_beams")
     if isinstance(beams, int) and beams > 1:
         names = tuple(name for name in names for _ in range(beams))
     return names
+
+
+class RowCountCheck:
+    """Mixin for a tuner model (before PEFT's ``BaseTuner`` in the bases): a mixed-adapter forward whose batch has
+    another number of rows than ``adapter_names`` is refused before the model runs. PEFT's task models hand the
+    inputs to the tuner's ``forward``, not to the hooks that read ``adapter_names``, so the count is checked here.
+    """
+
+    def forward(self, *args, **kwargs):
+        """The tuner's forward, after checking a running mixed batch's row count against the inputs.
+
+        Args:
+            *args (Any): passed on to the model.
+            **kwargs (Any): passed on to the model.
+        """
+        rows = current_rows()
+        if rows is not None:
+            check_rows_fit_batch(rows, args, kwargs)
+        return super().forward(*args, **kwargs)
 
 
 def merged_adapters(model: nn.Module) -> set[str]:

@@ -12,11 +12,11 @@ from torch import nn
 
 from .layer import SwiftTunerLayer, adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
-from .rows import adapter_rows, checked_row_names, merged_adapters
+from .rows import RowCountCheck, adapter_rows, checked_row_names, merged_adapters
 from .scope import ScopeToken, scoped
 
 
-class SwiftBaseTuner(BaseTuner):
+class SwiftBaseTuner(RowCountCheck, BaseTuner):
     """``BaseTuner`` for the plugin tuners: clear target errors and a clear refusal to merge.
 
     Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``; they may extend
@@ -148,14 +148,16 @@ class SwiftBaseTuner(BaseTuner):
         as in PEFT); the layers then apply each row's adapter in one pass (:mod:`peft_swift_ext.core.rows`).
 
         Args:
-            *args (Any): the call's positional arguments (unused).
+            *args (Any): the call's positional arguments (the batch's row count is checked when they hold it).
             **kwargs (Any): the call's keyword arguments; ``adapter_names`` and ``num_beams`` are read.
         """
         names = kwargs.get("adapter_names")
         if names is None:
             yield
             return
-        rows = checked_row_names(names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs)
+        rows = checked_row_names(
+            names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs, args
+        )
         with adapter_rows(rows):
             yield
 

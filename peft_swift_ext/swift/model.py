@@ -28,7 +28,7 @@ from ..core.keys import Slot, adapter_tensors, tuner_modules
 from ..core.lora_rows import install_row_hooks
 from ..core.rows import BASE, adapter_rows, checked_row_names, merged_adapters
 from ..core.tuner import SwiftBaseTuner
-from . import composition, io, optim, trainability
+from . import composition, io, optim, trainability, whole_model
 from .activation import ActivationState, install_view, per_thread_from_env
 from .offload import OffloadStore
 
@@ -126,7 +126,7 @@ class SwiftModel(PeftModel):
             # dynamo cannot trace the structure lock; a compiled forward runs the model as one graph and leaves
             # keeping adapters unchanged while it runs to the caller (as for any compiled module)
             return self.base_model.model(*args, **kwargs)
-        with self.activation.structure.reading(), self._adapter_rows(adapter_names, kwargs):
+        with self.activation.structure.reading(), self._adapter_rows(adapter_names, args, kwargs):
             return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -137,18 +137,18 @@ class SwiftModel(PeftModel):
             adapter_names: one adapter name per row of the batch (``"__base__"``: no adapter).
             **kwargs (Any): passed to the adapted model's ``generate``.
         """
-        with self.activation.structure.reading(), self._adapter_rows(adapter_names, kwargs):
+        with self.activation.structure.reading(), self._adapter_rows(adapter_names, args, kwargs):
             return self.base_model.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _adapter_rows(self, adapter_names: list[str] | None, kwargs: dict) -> Iterator[None]:
+    def _adapter_rows(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
         """Inside the block, each row runs its own adapter: this package's layers read the rows, LoRA layers get
         hooks that add each row's adapter, and every layer's active set is empty for the call."""
         if adapter_names is None:
             yield
             return
         rows = checked_row_names(
-            adapter_names, self._configs, self.model.training, merged_adapters(self.model), kwargs
+            adapter_names, self._configs, self.model.training, merged_adapters(self.model), kwargs, args
         )
         in_place = sorted({name for name in rows if name in self._configs and self.in_place_tuner(name)})
         if in_place:
@@ -671,6 +671,33 @@ class SwiftModel(PeftModel):
         swift_model = model if isinstance(model, SwiftModel) else cls(model, per_thread)
         io.load_into(swift_model, Path(model_id), adapter_name, is_trainable, low_cpu_mem_usage)
         return swift_model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a plain base model's state dict (keys as the model had before any
+        adapter) is checked whole and copied into the base weights.
+
+        That is what the Hugging Face ``Trainer`` passes when it resumes a checkpoint holding the whole base model
+        (full fine-tuning beside NEFTune): it reads the root's ``model.safetensors`` itself, so the adapter folders
+        beside it are not read; a model whose adapters hold weights is then refused by name instead of resuming
+        with untrained adapters.
+
+        Args:
+            state_dict: the tensors to load.
+            strict: as in ``torch.nn.Module.load_state_dict`` (a whole base model is always checked strictly).
+            assign: as in ``torch.nn.Module.load_state_dict``.
+        """
+        if not whole_model.is_base_state(self, state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        weighted = [name for name in self.adapters if self.adapter_state_dict(name)]
+        if weighted:
+            raise ValueError(
+                f"the state dict holds the base model alone (a checkpoint with the whole model at its root, which the "
+                f"Trainer reads by itself on resume), but adapters {weighted} have weights it does not hold; load the "
+                "checkpoint folder with model.load_adapter(folder) or Swift.from_pretrained(base, folder)"
+            )
+        whole_model.check(self, state_dict, Path("the state dict"))
+        whole_model.load(self, state_dict)
+        return nn.modules.module._IncompatibleKeys([], [])
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.

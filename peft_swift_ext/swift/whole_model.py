@@ -209,3 +209,18 @@ def load(model: SwiftModel, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for key, value in weights.items():
             state[key].copy_(value.to(state[key].dtype))
+
+
+def is_base_state(model: SwiftModel, state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` is (part of) the plain base model: every key a plain-model key of the base, none of
+    the wrapping model's own. The Hugging Face ``Trainer`` hands over such a dict when it resumes a checkpoint whose
+    root holds the whole model (it reads the root's ``model.safetensors`` itself and calls ``load_state_dict``).
+
+    Args:
+        model: the model being loaded into.
+        state_dict: the tensors offered to ``model.load_state_dict``.
+    """
+    if not state_dict:
+        return False
+    base = base_state_dict(model.model)
+    return all(key in base for key in state_dict)

@@ -1,7 +1,8 @@
 """Mixed-adapter batches: ``model(**batch, adapter_names=[...])`` for every tuner, through PEFT and a SwiftModel.
 
 Each row's output equals that row run alone with only its adapter active (``"__base__"``: none), in eval mode.
-Unknown names, training mode and merged adapters are refused before anything runs.
+Unknown names, a name count other than the batch's, training mode and merged adapters are refused before anything
+runs.
 """
 
 from __future__ import annotations
@@ -95,8 +96,15 @@ def test_each_row_equals_that_row_alone_with_its_adapter(case, entry):
 def test_bad_adapter_names_are_refused_before_anything_runs(case, entry):
     model = _build(case, entry)
     inputs = _rows_of(case.make_inputs(), len(ROWS))
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.get_base_model().modules()]
     with pytest.raises(ValueError, match="unknown adapter"):
         model(**inputs, adapter_names=["a", "nope", "b", "a"])
+    with pytest.raises(ValueError, match=r"adapter_names has 3 name\(s\) but the batch has 4 row\(s\)"):
+        model(**inputs, adapter_names=ROWS[:3])
+    for hook in hooks:
+        hook.remove()
+    assert not calls, "a module ran before the bad adapter_names were refused"
     model.train()
     with pytest.raises(ValueError, match="eval mode|training mode"):
         model(**inputs, adapter_names=ROWS)

@@ -13,13 +13,13 @@ from torch import nn
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ...core.lora_rows import install_row_hooks
 from ...core.paths import PatternMatcher
-from ...core.rows import adapter_rows, checked_row_names, merged_adapters
+from ...core.rows import RowCountCheck, adapter_rows, checked_row_names, merged_adapters
 from ...core.tuner import forget_adapter_configs
 from . import attention
 from .config import LongLoraConfig
 
 
-class LongLoraModel(LoraModel):
+class LongLoraModel(RowCountCheck, LoraModel):
     """LoRA whose model switches to shifted sparse attention in training while one of its adapters is active.
 
     Injection resolves ``embedder_and_normalizer`` to module names added to ``modules_to_save`` and sets the model
@@ -66,7 +66,9 @@ class LongLoraModel(LoraModel):
         if names is None:
             yield
             return
-        rows = checked_row_names(names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs)
+        rows = checked_row_names(
+            names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs, args
+        )
         install_row_hooks(self.model)
         with adapter_rows(rows):
             yield

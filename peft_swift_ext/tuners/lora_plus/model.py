@@ -7,11 +7,11 @@ from peft import LoraModel
 from torch import nn
 
 from ...core.lora_rows import install_row_hooks
-from ...core.rows import adapter_rows, checked_row_names, merged_adapters
+from ...core.rows import RowCountCheck, adapter_rows, checked_row_names, merged_adapters
 from ...core.tuner import forget_adapter_configs
 
 
-class LoraPlusModel(LoraModel):
+class LoraPlusModel(RowCountCheck, LoraModel):
     """LoRA+ injects exactly LoRA's layers; registering it separately keeps its learning-rate options.
 
     Its mixed-adapter batches (``adapter_names=[...]``) run in one pass (:mod:`.rows`) instead of PEFT's one
@@ -24,7 +24,9 @@ class LoraPlusModel(LoraModel):
         if names is None:
             yield
             return
-        rows = checked_row_names(names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs)
+        rows = checked_row_names(
+            names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs, args
+        )
         install_row_hooks(self.model)
         with adapter_rows(rows):
             yield
