@@ -43,15 +43,26 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
     # A wrapped module is listed as its wrapper and as the wrapper's base_layer: the outermost comes first.
     matched = list({canonical_path(name): name for name in reversed(matched)}.values())[::-1]
     if not matched:
-        canonical = list(dict.fromkeys(canonical_path(name) for name in names))
-        sample = ", ".join(canonical[:8]) + (", ..." if len(canonical) > 8 else "")
-        targets = config.target_modules
-        shown = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
-        raise ValueError(
-            f"{type(config).__name__}.target_modules={shown!r} matches no module of "
-            f"{type(model).__name__}; module names look like: {sample}"
-        )
+        raise no_match_error(config, config.target_modules, model, names)
     return matched
+
+
+def no_match_error(config: PeftConfig, targets: object, model: nn.Module, names: Iterable[str]) -> ValueError:
+    """The error for a ``target_modules`` that selects nothing: the pattern as given and a few module names.
+
+    Args:
+        config: the adapter's config.
+        targets: its ``target_modules`` as the user gave them.
+        model: the model searched.
+        names: its module names.
+    """
+    canonical = list(dict.fromkeys(canonical_path(name) for name in names))
+    sample = ", ".join(canonical[:8]) + (", ..." if len(canonical) > 8 else "")
+    shown = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+    return ValueError(
+        f"{type(config).__name__}.target_modules={shown!r} matches no module of "
+        f"{type(model).__name__}; module names look like: {sample}"
+    )
 
 
 def canonical_path(path: str) -> str:
@@ -274,7 +285,11 @@ def literal_patterns(model: nn.Module, config: PeftConfig) -> Iterator[None]:
         if isinstance(value, str) and value not in ("", "all-linear"):
             names = names if names is not None else canonical_module_names(model)
             matcher = PatternMatcher(value, f"{kind}.{field}")
-            replaced[field] = literal_regex(name for name in names if matcher.matches(name))
+            matched = [name for name in names if matcher.matches(name)]
+            if field == "target_modules" and not matched and not getattr(config, "target_parameters", None):
+                # said here, with the pattern as given: past this point PEFT would only see the literal "(?!)"
+                raise no_match_error(config, value, model, names)
+            replaced[field] = literal_regex(matched)
     for field in ("rank_pattern", "alpha_pattern"):
         value = getattr(config, field, None)
         if isinstance(value, dict) and value:

@@ -88,6 +88,17 @@ def test_prepare_model_target_that_matches_nothing_names_pattern_and_leaves_mode
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
+@pytest.mark.parametrize("pattern", [r"(a|a)+$", r"model\.layers\.\d+\.nothing"])
+def test_a_regex_that_matches_nothing_is_named_as_given(pattern):
+    # regexes are replaced by literal equivalents before PEFT matches them; the error must quote the user's pattern,
+    # not the literal "(?!)" that stands for "nothing"
+    model = tiny_llama()
+    before = state_hash(model)
+    with pytest.raises(ValueError, match="target_modules=" + re.escape(repr(pattern)) + " matches no module"):
+        Swift.prepare_model(model, {"a": LoraConfig(r=2, target_modules=pattern)})
+    assert state_hash(model) == before
+
+
 def test_duplicate_adapter_name_is_refused():
     model = Swift.prepare_model(tiny_llama(), {"a": lora()})
     with pytest.raises(ValueError, match="already exist"):
