@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +126,31 @@ def checked_row_names(
     if isinstance(beams, int) and beams > 1:
         names = tuple(name for name in names for _ in range(beams))
     return names
+
+
+@contextlib.contextmanager
+def mixed_batch_call(
+    tuner, args: tuple, kwargs: dict, prepare: Callable[[nn.Module], None] | None = None
+) -> Iterator[None]:
+    """A PEFT tuner's ``_enable_peft_forward_hooks``: with ``adapter_names`` in the call, check the names (before
+    anything runs) and run the block as a mixed batch; without, run it as it is.
+
+    Args:
+        tuner: the tuner model (its ``peft_config`` and ``model``).
+        args: the call's positional arguments.
+        kwargs: the call's keyword arguments (``adapter_names``, ``num_beams``, the inputs).
+        prepare: called with the model before the batch runs (LoRA layers' row hooks).
+    """
+    names = kwargs.get("adapter_names")
+    if names is None:
+        yield
+        return
+    model = tuner.model
+    rows = checked_row_names(names, tuner.peft_config, model.training, merged_adapters(model), kwargs, args)
+    if prepare is not None:
+        prepare(model)
+    with adapter_rows(rows):
+        yield
 
 
 class RowCountCheck:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .layer import SwiftTunerLayer, adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
-from .rows import RowCountCheck, adapter_rows, checked_row_names, merged_adapters
+from .rows import RowCountCheck, mixed_batch_call
 from .scope import ScopeToken, scoped
 
 
@@ -151,14 +151,7 @@ class SwiftBaseTuner(RowCountCheck, BaseTuner):
             *args (Any): the call's positional arguments (the batch's row count is checked when they hold it).
             **kwargs (Any): the call's keyword arguments; ``adapter_names`` and ``num_beams`` are read.
         """
-        names = kwargs.get("adapter_names")
-        if names is None:
-            yield
-            return
-        rows = checked_row_names(
-            names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs, args
-        )
-        with adapter_rows(rows):
+        with mixed_batch_call(self, args, kwargs):
             yield
 
     def _validate_target(self, module: nn.Module, name: str, config: PeftConfig) -> None:

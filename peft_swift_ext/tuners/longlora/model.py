@@ -13,7 +13,7 @@ from torch import nn
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ...core.lora_rows import install_row_hooks
 from ...core.paths import PatternMatcher
-from ...core.rows import RowCountCheck, adapter_rows, checked_row_names, merged_adapters
+from ...core.rows import RowCountCheck, mixed_batch_call
 from ...core.tuner import forget_adapter_configs
 from . import attention
 from .config import LongLoraConfig
@@ -62,15 +62,7 @@ class LongLoraModel(RowCountCheck, LoraModel):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
         # mixed-adapter batches as LoRA+ runs them: its LoRA layers in one pass, the embedding / norm copies per row
-        names = kwargs.get("adapter_names")
-        if names is None:
-            yield
-            return
-        rows = checked_row_names(
-            names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs, args
-        )
-        install_row_hooks(self.model)
-        with adapter_rows(rows):
+        with mixed_batch_call(self, args, kwargs, prepare=install_row_hooks):
             yield
 
     def __setstate__(self, state: dict) -> None:

@@ -7,7 +7,7 @@ from peft import LoraModel
 from torch import nn
 
 from ...core.lora_rows import install_row_hooks
-from ...core.rows import RowCountCheck, adapter_rows, checked_row_names, merged_adapters
+from ...core.rows import RowCountCheck, mixed_batch_call
 from ...core.tuner import forget_adapter_configs
 
 
@@ -20,15 +20,7 @@ class LoraPlusModel(RowCountCheck, LoraModel):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
-        names = kwargs.get("adapter_names")
-        if names is None:
-            yield
-            return
-        rows = checked_row_names(
-            names, self.peft_config, self.model.training, merged_adapters(self.model), kwargs, args
-        )
-        install_row_hooks(self.model)
-        with adapter_rows(rows):
+        with mixed_batch_call(self, args, kwargs, prepare=install_row_hooks):
             yield
 
     def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
