@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -672,7 +672,7 @@ class SwiftModel(PeftModel):
         io.load_into(swift_model, Path(model_id), adapter_name, is_trainable, low_cpu_mem_usage)
         return swift_model
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; a plain base model's state dict (keys as the model had before any
         adapter) is checked whole and copied into the base weights.
 
