@@ -30,6 +30,7 @@ __all__ = [
     "has_adapters",
     "move_adapter_to_base_device",
     "set_active_adapters_view",
+    "wrap_active_adapters",
 ]
 
 
@@ -69,6 +70,18 @@ def set_active_adapters_view(module: nn.Module, view: Sequence[str]) -> None:
     """
     module._active_adapter = view
     module._disable_adapters = False
+
+
+def wrap_active_adapters(module: nn.Module, wrap) -> None:
+    """Replace a tuner layer's or auxiliary wrapper's active-adapter list by ``wrap(current list)``, leaving its
+    enabled/disabled state alone (``wrap`` may return the list unchanged).
+
+    Args:
+        module: a ``BaseTunerLayer`` or PEFT ``AuxiliaryTrainingWrapper``.
+        wrap: called with the current list (a one-name string becomes a one-item list).
+    """
+    current = module._active_adapter
+    module._active_adapter = wrap([current] if isinstance(current, str) else current)
 
 
 def adapter_names_in(module: nn.Module) -> set[str]:

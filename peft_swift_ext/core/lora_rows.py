@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..compat import ModulesToSaveWrapper
+from ..compat import ModulesToSaveWrapper, wrap_active_adapters
 from .rows import BASE, RowPlan, current_rows, per_row, plan_rows, rows_state, split_plan, structure_key
+from .scope import ScopedActiveAdapters, ScopedAdapters
 
 _HOOKED = "_peft_swift_ext_row_hooks"
 
@@ -164,3 +166,22 @@ def _copies_rows(wrapper: ModulesToSaveWrapper, args: tuple, kwargs: dict, outpu
         result = result.clone()
         result[group.rows] = per_row(copies, group.index, x[group.rows]).to(result.dtype)
     return result
+
+
+class ScopedLoraAdapters(ScopedAdapters):
+    """:class:`ScopedAdapters` for tuners whose layers are PEFT's own (LoRA+, LongLoRA): before a scope opens,
+    every tuner layer and ``modules_to_save`` wrapper of the model gets a :class:`ScopedActiveAdapters` list in place
+    of its own (PEFT's ``set_adapter`` and ``add_adapter`` write plain lists again; the next scope puts views back).
+    """
+
+    def _prepare_scopes(self) -> None:
+        token = self.scope_token
+
+        def scoped_view(current):
+            if isinstance(current, ScopedActiveAdapters) and current.token is token:
+                return current
+            return ScopedActiveAdapters(token, current)
+
+        for module in self.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                wrap_active_adapters(module, scoped_view)

@@ -54,3 +54,75 @@ def scoped_adapters(token: ScopeToken | None) -> tuple[str, ...] | None:
         return None
     scopes = _SCOPES.get()
     return None if scopes is None else scopes.get(token)
+
+
+class ScopedAdapters:
+    """Mixin for a tuner model (PEFT's ``BaseTuner``): ``peft_model.adapters("a", "b")`` scopes its adapters.
+
+    This package's own layers read the scope themselves; a tuner whose layers are PEFT's (LoRA+, LongLoRA)
+    overrides :meth:`_prepare_scopes` to give them :class:`ScopedActiveAdapters` lists.
+    """
+
+    @property
+    def scope_token(self) -> ScopeToken:
+        """The token this tuner's layers carry, so that :meth:`adapters` scopes them alone."""
+        token = self.__dict__.get("_scope_token")
+        if token is None:
+            token = self.__dict__["_scope_token"] = ScopeToken()
+        return token
+
+    @contextlib.contextmanager
+    def adapters(self, *adapter_names: str) -> Iterator[None]:
+        """Inside the block, the calling thread or asyncio task (and the tasks it starts) runs exactly these adapters.
+
+        Reached as ``peft_model.adapters("a", "b")``. Other threads and tasks keep their own adapters, so concurrent
+        requests can each use theirs on one model; nothing is moved, and ``set_adapter`` outside is unaffected.
+
+        Args:
+            *adapter_names: the adapters to run, in order (none: the base model alone).
+        """
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        self._prepare_scopes()
+        with scoped(self.scope_token, adapter_names):
+            yield
+
+    def _prepare_scopes(self) -> None:
+        """Make the layers able to follow a scope (nothing to do for layers that read it themselves)."""
+
+
+class ScopedActiveAdapters(Sequence):
+    """A PEFT layer's active-adapter list that gives the calling context's scope while one is open for ``token``,
+    and otherwise the list the layer had (``fallback``). PEFT's layers only iterate this list, so the scope reaches
+    them without changing any shared state.
+
+    Args:
+        token: the tuner's scope token.
+        fallback: the layer's own active adapters.
+    """
+
+    __slots__ = ("token", "fallback")
+
+    def __init__(self, token: ScopeToken, fallback: Sequence[str]) -> None:
+        self.token = token
+        self.fallback = list(fallback)
+
+    def _current(self) -> Sequence[str]:
+        scoped_names = scoped_adapters(self.token)
+        return self.fallback if scoped_names is None else scoped_names
+
+    def __getitem__(self, index):
+        return self._current()[index]
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def __iter__(self):
+        return iter(self._current())
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, Sequence)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(list(self))

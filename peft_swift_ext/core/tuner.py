@@ -13,10 +13,10 @@ from torch import nn
 from .layer import SwiftTunerLayer, adapter_parameters, follow_parent_mode
 from .paths import canonical_path, find_target_modules, parent_of
 from .rows import RowCountCheck, mixed_batch_call
-from .scope import ScopeToken, scoped
+from .scope import ScopedAdapters
 
 
-class SwiftBaseTuner(RowCountCheck, BaseTuner):
+class SwiftBaseTuner(RowCountCheck, ScopedAdapters, BaseTuner):
     """``BaseTuner`` for the plugin tuners: clear target errors and a clear refusal to merge.
 
     Subclasses set ``prefix``, ``tuner_layer_cls`` and implement ``_create_and_replace``; they may extend
@@ -115,30 +115,6 @@ class SwiftBaseTuner(RowCountCheck, BaseTuner):
         for name in targets:
             self._validate_target(model.get_submodule(name) if name else model, name, config)
         return targets
-
-    @property
-    def scope_token(self) -> ScopeToken:
-        """The token this tuner's layers carry, so that :meth:`adapters` scopes them alone."""
-        token = self.__dict__.get("_scope_token")
-        if token is None:
-            token = self.__dict__["_scope_token"] = ScopeToken()
-        return token
-
-    @contextlib.contextmanager
-    def adapters(self, *adapter_names: str) -> Iterator[None]:
-        """Inside the block, the calling thread or asyncio task (and the tasks it starts) runs exactly these adapters.
-
-        Reached as ``peft_model.adapters("a", "b")``. Other threads and tasks keep their own adapters, so concurrent
-        requests can each use theirs on one model; nothing is moved, and ``set_adapter`` outside is unaffected.
-
-        Args:
-            *adapter_names: the adapters to run, in order (none: the base model alone).
-        """
-        unknown = [name for name in adapter_names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        with scoped(self.scope_token, adapter_names):
-            yield
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:

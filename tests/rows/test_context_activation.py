@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_swift_ext import AdapterConfig, LoraPlusConfig, SideConfig, Swift
+from peft_swift_ext import AdapterConfig, LongLoraConfig, LoraPlusConfig, SideConfig, Swift
 
 from ..helpers import randomize_adapter
 from ..tiny_models import tiny_llama
@@ -26,6 +26,19 @@ def _peft_model():
     model = get_peft_model(tiny_llama(num_layers=1), AdapterConfig(dim=32, target_modules=["mlp"]), adapter_name="a")
     for name in NAMES[1:]:
         model.add_adapter(name, AdapterConfig(dim=32, target_modules=["mlp"]))
+    for seed, name in enumerate(NAMES):
+        randomize_adapter(model, name, seed)
+    return model.eval()
+
+
+def _lora_plus_model():
+    # PEFT's own LoRA layers: a scope reaches them through their active-adapter lists
+    def config():
+        return LoraPlusConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    model = get_peft_model(tiny_llama(num_layers=1), config(), adapter_name="a")
+    for name in NAMES[1:]:
+        model.add_adapter(name, config())
     for seed, name in enumerate(NAMES):
         randomize_adapter(model, name, seed)
     return model.eval()
@@ -60,6 +73,9 @@ def _activate(model, names) -> None:
         model.base_model.disable_adapter_layers()
 
 
+BUILDS, BUILD_IDS = [_peft_model, _lora_plus_model, _swift_model], ["peft", "peft-loraplus", "swift"]
+
+
 def _references(model, inputs: list[torch.Tensor]) -> dict:
     """Every (adapter set, input) pair computed one at a time with those adapters activated (no scopes)."""
     refs = {}
@@ -72,7 +88,9 @@ def _references(model, inputs: list[torch.Tensor]) -> dict:
     return refs
 
 
-@pytest.mark.parametrize("build", [_peft_model, _swift_model], ids=["peft", "swift"])
+@pytest.mark.parametrize(
+    "build", [_peft_model, _lora_plus_model, _swift_model], ids=["peft", "peft-loraplus", "swift"]
+)
 def test_scope_is_local_to_the_block_and_leaves_the_active_set_alone(build):
     model = build()
     ids = torch.arange(6)[None]
@@ -87,7 +105,9 @@ def test_scope_is_local_to_the_block_and_leaves_the_active_set_alone(build):
             pass
 
 
-@pytest.mark.parametrize("build", [_peft_model, _swift_model], ids=["peft", "swift"])
+@pytest.mark.parametrize(
+    "build", [_peft_model, _lora_plus_model, _swift_model], ids=["peft", "peft-loraplus", "swift"]
+)
 def test_64_concurrent_tasks_and_threads_each_see_their_own_adapters(build):
     model = build()
     generator = torch.Generator().manual_seed(0)
@@ -125,7 +145,9 @@ def test_64_concurrent_tasks_and_threads_each_see_their_own_adapters(build):
     assert not mismatches, f"{len(mismatches)} requests saw another request's adapters: {mismatches[:5]}"
 
 
-@pytest.mark.parametrize("build", [_peft_model, _swift_model], ids=["peft", "swift"])
+@pytest.mark.parametrize(
+    "build", [_peft_model, _lora_plus_model, _swift_model], ids=["peft", "peft-loraplus", "swift"]
+)
 def test_a_task_started_in_a_scope_keeps_its_adapters_after_the_block_ends(build):
     # contextvars semantics: a task copies its context when created, so it runs the block's adapters even when
     # it runs after the block has closed and no other block is open anywhere in the process
@@ -145,3 +167,26 @@ def test_a_task_started_in_a_scope_keeps_its_adapters_after_the_block_ends(build
 
     assert torch.equal(asyncio.run(main()), refs[("b",), 0])
     assert not torch.equal(refs[("b",), 0], refs[("a",), 0])
+
+
+def test_a_scope_reaches_longlora_layers_and_its_trained_copies():
+    # LongLoRA trains embedding / norm copies (modules_to_save) beside its LoRA layers: a scope selects both
+    def config():
+        return LongLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    model = get_peft_model(tiny_llama(num_layers=1), config(), adapter_name="a")
+    model.add_adapter("b", config())
+    for seed, name in enumerate(["a", "b"]):
+        randomize_adapter(model, name, seed)
+    model.eval()
+    ids = torch.arange(6)[None]
+    with torch.no_grad():
+        model.set_adapter("b")
+        only_b = model(input_ids=ids).logits
+        model.set_adapter("a")
+        only_a = model(input_ids=ids).logits
+        with model.adapters("b"):
+            scoped = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert torch.equal(scoped, only_b) and torch.equal(after, only_a)
+    assert not torch.equal(only_a, only_b)

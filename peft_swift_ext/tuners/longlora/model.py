@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-from ...core.lora_rows import install_row_hooks
+from ...core.lora_rows import ScopedLoraAdapters, install_row_hooks
 from ...core.paths import PatternMatcher
 from ...core.rows import RowCountCheck, mixed_batch_call
 from ...core.tuner import forget_adapter_configs
@@ -19,7 +19,7 @@ from . import attention
 from .config import LongLoraConfig
 
 
-class LongLoraModel(RowCountCheck, LoraModel):
+class LongLoraModel(RowCountCheck, ScopedLoraAdapters, LoraModel):
     """LoRA whose model switches to shifted sparse attention in training while one of its adapters is active.
 
     Injection resolves ``embedder_and_normalizer`` to module names added to ``modules_to_save`` and sets the model

@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from peft import LoraModel
 from torch import nn
 
-from ...core.lora_rows import install_row_hooks
+from ...core.lora_rows import ScopedLoraAdapters, install_row_hooks
 from ...core.rows import RowCountCheck, mixed_batch_call
 from ...core.tuner import forget_adapter_configs
 
 
-class LoraPlusModel(RowCountCheck, LoraModel):
+class LoraPlusModel(RowCountCheck, ScopedLoraAdapters, LoraModel):
     """LoRA+ injects exactly LoRA's layers; registering it separately keeps its learning-rate options.
 
     Its mixed-adapter batches (``adapter_names=[...]``) run in one pass (:mod:`.rows`) instead of PEFT's one
