@@ -111,7 +111,7 @@ def test_save_pretrained_killed_at_every_file_operation_leaves_the_old_or_the_ne
         assert bookkeeping_left(root) == [], f"after recovery: {bookkeeping_left(root)}"
         outcomes.append("new" if same(loaded, new_state) else "old")
         if result.status != CRASHED:  # the save ran to its end
-            print(f"{step} file operations, outcomes {outcomes}")
+            print(f"{step - 1} file operations (killed before each, then run to the end), outcomes {outcomes}")
             assert result.error is None and result.status == 0, result
             break
     else:

@@ -273,3 +273,14 @@ def test_training_continues_after_loading_with_is_trainable(tmp_path):
     loaded.save_pretrained(tmp_path / "again")
     saved = safetensors.torch.load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert sorted({int(k.split("layers-")[1].split("-")[0]) for k in saved if "layers-" in k}) == config.trained_layers
+
+
+def test_per_row_and_scoped_selection_are_refused(llama):
+    # LISA trains the base weights in place: neither a batch row nor a block of code can run without it
+    model = get_peft_model(llama, LisaConfig(n_layers=1))
+    ids = torch.arange(5)[None]
+    with pytest.raises(ValueError, match="per-row selection is not available for LISA"):
+        model.eval()(input_ids=ids, adapter_names=["__base__"])
+    with pytest.raises(ValueError, match="a scope cannot select LISA's adapter"):
+        with model.adapters():
+            model(input_ids=ids)

@@ -335,6 +335,18 @@ class LisaModel(SwiftBaseTuner):
             )
         yield
 
+    @contextlib.contextmanager
+    def adapters(self, *adapter_names: str) -> Iterator[None]:
+        """Refused: LISA trains the base weights in place, so no block of code can run with or without it.
+
+        Args:
+            *adapter_names: the adapters a scope would select.
+        """
+        raise ValueError(
+            f"adapters{adapter_names}: a scope cannot select LISA's adapter, which trains the base weights in place"
+        )
+        yield  # pragma: no cover - a generator, so that it stays a context manager
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # Trainability is decided in inject_adapter and then by the LISA scheduler.
         return None
