@@ -284,3 +284,9 @@ def test_per_row_and_scoped_selection_are_refused(llama):
     with pytest.raises(ValueError, match="a scope cannot select LISA's adapter"):
         with model.adapters():
             model(input_ids=ids)
+
+
+def test_merging_the_marker_itself_names_the_way_that_works(llama):
+    model = get_peft_model(llama, LisaConfig(n_layers=1))
+    with pytest.raises(NotImplementedError, match="merge through the model"):
+        model.base_model.lisa_marker.merge()

@@ -79,6 +79,17 @@ class LisaMarker(nn.Module, BaseTunerLayer):
     def forward(self, *args, **kwargs):
         raise RuntimeError("LisaMarker has no forward: it only marks a LISA adapter")
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Refused by name: the marker holds nothing to merge; merge through the model.
+
+        Args:
+            safe_merge: unused.
+            adapter_names: unused.
+        """
+        raise NotImplementedError(
+            "LisaMarker only marks a LISA adapter; merge through the model (merge_adapter, merge_and_unload)"
+        )
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # Nothing to move: the weights LISA saves are the base model's own tensors.
         return None
