@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from swift_overhead import smollm2_shaped  # benchmarks/ (this script's folder): the same SmolLM2-shaped config
+from transformers import LlamaForCausalLM
 
 from peft_swift_ext import (
     AdapterConfig,
@@ -51,28 +52,6 @@ RESULTS = Path(__file__).parent / "results"
 ADAPTERS = 8
 ROWS = 16
 TARGET = 1.25
-
-
-def smollm2_shaped(quick: bool) -> LlamaConfig:
-    """SmolLM2-135M's architecture, or a tiny one with the same layer count for smoke runs."""
-    if quick:
-        return LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=30,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    )
 
 
 def llm_configs(width: int) -> dict[str, Callable[[], PeftConfig]]:

@@ -152,3 +152,14 @@ def list_adapter_folders(root: Path) -> list[str]:
         and not child.name.startswith(".")
         and (child / CONFIG_NAME).is_file()
     )
+
+
+def preview_keys(keys: list[str], limit: int = 6) -> str:
+    """The first ``limit`` keys, comma-separated, and how many there are in all when that is more (for errors).
+
+    Args:
+        keys: the keys to show.
+        limit: how many to name.
+    """
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")

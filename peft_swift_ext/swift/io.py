@@ -421,13 +421,8 @@ def _check_fit(
         found = (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched))
         raise ValueError(
             f"{source} does not fit adapter {adapter_name!r} of this model: "
-            + "; ".join(f"{label} keys: {_preview(keys)}" for label, keys in found if keys)
+            + "; ".join(f"{label} keys: {files.preview_keys(keys)}" for label, keys in found if keys)
         )
-
-
-def _preview(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def load_adapter(

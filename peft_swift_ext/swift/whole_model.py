@@ -190,12 +190,8 @@ def check(model: SwiftModel, weights: dict[str, torch.Tensor], source: Path) -> 
         found = (("unexpected", unexpected), ("mismatched", mismatched), ("missing", missing))
         raise ValueError(
             f"{source} holds the whole base model, but it does not fit this model: "
-            + "; ".join(f"{label} keys: {_preview(keys)}" for label, keys in found if keys)
+            + "; ".join(f"{label} keys: {files.preview_keys(keys)}" for label, keys in found if keys)
         )
-
-
-def _preview(keys: list[str], limit: int = 6) -> str:
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def load(model: SwiftModel, weights: dict[str, torch.Tensor]) -> None:

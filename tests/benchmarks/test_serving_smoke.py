@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import smollm2_shaped  # noqa: E402
+from benchmarks.swift_overhead import smollm2_shaped  # noqa: E402
 
 
 def test_quick_run_measures_every_tuner_and_the_anchor(tmp_path):
