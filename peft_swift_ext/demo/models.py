@@ -82,11 +82,8 @@ def _source_record(gguf: Path) -> dict:
 
 
 def _cache_is_valid(folder: Path, gguf: Path) -> bool:
-    marker = folder / _MARKER
-    if not marker.is_file():
-        return False
     try:
-        return json.loads(marker.read_text()) == _source_record(gguf)
+        return json.loads((folder / _MARKER).read_text()) == _source_record(gguf)
     except (OSError, ValueError):
         return False
 

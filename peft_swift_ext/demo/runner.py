@@ -148,13 +148,12 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> DemoRe
     adapter_dir = options.out / "adapter"
     model.save_pretrained(adapter_dir)
     reloaded = Swift.from_pretrained(load(log).model, adapter_dir)
-    check_batch = collate(heldout_examples[:8], tokenizer.pad_token_id)
+    inputs = collate(heldout_examples[:8], tokenizer.pad_token_id)
+    del inputs["labels"]
     with torch.inference_mode():
         model.eval()
         reloaded.eval()
-        reload_max_diff = float(
-            (model(**_inputs(check_batch)).logits - reloaded(**_inputs(check_batch)).logits).abs().max()
-        )
+        reload_max_diff = float((model(**inputs).logits - reloaded(**inputs).logits).abs().max())
     reloaded_answer = generate_answer(reloaded, tokenizer, prompt)
     log(f"saved the adapter to {adapter_dir}")
     log(f"reloaded it onto a fresh base model: max |logit difference| = {reload_max_diff:.2e}")
@@ -174,7 +173,3 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> DemoRe
         plot_path=plot_path,
         seconds=time.perf_counter() - started,
     )
-
-
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

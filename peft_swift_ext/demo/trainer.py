@@ -21,15 +21,7 @@ class _LossLog(TrainerCallback):
         self.losses: list[float] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        """Keep the step's loss.
-
-        Args:
-            args: the Trainer's arguments.
-            state: the Trainer's state.
-            control: the Trainer's control flags.
-            logs: what the Trainer logged.
-            kwargs: the other objects the Trainer passes.
-        """
+        """Keep the step's loss (``TrainerCallback``'s signature)."""
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
 
