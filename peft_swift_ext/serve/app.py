@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,17 +24,6 @@ from .schemas import DEFAULT_MAX_TOKENS, RequestError, completion_body, error_bo
 from .settings import ServeSettings
 
 
-class _Counters:
-    """Request outcomes for ``/metrics`` (the batcher keeps the batch counters)."""
-
-    def __init__(self) -> None:
-        self.completed = 0
-        self.rejected: Counter = Counter()  # status -> count
-        self.failed = 0
-        self.per_model: Counter = Counter()
-        self.mixed_adapter_batches = 0
-
-
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``engine``; the batcher starts and stops with the app's lifespan.
 
@@ -43,13 +33,16 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         settings: limits and batching; the defaults of :class:`ServeSettings` if ``None``.
     """
     settings = settings or ServeSettings()
-    counters = _Counters()
+    # Request outcomes for /metrics (the batcher keeps the batch counters).
+    counters: Counter = Counter()  # completed, failed, mixed_adapter_batches
+    rejected: Counter = Counter()  # status -> count
+    per_model: Counter = Counter()
     started = int(time.time())
 
     def run_batch(rows: list[Row]) -> list[Completion]:
         # On the batcher's worker thread, one batch at a time.
         if len({row.adapter for row in rows}) > 1:
-            counters.mixed_adapter_batches += 1
+            counters["mixed_adapter_batches"] += 1
         return engine.generate(rows)
 
     batcher: DynamicBatcher[Row, Completion] = DynamicBatcher(
@@ -68,7 +61,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     app.state.engine, app.state.settings, app.state.batcher = engine, settings, batcher
 
     def reject(error: RequestError) -> JSONResponse:
-        counters.rejected[error.status] += 1
+        rejected[error.status] += 1
         kind = "not_found_error" if error.status == 404 else "invalid_request_error"
         return JSONResponse(error_body(error.message, error.param, kind), status_code=error.status)
 
@@ -84,13 +77,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         try:
             completion = await batcher.submit(row)
         except (QueueFull, BatcherClosed) as error:
-            counters.rejected[503] += 1
+            rejected[503] += 1
             return JSONResponse(error_body(f"the server is busy: {error}", None, "server_error"), status_code=503)
         except BatchFailed as error:
-            counters.failed += 1
+            counters["failed"] += 1
             return JSONResponse(error_body(f"generation failed: {error}", None, "server_error"), status_code=500)
-        counters.completed += 1
-        counters.per_model[parsed.model] += 1
+        counters["completed"] += 1
+        per_model[parsed.model] += 1
         return JSONResponse(completion_body(f"cmpl-{uuid.uuid4().hex}", created, parsed.model, completion))
 
     @app.get("/v1/models")
@@ -122,19 +115,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     async def metrics() -> dict[str, Any]:
         return {
             **batcher.stats.as_dict(),
-            "mixed_adapter_batches": counters.mixed_adapter_batches,
+            "mixed_adapter_batches": counters["mixed_adapter_batches"],
             "queue_depth": batcher.queue_depth,
-            "completed": counters.completed,
-            "failed": counters.failed,
-            "rejected": {str(status): count for status, count in sorted(counters.rejected.items())},
-            "completed_per_model": dict(counters.per_model),
-            "settings": {
-                "max_batch_size": settings.max_batch_size,
-                "batch_wait_ms": settings.batch_wait_ms,
-                "max_input_tokens": settings.max_input_tokens,
-                "max_new_tokens": settings.max_new_tokens,
-                "max_queue": settings.max_queue,
-            },
+            "completed": counters["completed"],
+            "failed": counters["failed"],
+            "rejected": {str(status): count for status, count in sorted(rejected.items())},
+            "completed_per_model": dict(per_model),
+            "settings": {name: value for name, value in asdict(settings).items() if name != "max_body_bytes"},
         }
 
     @app.exception_handler(Exception)

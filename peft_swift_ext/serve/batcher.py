@@ -9,6 +9,7 @@ at most the window, and requests that queued while the previous batch ran go out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -136,10 +137,8 @@ class DynamicBatcher(Generic[Item, Result]):
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         if self._queue is not None:
             while not self._queue.empty():
                 pending = self._queue.get_nowait()

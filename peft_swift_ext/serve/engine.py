@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 #: The name that selects no adapter for a row (PEFT's name for it in ``adapter_names``).
@@ -132,13 +133,11 @@ class Engine:
         for row in rows:
             if not row.prompt_ids or row.max_new_tokens < 1:
                 raise ValueError(f"a row needs a prompt and max_new_tokens >= 1, got {row}")
-        width = max(len(row.prompt_ids) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            # Left padding: every row's last prompt token sits in the last column, where generation continues.
-            input_ids[index, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            attention_mask[index, width - len(row.prompt_ids) :] = 1
+        # Left padding: every row's last prompt token sits in the last column, where generation continues.
+        prompts = [torch.tensor(row.prompt_ids, dtype=torch.long) for row in rows]
+        input_ids = pad_sequence(prompts, batch_first=True, padding_value=self.pad_token_id, padding_side="left")
+        attention_mask = pad_sequence([torch.ones_like(ids) for ids in prompts], batch_first=True, padding_side="left")
+        width = input_ids.shape[1]
         config = GenerationConfig(
             do_sample=False,
             num_beams=1,
