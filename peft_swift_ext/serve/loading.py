@@ -1,16 +1,7 @@
 """Loading what the server serves: a base model from a local folder, and a folder of adapters on top of it.
 
-Nothing is downloaded: the base model and its tokenizer load with ``local_files_only=True``.
-
-The adapters folder holds one sub-folder per adapter (``<name>/adapter_config.json`` and its weights), the
-layout both ``SwiftModel.save_pretrained`` and PEFT's multi-adapter ``save_pretrained`` write; an adapter saved
-at the folder's root is named ``default``, as both libraries name it. Two backends attach them:
-
-- ``peft``: ``PeftModel.from_pretrained`` for the first adapter, ``load_adapter`` for the others. PEFT keeps
-  one adapter type per model and serves mixed batches for the LoRA family.
-- ``swift``: ``Swift.from_pretrained(base, folder)``, adapters of any type side by side.
-
-``auto`` picks ``peft`` when every adapter is LoRA, else ``swift``.
+Nothing is downloaded (``local_files_only=True``). The adapters folder's layout and the ``peft``, ``swift`` and
+``auto`` backends are described in docs/guides/serving.md (*Starting the server*).
 """
 
 from __future__ import annotations
@@ -20,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..swift import Swift
 from .engine import BASE_MODEL_NAME, Engine, Row
@@ -100,8 +92,6 @@ def load_base_model(model_dir: str | Path, dtype: str = "auto", device: str = "c
         dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
         device: where to put the model (``cpu``, ``cuda``, ``cuda:1`` ...).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = Path(model_dir)
     if not folder.is_dir():
         raise ValueError(f"--model: {folder} is not a local folder (the server loads local models only)")
