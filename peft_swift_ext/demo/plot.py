@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean
 
 
 def plot_losses(
@@ -24,10 +25,7 @@ def plot_losses(
 
     steps = list(range(1, len(train_losses) + 1))
     window = max(1, len(train_losses) // 10)
-    smoothed = [
-        sum(train_losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
-        for i in range(len(train_losses))
-    ]
+    smoothed = [fmean(train_losses[max(0, i - window + 1) : i + 1]) for i in range(len(train_losses))]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     axes.plot(steps, train_losses, color="tab:blue", alpha=0.35, label="train loss (per step)")
     axes.plot(steps, smoothed, color="tab:blue", label=f"train loss (mean of last {window})")
