@@ -70,16 +70,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, record: dict) -> Example:
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions get attention 0 and label ``IGNORE_INDEX``."""
-
-    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-        return pad_sequence(
-            [torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True, padding_value=value
-        )
-
+    input_ids = [torch.tensor(example.input_ids, dtype=torch.long) for example in examples]
+    labels = [torch.tensor(example.labels, dtype=torch.long) for example in examples]
     return {
-        "input_ids": pad([example.input_ids for example in examples], pad_token_id),
-        "attention_mask": pad([[1] * len(example.input_ids) for example in examples], 0),
-        "labels": pad([example.labels for example in examples], IGNORE_INDEX),
+        "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=pad_token_id),
+        "attention_mask": pad_sequence([torch.ones_like(ids) for ids in input_ids], batch_first=True),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
     }
 
 
