@@ -1,9 +1,8 @@
 """A dynamic batcher: requests that arrive close together run as one call of a batch function, off the event loop.
 
-The batcher knows nothing about models. ``run_batch(items) -> results`` is called with up to ``max_batch_size``
-items on one worker thread, one batch at a time; each submitter gets the result at its item's position. A batch
-closes when it is full or when ``max_wait_s`` has passed since its oldest item arrived, so a lone request waits
-at most the window, and requests that queued while the previous batch ran go out at once.
+The batcher knows nothing about models (see :class:`DynamicBatcher` for the batch function). A batch closes when
+it is full or when ``max_wait_s`` has passed since its oldest item arrived, so a lone request waits at most the
+window, and requests that queued while the previous batch ran go out at once.
 """
 
 from __future__ import annotations
