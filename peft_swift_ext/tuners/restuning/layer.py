@@ -296,11 +296,7 @@ class ResTuningLayer(SwiftTunerLayer):
     def _bypass_rows(self, value: torch.Tensor, rows: tuple[str, ...], names: list[str]) -> torch.Tensor:
         """``value`` with each row that names one of ``names`` replaced by its own adapter's bypass output."""
         plan = plan_rows(rows, names, value.shape[0], self.layer_name)
-
-        def key(name: str):
-            return self.restuning_hidden_pos[name], structure_key(self.restuning_bypass[name])
-
-        for group in split_plan(plan, key):
+        for group in split_plan(plan, lambda name: structure_key(self.restuning_bypass[name])):
             features = [self.probes.take(name, self.layer_name) for name in group.adapters]
             inputs = []
             for source in range(len(features[0])):  # root, then one per stem: each row from its adapter's capture
