@@ -126,14 +126,8 @@ class SCEditLayer(SwiftTunerLayer):
         return self.sc_tune(adapter_name, features)
 
     def _tune_rows(self, x: torch.Tensor, rows: tuple[str, ...], names: list[str], skip: bool) -> torch.Tensor:
-        """Each row of a mixed batch through its own adapter's tuner, all rows in one pass.
-
-        Args:
-            x: the layer's input (decoder mode, ``skip``: the skip channels are edited) or output features.
-            rows: the adapter name of each row.
-            names: this layer's adapters of the mode being applied.
-            skip: edit the last ``dims`` channels (decoder mode) instead of the whole tensor.
-        """
+        """Each row of ``x`` through its own adapter's tuner, all rows in one pass; with ``skip`` (decoder mode) the
+        tuners edit the last ``dims`` channels of ``x``, else all of it."""
         plan = plan_rows(rows, names, x.shape[0], self.layer_name)
         for group in split_plan(plan, lambda n: (self.scedit_dim[n], n in self.hinted, structure_key(self._tuner(n)))):
             first = group.adapters[0]

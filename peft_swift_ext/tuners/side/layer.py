@@ -111,14 +111,9 @@ class SideLayer(SwiftTunerLayer):
         """The root model's output with its loss computed from the blended values, the model's own way.
 
         The model computed its loss inside its forward, from its own (unblended) output. Each call the model made to
-        its ``loss_function`` with an unblended value is made again with the blended one, and the loss is corrected
-        by the difference (so a term the model adds to it, such as an auxiliary loss, is kept).
-
-        Args:
-            output: the model's output, blended.
-            recorder: the model's recording ``loss_function`` (None if it has none).
-            calls: ``(args, kwargs, result)`` of each ``loss_function`` call during the forward.
-            swaps: ``(unblended, blended)`` tensor pairs.
+        its ``loss_function`` with an unblended value (``calls``: their ``(args, kwargs, result)``) is made again with
+        the blended one (``swaps``: ``(unblended, blended)`` pairs), and the loss is corrected by the difference (so a
+        term the model adds to it, such as an auxiliary loss, is kept).
         """
         results = {id(result) for _, _, result in calls or ()}
         if isinstance(output, Mapping):
