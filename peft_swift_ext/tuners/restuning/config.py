@@ -93,11 +93,8 @@ class ResTuningConfig(PeftConfig):
         if self.root_modules is not None and not isinstance(self.root_modules, str):
             raise ValueError(f"ResTuningConfig.root_modules must be a regex string, got {self.root_modules!r}")
         check.position(self, "target_hidden_pos")
-        channels = (
-            self.upsample_out_channels
-            if isinstance(self.upsample_out_channels, list)
-            else [self.upsample_out_channels]
-        )
+        channels = self.upsample_out_channels
+        channels = channels if isinstance(channels, list) else [channels]
         if not all(c is None or (check.is_int(c) and c > 0) for c in channels):
             raise ValueError(
                 "ResTuningConfig.upsample_out_channels must be None, a positive int or a list of those, "

@@ -149,10 +149,8 @@ class Upsample(nn.Module):
             nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor, target_size=None) -> torch.Tensor:
-        if target_size is None:
-            resized = F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype)
-        else:
-            resized = F.interpolate(x.float(), size=tuple(target_size), mode="nearest").to(x.dtype)
+        size, scale = (None, 2) if target_size is None else (tuple(target_size), None)
+        resized = F.interpolate(x.float(), size=size, scale_factor=scale, mode="nearest").to(x.dtype)
         if self.conv is None:
             return resized
         return self.conv(resized.to(self.conv.weight.dtype)).to(x.dtype)
@@ -198,17 +196,21 @@ class ResTuningBlock(nn.Module):
 
 
 class ResTuningBypass(nn.Module):
-    """The bypass network of one adapter: a chain of :class:`ResTuningBlock`, one per stem feature."""
+    """The bypass network of one adapter: a chain of :class:`ResTuningBlock`, one per stem feature.
 
-    def __init__(self, specs: list[BlockSpec]) -> None:
+    Called as ``(root, *stems)``; ``stem_names`` (the stems' paths) name them in width errors.
+    """
+
+    def __init__(self, specs: list[BlockSpec], stem_names: list[str]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(ResTuningBlock(spec) for spec in specs)
+        self.stem_names = list(stem_names)
 
-    def forward(self, root: torch.Tensor, stems: list[torch.Tensor], stem_names: list[str]) -> torch.Tensor:
+    def forward(self, root: torch.Tensor, *stems: torch.Tensor) -> torch.Tensor:
         bypass = root
         for index, (block, stem) in enumerate(zip(self.blocks, stems)):
-            _check_width(block, stem, block.lateral, stem_names[index], f"stem feature {index}")
-            _check_width(block, bypass, block.vertical, stem_names[index], f"bypass input of block {index}")
+            _check_width(block, stem, block.lateral, self.stem_names[index], f"stem feature {index}")
+            _check_width(block, bypass, block.vertical, self.stem_names[index], f"bypass input of block {index}")
             target_size = stems[index + 1].shape[2:] if index + 1 < len(stems) else None
             bypass = block(stem, bypass, target_size)
         return bypass
@@ -223,18 +225,6 @@ def _check_width(block: ResTuningBlock, x: torch.Tensor, op: nn.Module | None, s
             f"ResTuningConfig.dims: the {what} (at stem '{stem}') has {width} channels but the block works at "
             f"{block.dim}; set dims to the features' widths"
         )
-
-
-class _BypassCall(nn.Module):
-    """One adapter's bypass called as ``(root, *stems)`` (the stem names it reports errors with are fixed)."""
-
-    def __init__(self, bypass: ResTuningBypass, stem_names: list[str]) -> None:
-        super().__init__()
-        self.bypass = bypass
-        self.stem_names = list(stem_names)
-
-    def forward(self, root: torch.Tensor, *stems: torch.Tensor) -> torch.Tensor:
-        return self.bypass(root, list(stems), self.stem_names)
 
 
 class ResTuningLayer(SwiftTunerLayer):
@@ -256,7 +246,6 @@ class ResTuningLayer(SwiftTunerLayer):
         self.restuning_bypass = nn.ModuleDict()
         self.restuning_hook: dict[str, str] = {}
         self.restuning_hidden_pos: dict[str, int | str] = {}
-        self.restuning_sources: dict[str, list[str]] = {}
         self.probes = FeatureProbes(detach=True)
         self.layer_name = ""
 
@@ -279,10 +268,9 @@ class ResTuningLayer(SwiftTunerLayer):
             hidden_pos: which argument / output element is replaced.
             layer_name: this layer's path in the model (for error messages).
         """
-        self.restuning_bypass[adapter_name] = ResTuningBypass(specs)
+        self.restuning_bypass[adapter_name] = ResTuningBypass(specs, [source.name for source in sources[1:]])
         self.restuning_hook[adapter_name] = hook
         self.restuning_hidden_pos[adapter_name] = hidden_pos
-        self.restuning_sources[adapter_name] = [source.name for source in sources]
         self.layer_name = layer_name
         self.probes.attach(adapter_name, sources, self._capturing)
         move_adapter_to_base_device(self, adapter_name)
@@ -299,27 +287,16 @@ class ResTuningLayer(SwiftTunerLayer):
             adapter_name: the adapter to delete.
         """
         self.probes.remove(adapter_name)
-        self.restuning_sources.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     def remove_probes(self) -> None:
         """Unhook every adapter's root and stem modules (before this layer is unloaded)."""
         self.probes.remove()
 
-    def _bypass_output(self, adapter_name: str, original: torch.Tensor) -> torch.Tensor:
-        features = self.probes.take(adapter_name, self.layer_name)
-        names = self.restuning_sources[adapter_name]
-        out = self.restuning_bypass[adapter_name](features[0], features[1:], names[1:])
-        return out.to(original.dtype)
-
     def _bypass_rows(self, value: torch.Tensor, rows: tuple[str, ...], names: list[str]) -> torch.Tensor:
         """``value`` with each row that names one of ``names`` replaced by its own adapter's bypass output."""
         plan = plan_rows(rows, names, value.shape[0], self.layer_name)
-
-        def key(name: str):
-            return self.restuning_hidden_pos[name], structure_key(self.restuning_bypass[name])
-
-        for group in split_plan(plan, key):
+        for group in split_plan(plan, lambda name: structure_key(self.restuning_bypass[name])):
             features = [self.probes.take(name, self.layer_name) for name in group.adapters]
             inputs = []
             for source in range(len(features[0])):  # root, then one per stem: each row from its adapter's capture
@@ -328,13 +305,15 @@ class ResTuningLayer(SwiftTunerLayer):
                     chosen = group.index == k
                     gathered[chosen] = captured[source][group.rows[chosen]]
                 inputs.append(gathered)
-            calls = [_BypassCall(self.restuning_bypass[n], self.restuning_sources[n][1:]) for n in group.adapters]
+            bypasses = [self.restuning_bypass[name] for name in group.adapters]
             value = value.clone()
-            value[group.rows] = per_row(calls, group.index, *inputs).to(value.dtype)
+            value[group.rows] = per_row(bypasses, group.index, *inputs).to(value.dtype)
         return value
 
-    def _forward_rows(self, rows: tuple[str, ...], args: tuple, kwargs: dict):
-        for position, names in self._by_position("input", rows).items():
+    def forward(self, *args, **kwargs):
+        rows = current_rows()
+        names = list(self.adapters_to_apply()) if rows is None else [n for n in self.restuning_bypass if n in rows]
+        for position, group in self._by_position("input", names, rows):
             slot = ArgumentSlot(self.base_layer, position)
             value = slot.get(args, kwargs)
             if not isinstance(value, torch.Tensor):
@@ -342,43 +321,27 @@ class ResTuningLayer(SwiftTunerLayer):
                     f"ResTuningConfig.target_hidden_pos={position!r}: {self.layer_name} was called without that "
                     "argument"
                 )
-            args, kwargs = slot.replace(args, kwargs, self._bypass_rows(value, rows, names))
+            args, kwargs = slot.replace(args, kwargs, self._bypassed(value, group, rows))
         output = self.base_layer(*args, **kwargs)
-        for position, names in self._by_position("output", rows).items():
+        for position, group in self._by_position("output", names, rows):
             value = output_value(output, position, _FIELD, self.layer_name)
-            output = replace_output_value(
-                output, position, self._bypass_rows(value, rows, names), _FIELD, self.layer_name
-            )
+            bypassed = self._bypassed(value, group, rows)
+            output = replace_output_value(output, position, bypassed, _FIELD, self.layer_name)
         return output
 
-    def _by_position(self, hook: str, rows: tuple[str, ...]) -> dict:
+    def _by_position(self, hook: str, names: list[str], rows: tuple[str, ...] | None) -> list[tuple]:
+        """``(position, adapters)`` of ``names`` on ``hook``: each adapter in turn (the last one wins), or in a mixed
+        batch, the adapters of each position together."""
+        picked = [(self.restuning_hidden_pos[name], name) for name in names if self.restuning_hook[name] == hook]
+        if rows is None:
+            return [(position, [name]) for position, name in picked]
         found: dict = {}
-        for name in self.restuning_bypass:
-            if self.restuning_hook[name] == hook and name in rows:
-                found.setdefault(self.restuning_hidden_pos[name], []).append(name)
-        return found
+        for position, name in picked:
+            found.setdefault(position, []).append(name)
+        return list(found.items())
 
-    def forward(self, *args, **kwargs):
-        rows = current_rows()
+    def _bypassed(self, value: torch.Tensor, names: list[str], rows: tuple[str, ...] | None) -> torch.Tensor:
         if rows is not None:
-            return self._forward_rows(rows, args, kwargs)
-        active = list(self.adapters_to_apply())
-        for name in active:
-            if self.restuning_hook[name] == "input":
-                slot = ArgumentSlot(self.base_layer, self.restuning_hidden_pos[name])
-                value = slot.get(args, kwargs)
-                if not isinstance(value, torch.Tensor):
-                    raise ValueError(
-                        f"ResTuningConfig.target_hidden_pos={slot.position!r}: {self.layer_name} was called without "
-                        "that argument"
-                    )
-                args, kwargs = slot.replace(args, kwargs, self._bypass_output(name, value))
-        output = self.base_layer(*args, **kwargs)
-        for name in active:
-            if self.restuning_hook[name] == "output":
-                position = self.restuning_hidden_pos[name]
-                value = output_value(output, position, _FIELD, self.layer_name)
-                output = replace_output_value(
-                    output, position, self._bypass_output(name, value), _FIELD, self.layer_name
-                )
-        return output
+            return self._bypass_rows(value, rows, names)
+        (name,) = names
+        return self.restuning_bypass[name](*self.probes.take(name, self.layer_name)).to(value.dtype)

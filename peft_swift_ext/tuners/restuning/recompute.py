@@ -1,16 +1,10 @@
 """The two-layer MLP of Res-Tuning's adapters, keeping only its input for backward.
 
-``ln2(GELU(ln1(x)))`` computed by autograd keeps three tensors for backward: ``x`` (for ln1's weight gradient),
-``ln1(x)`` (for the GELU's) and ``GELU(ln1(x))`` (for ln2's). In the bypass, ``x`` is a backbone feature or the
-bypass state, which backward needs anyway; the two hidden tensors are extra, ``2 * adapter_length`` channels per
-token for each of the bypass's ``2 * depth`` adapters (a third of what the bypass keeps with ViT recipes). Here they
-are recomputed from ``x`` in backward instead, with the same operations under the same autocast state, so outputs
-and gradients are those of the plain MLP. The cost is one more ``ln1`` and GELU per adapter in backward (``ln2`` is
-not rerun: its gradients are formed from the recomputed GELU output as autograd forms them).
-
-torch.compile cannot trace the ``torch.autograd.grad`` of that backward, so while compiling the same recomputation
-is stated as activation checkpointing of the MLP (``torch.utils.checkpoint``), which it traces into the model's
-graph; what backward reruns is then the compiler's choice.
+Autograd would keep ``ln1(x)`` and ``GELU(ln1(x))`` besides ``x`` (which the bypass keeps anyway); those two are a
+third of what the bypass keeps with ViT recipes. Here backward recomputes them from ``x`` (one more ``ln1`` and GELU,
+not ``ln2``) under the forward's autocast state, so outputs and gradients are those of the plain MLP
+(docs/tuners/restuning.md, "Measured"). While torch.compile traces, which it cannot do through
+``torch.autograd.grad``, the same recomputation is activation checkpointing instead.
 """
 
 from __future__ import annotations

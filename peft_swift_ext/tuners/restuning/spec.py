@@ -98,11 +98,9 @@ def _check_op_options(kind: str, options: dict, where: str) -> None:
         if not lengths or not all(_is_positive_int(n) for n in lengths):
             raise ValueError(f"{where}: adapter_length must be a positive int or a list of them, got {length!r}")
     if kind == "res_group_adapter":
-        for name in ("head", "scale_factor"):
-            if not _is_positive_int(options[name]):
+        for name in ("head", "scale_factor", "dim"):  # dim may be None (the block's)
+            if not _is_positive_int(options[name]) and not (name == "dim" and options[name] is None):
                 raise ValueError(f"{where}: {name} must be a positive int, got {options[name]!r}")
-        if options["dim"] is not None and not _is_positive_int(options["dim"]):
-            raise ValueError(f"{where}: dim must be a positive int, got {options['dim']!r}")
 
 
 def _is_scalar_weight(weight: object) -> bool:
@@ -157,13 +155,10 @@ def block_specs(config, depth: int) -> list[BlockSpec]:
     dims = _per_block(config.dims, depth, "dims")
     cfgs = _per_block(config.tuner_cfg, depth, "tuner_cfg")
     upsample_out = _per_block(config.upsample_out_channels, depth, "upsample_out_channels")
+    listed = isinstance(config.tuner_cfg, list)
     specs = []
     for index in range(depth):
-        where = (
-            f"ResTuningConfig.tuner_cfg[{index}]"
-            if isinstance(config.tuner_cfg, list)
-            else "ResTuningConfig.tuner_cfg"
-        )
+        where = f"ResTuningConfig.tuner_cfg[{index}]" if listed else "ResTuningConfig.tuner_cfg"
         last = index == depth - 1
         lateral, vertical, aux = _parse_block_cfg(cfgs[index], where, config.use_upsample, last)
         lateral, vertical = (_for_block(op, index) for op in (lateral, vertical))

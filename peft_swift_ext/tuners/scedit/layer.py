@@ -91,8 +91,7 @@ class SCEditLayer(SwiftTunerLayer):
 
     def sc_tune(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``x + T(x + hint)`` for one adapter; ``x`` is (B, C, H, W) or (B, tokens, C)."""
-        down, up = self.scedit_ln1[adapter_name], self.scedit_ln2[adapter_name]
-        tuner_input = x
+        hint = None
         if adapter_name in self.hinted:
             hint = self.probes.take(adapter_name, self.layer_name)[0]
             if hint.shape != x.shape:
@@ -100,52 +99,40 @@ class SCEditLayer(SwiftTunerLayer):
                     f"SCEditConfig.hint_modules: the hint for '{self.layer_name}' has shape {tuple(hint.shape)} but "
                     f"the features it conditions have shape {tuple(x.shape)}"
                 )
-            tuner_input = x + hint.to(x.dtype)
-        tokens = tuner_input.to(down.weight.dtype)
-        if x.dim() == 4:
-            tokens = tokens.flatten(2).transpose(1, 2)
-        out = up(F.gelu(down(tokens)))
-        if x.dim() == 4:
-            out = out.transpose(1, 2).reshape(x.shape)
-        return (x.to(out.dtype) + out).to(x.dtype)
+        return self._tuner(adapter_name)(x, hint).to(x.dtype)
 
-    def _edit_skip(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def _skip_dim(self, adapter_name: str, x: torch.Tensor) -> int:
+        """The adapter's skip channel count, checked against the decoder input ``x``."""
         dim = self.scedit_dim[adapter_name]
         if x.dim() != 4 or x.shape[1] <= dim:
             raise ValueError(
                 f"SCEditConfig.dims: '{self.layer_name}' got input {tuple(x.shape)}, which has no {dim} skip channels "
                 "after the hidden ones; decoder mode needs (batch, hidden + skip channels, height, width)"
             )
+        return dim
+
+    def _edit_skip(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        dim = self._skip_dim(adapter_name, x)
         hidden, skip = x.split([x.shape[1] - dim, dim], dim=1)
         return torch.cat([hidden, self.sc_tune(adapter_name, skip)], dim=1)
 
-    def _edit_output(self, adapter_name: str, output):
-        features = first_tensor(output)
+    def _edit_features(self, adapter_name: str, features: torch.Tensor) -> torch.Tensor:
         dim = self.scedit_dim[adapter_name]
         width = features.shape[1] if features.dim() == 4 else features.shape[-1]
         if width != dim:
             raise ValueError(
                 f"SCEditConfig.dims: '{self.layer_name}' outputs {width} channels but the tuner was built for {dim}"
             )
-        return replace_first_tensor(output, self.sc_tune(adapter_name, features))
+        return self.sc_tune(adapter_name, features)
 
     def _tune_rows(self, x: torch.Tensor, rows: tuple[str, ...], names: list[str], skip: bool) -> torch.Tensor:
-        """Each row of a mixed batch through its own adapter's tuner, all rows in one pass.
-
-        Args:
-            x: the layer's input (decoder mode, ``skip``: the skip channels are edited) or output features.
-            rows: the adapter name of each row.
-            names: this layer's adapters of the mode being applied.
-            skip: edit the last ``dims`` channels (decoder mode) instead of the whole tensor.
-        """
+        """Each row of ``x`` through its own adapter's tuner, all rows in one pass; with ``skip`` (decoder mode) the
+        tuners edit the last ``dims`` channels of ``x``, else all of it."""
         plan = plan_rows(rows, names, x.shape[0], self.layer_name)
-        if not plan:
-            return x
         for group in split_plan(plan, lambda n: (self.scedit_dim[n], n in self.hinted, structure_key(self._tuner(n)))):
             first = group.adapters[0]
-            if skip and (x.dim() != 4 or x.shape[1] <= self.scedit_dim[first]):
-                self._edit_skip(first, x)  # raises the shape error
-            edited = x[:, x.shape[1] - self.scedit_dim[first] :] if skip else x
+            start = x.shape[1] - self._skip_dim(first, x) if skip else 0
+            edited = x[:, start:]
             hints = torch.zeros_like(edited[group.rows])
             if first in self.hinted:
                 for k, name in enumerate(group.adapters):
@@ -153,41 +140,31 @@ class SCEditLayer(SwiftTunerLayer):
                     hints[chosen] = self.probes.take(name, self.layer_name)[0][group.rows[chosen]].to(hints.dtype)
             tuned = per_row([self._tuner(n) for n in group.adapters], group.index, edited[group.rows], hints)
             x = x.clone()
-            if skip:
-                x[group.rows, x.shape[1] - self.scedit_dim[first] :] = tuned.to(x.dtype)
-            else:
-                x[group.rows] = tuned.to(x.dtype)
+            x[group.rows, start:] = tuned.to(x.dtype)
         return x
 
     def _tuner(self, adapter_name: str) -> nn.Module:
         return _SCTuner(self.scedit_ln1[adapter_name], self.scedit_ln2[adapter_name])
 
-    def _forward_rows(self, rows: tuple[str, ...], args: tuple, kwargs: dict):
-        decoder = [name for name in self.scedit_ln1 if self.scedit_mode[name] == "decoder"]
-        if any(name in rows for name in decoder):
-            x = self._tune_rows(first_argument(self.base_layer, args, kwargs), rows, decoder, skip=True)
-            args, kwargs = ArgumentSlot(self.base_layer, 0).replace(args, kwargs, x)
-        output = self.base_layer(*args, **kwargs)
-        others = [name for name in self.scedit_ln1 if self.scedit_mode[name] != "decoder"]
-        if any(name in rows for name in others):
-            output = replace_first_tensor(output, self._tune_rows(first_tensor(output), rows, others, skip=False))
-        return output
+    def _tuned(self, x: torch.Tensor, names: list[str], rows: tuple[str, ...] | None, skip: bool) -> torch.Tensor:
+        """``x`` through each adapter's tuner in turn, or in a mixed batch each row through its own adapter's."""
+        if rows is not None:
+            return self._tune_rows(x, rows, names, skip)
+        for name in names:
+            x = self._edit_skip(name, x) if skip else self._edit_features(name, x)
+        return x
 
     def forward(self, *args, **kwargs):
         rows = current_rows()
-        if rows is not None:
-            return self._forward_rows(rows, args, kwargs)
-        active = list(self.adapters_to_apply())
-        decoder = [name for name in active if self.scedit_mode[name] == "decoder"]
+        names = list(self.adapters_to_apply()) if rows is None else [n for n in self.scedit_ln1 if n in rows]
+        decoder = [name for name in names if self.scedit_mode[name] == "decoder"]
         if decoder:
-            x = first_argument(self.base_layer, args, kwargs)
-            for name in decoder:
-                x = self._edit_skip(name, x)
+            x = self._tuned(first_argument(self.base_layer, args, kwargs), decoder, rows, skip=True)
             args, kwargs = ArgumentSlot(self.base_layer, 0).replace(args, kwargs, x)
         output = self.base_layer(*args, **kwargs)
-        for name in active:
-            if self.scedit_mode[name] != "decoder":
-                output = self._edit_output(name, output)
+        others = [name for name in names if self.scedit_mode[name] != "decoder"]
+        if others:
+            output = replace_first_tensor(output, self._tuned(first_tensor(output), others, rows, skip=False))
         return output
 
 
@@ -200,8 +177,8 @@ class _SCTuner(nn.Module):
         self.down = down
         self.up = up
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
-        tokens = (x + hint).to(self.down.weight.dtype)
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = (x if hint is None else x + hint.to(x.dtype)).to(self.down.weight.dtype)
         if x.dim() == 4:
             tokens = tokens.flatten(2).transpose(1, 2)
         out = self.up(F.gelu(self.down(tokens)))

@@ -59,11 +59,10 @@ class SideLayer(SwiftTunerLayer):
             return output
         positions = list(dict.fromkeys(self.target_hidden_pos[name] for name in names))
         unblended = [self._value(output, position) for position in positions]
-        output = (
-            self._blend_rows(output, rows, args, kwargs)
-            if rows is not None
-            else self._blend(output, names, args, kwargs)
-        )
+        if rows is None:
+            output = self._blend(output, names, args, kwargs)
+        else:
+            output = self._blend_rows(output, rows, names, args, kwargs)
         if isinstance(self.base_layer, RootCall):
             blended = [self._value(output, position) for position in positions]
             output = self._loss_of_blended(output, recorder, loss_calls, list(zip(unblended, blended, strict=True)))
@@ -86,12 +85,10 @@ class SideLayer(SwiftTunerLayer):
             output = replace_output_value(output, target_pos, blended, _FIELD, self.module_name)
         return output
 
-    def _blend_rows(self, output, rows: tuple[str, ...], args: tuple, kwargs: dict):
-        """Blend each row of a mixed batch with its own adapter's side network, all rows in one pass."""
-        owned = [name for name in dict.fromkeys(rows) if name in self.side_net]
-        if not owned:
-            return output
-        batch = self._value(output, self.target_hidden_pos[owned[0]]).shape[0]
+    def _blend_rows(self, output, rows: tuple[str, ...], names: list[str], args: tuple, kwargs: dict):
+        """Blend each row of a mixed batch with its own adapter's side network (``names``: those the rows name), all
+        rows in one pass."""
+        batch = self._value(output, self.target_hidden_pos[names[0]]).shape[0]
         plan = plan_rows(rows, self.side_net, batch, self.module_name)
 
         def key(name: str):
@@ -114,14 +111,9 @@ class SideLayer(SwiftTunerLayer):
         """The root model's output with its loss computed from the blended values, the model's own way.
 
         The model computed its loss inside its forward, from its own (unblended) output. Each call the model made to
-        its ``loss_function`` with an unblended value is made again with the blended one, and the loss is corrected
-        by the difference (so a term the model adds to it, such as an auxiliary loss, is kept).
-
-        Args:
-            output: the model's output, blended.
-            recorder: the model's recording ``loss_function`` (None if it has none).
-            calls: ``(args, kwargs, result)`` of each ``loss_function`` call during the forward.
-            swaps: ``(unblended, blended)`` tensor pairs.
+        its ``loss_function`` with an unblended value (``calls``: their ``(args, kwargs, result)``) is made again with
+        the blended one (``swaps``: ``(unblended, blended)`` pairs), and the loss is corrected by the difference (so a
+        term the model adds to it, such as an auxiliary loss, is kept).
         """
         results = {id(result) for _, _, result in calls or ()}
         if isinstance(output, Mapping):

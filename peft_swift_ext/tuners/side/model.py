@@ -40,12 +40,8 @@ class SideModel(SwiftBaseTuner):
     def _create_and_replace(
         self, peft_config: SideConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
-        options = {
-            "dim": peft_config.dim,
-            "side_module_name": peft_config.side_module_name,
-            "source_hidden_pos": peft_config.source_hidden_pos,
-            "target_hidden_pos": peft_config.target_hidden_pos,
-        }
+        fields = ("dim", "side_module_name", "source_hidden_pos", "target_hidden_pos")
+        options = {name: getattr(peft_config, name) for name in fields}
         if target_name == "":
             self._attach_to_root(target, adapter_name, options)
             return
