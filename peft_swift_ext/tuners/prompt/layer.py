@@ -162,9 +162,8 @@ class PromptLayer(SwiftTunerLayer):
         output = self.base_layer(*args, **kwargs)
         if not any(setting.extracts for setting in settings):
             return output
-        out = output if isinstance(output, torch.Tensor) else output[0]
-        kept = out[:, length:] if front else out[:, : out.shape[1] - length]
-        return kept if isinstance(output, torch.Tensor) else type(output)((kept, *output[1:]))
+        # every row's prompt positions are where the first adapter's tokens sit (all adapters have one length)
+        return self._remove_tokens(output, plan.adapters[:1], plan.adapters[:1], front)
 
     def _rows_cached(self, cache, rows: tuple[str, ...]) -> int:
         """Positions this layer's cache holds from earlier steps of the same mixed batch (0 at prefill)."""
@@ -377,15 +376,11 @@ def extend_attention_mask(mask: torch.Tensor, length: int, front: bool, value) -
     columns = mask.new_full((*mask.shape[:-1], extra), fill)
     square = mask.dim() >= 3 and mask.shape[-2] == mask.shape[-1]
     mask = torch.cat((columns, mask) if front else (mask, columns), dim=-1)
-    if square:
-        edge = mask[..., :1, :] if front else mask[..., -1:, :]
-        rows = edge.expand(*edge.shape[:-2], extra, edge.shape[-1])
-        mask = torch.cat((rows, mask) if front else (mask, rows), dim=-2)
-    return mask
+    return extend_positions(mask, length, front) if square else mask
 
 
 def extend_positions(table: torch.Tensor, length: int, front: bool) -> torch.Tensor:
-    """Extend a ``(..., sequence, dim)`` rotary table to ``length`` positions with copies of its edge row."""
+    """Extend a ``(..., sequence, dim)`` rotary table or mask to ``length`` rows with copies of its edge row."""
     extra = length - table.shape[-2]
     if extra <= 0:
         return table
