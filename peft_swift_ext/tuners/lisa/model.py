@@ -118,22 +118,13 @@ class LisaModel(SwiftBaseTuner):
         return None
 
     def _plan_targets(self, model: nn.Module, adapter_name: str, config: LisaConfig) -> list[str]:
-        """Check everything that can fail (layer list, ``n_layers``, ``trained_layers``, a second LISA adapter).
-
-        Nothing is wrapped, so no target is returned; :meth:`_finish_injection` does the rest.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the new adapter.
-            config: its config.
-        """
+        """Check everything that can fail; nothing is wrapped, so no target is returned (see _finish_injection)."""
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
             raise ValueError(
                 f"this model already has the LISA adapter {others[0]!r}; LISA trains the base model's own weights, "
                 "so a model takes one LISA adapter"
             )
-        # Everything that can fail is checked before the model changes.
         layers = find_decoder_layers(model, config.layers_path, field="LisaConfig.layers_path")[1]
         if config.n_layers > len(layers):
             raise ValueError(
@@ -154,10 +145,6 @@ class LisaModel(SwiftBaseTuner):
         The parameters of the layers in ``trained_layers`` (and the embeddings / head when configured) are
         registered under this tuner's prefix so that PEFT saves them; every other decoder layer joins the
         checkpoint when it first receives a gradient.
-
-        Args:
-            model: the model the adapter goes into.
-            adapter_name: the new adapter.
         """
         config: LisaConfig = self.peft_config[adapter_name]
         candidates = vars(self).pop("_candidates")

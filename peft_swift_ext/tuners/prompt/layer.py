@@ -323,22 +323,18 @@ class PromptLayer(SwiftTunerLayer):
 
     def _insert_tokens(self, names: list[str], hidden: torch.Tensor, first: PromptSettings) -> torch.Tensor:
         front = first.attach_front
-        if first.concatenates:
-            for name in names:
-                tokens = self._tokens(name, hidden)
-                hidden = torch.cat((tokens, hidden) if front else (hidden, tokens), dim=1)
-            return hidden
-        if hidden.shape[1] < self._total_length(names):
-            raise ValueError(
-                f"{self.module_name} is a deeper prompt layer but its input has only {hidden.shape[1]} positions; "
-                "the first targeted layer must run before it"
-            )
-        pieces, cursor = [], 0
-        for name, (start, length) in sorted(self._spans(names, hidden.shape[1], front).items(), key=lambda s: s[1]):
-            pieces += [hidden[:, cursor:start], self._tokens(name, hidden)]
-            cursor = start + length
-        pieces.append(hidden[:, cursor:])
-        return torch.cat(pieces, dim=1)
+        if not first.concatenates:  # a deeper layer: its tokens replace the block the first layer added
+            prompt = self._total_length(names)
+            if hidden.shape[1] < prompt:
+                raise ValueError(
+                    f"{self.module_name} is a deeper prompt layer but its input has only {hidden.shape[1]} positions; "
+                    "the first targeted layer must run before it"
+                )
+            hidden = hidden[:, prompt:] if front else hidden[:, : hidden.shape[1] - prompt]
+        for name in names:
+            tokens = self._tokens(name, hidden)
+            hidden = torch.cat((tokens, hidden) if front else (hidden, tokens), dim=1)
+        return hidden
 
     def _replace_argument(self, args: tuple, kwargs: dict, position, extend) -> tuple[tuple, dict]:
         """Pass ``extend(value)`` instead of the argument at ``position`` (mask / rotary table), if it was given."""
