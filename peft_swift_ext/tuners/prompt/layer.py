@@ -297,18 +297,6 @@ class PromptLayer(SwiftTunerLayer):
                 "their first layer, in attach_front or in argument positions / mask value; activate them one at a time"
             )
 
-    def _spans(self, names: list[str], total: int, front: bool) -> dict[str, tuple[int, int]]:
-        """Where each adapter's tokens sit in a sequence of ``total`` positions: ``name -> (start, length)``.
-
-        The first adapter's tokens are nearest the original sequence (they were added first).
-        """
-        spans, offset = {}, 0
-        for name in reversed(names) if front else names:
-            length = self.prompt_token[name].shape[1]
-            spans[name] = (offset, length) if front else (total - self._total_length(names) + offset, length)
-            offset += length
-        return spans
-
     def _total_length(self, names: list[str]) -> int:
         return sum(self.prompt_token[name].shape[1] for name in names)
 
@@ -346,12 +334,16 @@ class PromptLayer(SwiftTunerLayer):
 
     def _remove_tokens(self, output, names: list[str], extracted: list[str], front: bool):
         hidden = output if isinstance(output, torch.Tensor) else output[0]
-        spans = self._spans(names, hidden.shape[1], front)
-        # slices between the removed spans (plain ints, so torch.compile keeps one graph; a boolean index would not)
+        # the tokens sit as _insert_tokens put them, the first adapter's nearest the sequence; keep the slices
+        # between the removed spans (plain ints, so torch.compile keeps one graph; a boolean index would not)
+        start = 0 if front else hidden.shape[1] - self._total_length(names)
         kept, cursor = [], 0
-        for start, length in sorted(spans[name] for name in extracted):
-            kept.append(hidden[:, cursor:start])
-            cursor = start + length
+        for name in reversed(names) if front else names:
+            length = self.prompt_token[name].shape[1]
+            if name in extracted:
+                kept.append(hidden[:, cursor:start])
+                cursor = start + length
+            start += length
         kept.append(hidden[:, cursor:])
         hidden = torch.cat(kept, dim=1)
         if isinstance(output, torch.Tensor):
