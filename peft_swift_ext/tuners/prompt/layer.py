@@ -10,7 +10,7 @@ from torch import nn
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.rows import current_rows, plan_rows, rows_state
-from ...core.slots import ArgumentSlot, Position
+from ...core.slots import ArgumentSlot, Position, first_tensor, replace_first_tensor
 from .cache import cache_layer_index, decode_mask, find_cache, record_prompts, recorded_prompts
 
 
@@ -333,7 +333,7 @@ class PromptLayer(SwiftTunerLayer):
         return (args, kwargs) if value is None else slot.replace(args, kwargs, extend(value))
 
     def _remove_tokens(self, output, names: list[str], extracted: list[str], front: bool):
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        hidden = first_tensor(output)
         # the tokens sit as _insert_tokens put them, the first adapter's nearest the sequence; keep the slices
         # between the removed spans (plain ints, so torch.compile keeps one graph; a boolean index would not)
         start = 0 if front else hidden.shape[1] - self._total_length(names)
@@ -345,10 +345,7 @@ class PromptLayer(SwiftTunerLayer):
                 cursor = start + length
             start += length
         kept.append(hidden[:, cursor:])
-        hidden = torch.cat(kept, dim=1)
-        if isinstance(output, torch.Tensor):
-            return hidden
-        return type(output)((hidden, *output[1:]))
+        return replace_first_tensor(output, torch.cat(kept, dim=1))
 
 
 def extend_attention_mask(mask: torch.Tensor, length: int, front: bool, value) -> torch.Tensor:
