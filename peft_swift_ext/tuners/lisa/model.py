@@ -5,13 +5,11 @@ What the tuner does at ``get_peft_model``: freeze every base parameter, then mak
 them all. :class:`~peft_swift_ext.techniques.LisaScheduler` (or :class:`~peft_swift_ext.techniques.LisaCallback`)
 then narrows training to ``n_layers`` drawn layers at each draw; the drawing and freezing code is the scheduler's.
 
-Saving. LISA changes base weights, so a checkpoint must carry them. Each parameter that belongs in the checkpoint
-is also registered, under the same tensor, as ``lisa_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by
-the adapter name on this tuner: PEFT's ``save_pretrained`` picks those entries up like any adapter weight (on every
-supported peft version) and ``PeftModel.from_pretrained`` loads them back into the base tensors. The checkpoint
-holds the embeddings / head when they train and every decoder layer that has received a gradient (recorded by a
-gradient hook and kept in ``LisaConfig.trained_layers``); other layers are untouched by training, so a fresh copy
-of the same base model supplies them.
+Saving (what a checkpoint holds: docs/techniques/lisa.md). Each parameter that belongs in the checkpoint is also
+registered, under the same tensor, as ``lisa_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by the
+adapter name on this tuner: PEFT's ``save_pretrained`` picks those entries up like any adapter weight (on every
+supported peft version) and ``PeftModel.from_pretrained`` loads them back into the base tensors. A decoder layer
+joins the checkpoint at its first gradient (a gradient hook; kept in ``LisaConfig.trained_layers``).
 
 Inside a SwiftModel (``Swift.prepare_model(model, {"lisa": LisaConfig(...), ...})``) this tuner stays outside the
 module tree; the SwiftModel asks it which base tensors it saves (``saved_tensors``) and trains

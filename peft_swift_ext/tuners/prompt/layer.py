@@ -85,7 +85,11 @@ class PromptLayer(SwiftTunerLayer):
         if not names:
             return self.base_layer(*args, **kwargs)
         settings = [self.prompt_settings[name] for name in names]
-        self._check_compatible(names, settings)
+        if len({replace(s, extracts=False) for s in settings}) > 1:
+            raise ValueError(
+                f"prompt adapters {names} are active together in {self.module_name} but differ in whether this is "
+                "their first layer, in attach_front or in argument positions / mask value; activate them one at a time"
+            )
         first = settings[0]
         embedding = ArgumentSlot(self.base_layer, first.embedding_pos)
         hidden = embedding.get(args, kwargs)
@@ -288,13 +292,6 @@ class PromptLayer(SwiftTunerLayer):
                 f"with a KV cache, the prompt tokens that start in the first decoder layer must reach the last one: "
                 f"the layers after {self.module_name} (where extract_embedding removes them) would get masks sized "
                 "for the prompt keys they do not hold; target every later layer too, or generate with use_cache=False"
-            )
-
-    def _check_compatible(self, names: list[str], settings: list[PromptSettings]) -> None:
-        if len({replace(s, extracts=False) for s in settings}) > 1:
-            raise ValueError(
-                f"prompt adapters {names} are active together in {self.module_name} but differ in whether this is "
-                "their first layer, in attach_front or in argument positions / mask value; activate them one at a time"
             )
 
     def _total_length(self, names: list[str]) -> int:
