@@ -38,13 +38,8 @@ class AdapterModel(SwiftBaseTuner):
     def _create_and_replace(
         self, peft_config: AdapterConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
-        options = {
-            "dim": peft_config.dim,
-            "adapter_length": peft_config.adapter_length,
-            "act_layer": peft_config.act_layer,
-            "hidden_pos": peft_config.hidden_pos,
-            "method_name": peft_config.method_name,
-        }
+        fields = ("dim", "adapter_length", "act_layer", "hidden_pos", "method_name")  # update_layer's options
+        options = {name: getattr(peft_config, name) for name in fields}
         self._update_or_wrap(
             target, parent, target_name, lambda module: AdapterLayer(module, current_key), adapter_name, **options
         )

@@ -26,15 +26,6 @@ class LisaCandidates:
     embedding_params: list[nn.Parameter] = field(default_factory=list)
     head_params: list[nn.Parameter] = field(default_factory=list)
 
-    def all_params(self, config: LisaConfig | None = None) -> list[nn.Parameter]:
-        """Every layer parameter, plus the embeddings / head that `config` trains (all of them without a config)."""
-        params = [p for layer in self.layer_params for p in layer]
-        if config is None or config.train_embeddings:
-            params += self.embedding_params
-        if config is None or config.train_head:
-            params += self.head_params
-        return list({id(p): p for p in params}.values())
-
 
 def lisa_candidates(
     model: nn.Module,
@@ -62,8 +53,7 @@ def lisa_candidates(
         return [p for p in params if (p.requires_grad or not only_trainable) and id(p) not in excluded]
 
     layer_params = [keep(layer.parameters()) for layer in layers]
-    in_layers = {id(p) for params in layer_params for p in params}
-    in_layers |= {id(p) for p in layers.parameters()}
+    in_layers = {id(p) for p in layers.parameters()}
     embeddings = get_input_embeddings(model)
     head = get_output_embeddings(model)
     embedding_params = [p for p in keep(embeddings.parameters() if embeddings else []) if id(p) not in in_layers]

@@ -68,7 +68,12 @@ class LisaConfig(PeftConfig):
     def __post_init__(self, lisa_activated_layers: int | None = None, lisa_step_interval: int | None = None) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LISA
-        self.n_layers = _merge_alias("n_layers", self.n_layers, "lisa_activated_layers", lisa_activated_layers)
+        if lisa_activated_layers is not None:
+            if self.n_layers not in (None, lisa_activated_layers):
+                raise ValueError(
+                    f"n_layers={self.n_layers} and lisa_activated_layers={lisa_activated_layers} disagree"
+                )
+            self.n_layers = lisa_activated_layers
         if lisa_step_interval is not None:
             if self.interval not in (_DEFAULT_INTERVAL, lisa_step_interval):
                 raise ValueError(f"interval={self.interval} and lisa_step_interval={lisa_step_interval} disagree")
@@ -86,9 +91,3 @@ class LisaConfig(PeftConfig):
         if not isinstance(layers, (list, tuple)) or not all(check.is_int(i) and i >= 0 for i in layers):
             raise ValueError(f"LisaConfig.trained_layers must be a list of layer indices, got {layers!r}")
         self.trained_layers = sorted(set(layers))
-
-
-def _merge_alias(name: str, value, alias: str, alias_value):
-    if alias_value is not None and value is not None and value != alias_value:
-        raise ValueError(f"{name}={value} and {alias}={alias_value} disagree")
-    return value if value is not None else alias_value

@@ -5,13 +5,11 @@ What the tuner does at ``get_peft_model``: freeze every base parameter, then mak
 them all. :class:`~peft_swift_ext.techniques.LisaScheduler` (or :class:`~peft_swift_ext.techniques.LisaCallback`)
 then narrows training to ``n_layers`` drawn layers at each draw; the drawing and freezing code is the scheduler's.
 
-Saving. LISA changes base weights, so a checkpoint must carry them. Each parameter that belongs in the checkpoint
-is also registered, under the same tensor, as ``lisa_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by
-the adapter name on this tuner: PEFT's ``save_pretrained`` picks those entries up like any adapter weight (on every
-supported peft version) and ``PeftModel.from_pretrained`` loads them back into the base tensors. The checkpoint
-holds the embeddings / head when they train and every decoder layer that has received a gradient (recorded by a
-gradient hook and kept in ``LisaConfig.trained_layers``); other layers are untouched by training, so a fresh copy
-of the same base model supplies them.
+Saving (what a checkpoint holds: docs/techniques/lisa.md). Each parameter that belongs in the checkpoint is also
+registered, under the same tensor, as ``lisa_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by the
+adapter name on this tuner: PEFT's ``save_pretrained`` picks those entries up like any adapter weight (on every
+supported peft version) and ``PeftModel.from_pretrained`` loads them back into the base tensors. A decoder layer
+joins the checkpoint at its first gradient (a gradient hook; kept in ``LisaConfig.trained_layers``).
 
 Inside a SwiftModel (``Swift.prepare_model(model, {"lisa": LisaConfig(...), ...})``) this tuner stays outside the
 module tree; the SwiftModel asks it which base tensors it saves (``saved_tensors``) and trains
@@ -118,22 +116,13 @@ class LisaModel(SwiftBaseTuner):
         return None
 
     def _plan_targets(self, model: nn.Module, adapter_name: str, config: LisaConfig) -> list[str]:
-        """Check everything that can fail (layer list, ``n_layers``, ``trained_layers``, a second LISA adapter).
-
-        Nothing is wrapped, so no target is returned; :meth:`_finish_injection` does the rest.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the new adapter.
-            config: its config.
-        """
+        """Check everything that can fail; nothing is wrapped, so no target is returned (see _finish_injection)."""
         others = [name for name in self.peft_config if name != adapter_name]
         if others:
             raise ValueError(
                 f"this model already has the LISA adapter {others[0]!r}; LISA trains the base model's own weights, "
                 "so a model takes one LISA adapter"
             )
-        # Everything that can fail is checked before the model changes.
         layers = find_decoder_layers(model, config.layers_path, field="LisaConfig.layers_path")[1]
         if config.n_layers > len(layers):
             raise ValueError(
@@ -154,41 +143,30 @@ class LisaModel(SwiftBaseTuner):
         The parameters of the layers in ``trained_layers`` (and the embeddings / head when configured) are
         registered under this tuner's prefix so that PEFT saves them; every other decoder layer joins the
         checkpoint when it first receives a gradient.
-
-        Args:
-            model: the model the adapter goes into.
-            adapter_name: the new adapter.
         """
         config: LisaConfig = self.peft_config[adapter_name]
-        candidates = self._candidates
-        del self._candidates
+        candidates = vars(self).pop("_candidates")
         # paths in the plain model: other tuners' wrappers (base_layer segments) do not change a weight's name
-        names = {id(p): canonical_path(name) for name, p in model.named_parameters()}
+        self._param_names = {id(p): canonical_path(name) for name, p in model.named_parameters()}
         self._layer_params = candidates.layer_params
         self._embedding_params = candidates.embedding_params if config.train_embeddings else []
         self._head_params = candidates.head_params if config.train_head else []
         # None until a LisaScheduler first draws: then every candidate layer trains (see trainable_parameters)
         self.lisa_active_layers: list[int] | None = None
-        self._param_names = names
         self._alias_targets: dict[str, nn.Parameter] = {}
         self._hooks: dict[int, list] = {}
         self.lisa_marker = LisaMarker(adapter_name)
         self._adapter_name = adapter_name
         for param in model.parameters():
             param.requires_grad_(False)
-        if not config.inference_mode:
-            for param in candidates.all_params(config):
-                param.requires_grad_(True)
-        if config.train_embeddings:
-            for param in candidates.embedding_params:
-                self._register_alias(param)
-        if config.train_head:
-            for param in candidates.head_params:
-                self._register_alias(param)
+        for param in self._embedding_params + self._head_params:
+            self._register_alias(param)
         for index in config.trained_layers:
             for param in self._layer_params[index]:
                 self._register_alias(param)
         if not config.inference_mode:
+            for param in self._drawn_parameters(all_candidates=True):
+                param.requires_grad_(True)
             for index, params in enumerate(self._layer_params):
                 if index not in config.trained_layers:
                     self._hooks[index] = [
@@ -246,9 +224,6 @@ class LisaModel(SwiftBaseTuner):
             self._register_alias(layer_param)
         config = self.peft_config[self._adapter_name]
         config.trained_layers = sorted({*config.trained_layers, index})
-
-    def _aliases(self) -> dict[str, nn.ParameterDict]:
-        return {name: self._modules[name] for name in self._alias_targets}
 
     # --- inside a SwiftModel -----------------------------------------------------------------------------------
     # A SwiftModel keeps this tuner outside its module tree and asks it, through the methods below, which base
@@ -318,7 +293,13 @@ class LisaModel(SwiftBaseTuner):
         Args:
             action: what was asked, for the message (e.g. ``"deactivate adapter 'lisa'"``).
         """
-        self._refuse_restore(action)
+        if self.has_trained:
+            raise ValueError(
+                f"LISA cannot {action}: it trains the base model's own weights in place (decoder layers "
+                f"{self.peft_config[self._adapter_name].trained_layers} have changed), so the original model is "
+                "gone. Keep a copy of the base model, or load it again, to compare with it; merge_and_unload() "
+                "returns the trained model."
+            )
 
     def remove_adapter_structures(self, adapter_name: str) -> None:
         """Drop the gradient hooks and checkpoint aliases of ``adapter_name`` (SwiftModel's deletion/rollback).
@@ -369,23 +350,14 @@ class LisaModel(SwiftBaseTuner):
 
     # --- switching off, unloading ---------------------------------------------------------------------------------
 
-    def _refuse_restore(self, action: str) -> None:
-        if self.has_trained:
-            raise ValueError(
-                f"LISA cannot {action}: it trains the base model's own weights in place (decoder layers "
-                f"{self.peft_config[self._adapter_name].trained_layers} have changed), so the original model is "
-                "gone. Keep a copy of the base model, or load it again, to compare with it; merge_and_unload() "
-                "returns the trained model."
-            )
-
     def disable_adapter_layers(self) -> None:
         """Freeze LISA's candidates and mark the adapter disabled; refused once anything has trained.
 
         Before any training the model is still the base model, so disabling only stops LISA from training (as
         PEFT's ``disable_adapter_layers`` freezes adapter weights); afterwards the base outputs are gone.
         """
-        self._refuse_restore("disable the adapter")
-        for param in self.candidates.all_params():
+        self.check_can_restore("disable the adapter")
+        for param in self._drawn_parameters(all_candidates=True):
             param.requires_grad_(False)
         self.lisa_marker.enable_adapters(False)
 
@@ -408,7 +380,7 @@ class LisaModel(SwiftBaseTuner):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if self._adapter_name not in names:
             return
-        for param in self._drawn_parameters() if requires_grad else self.candidates.all_params():
+        for param in self._drawn_parameters(all_candidates=not requires_grad):
             param.requires_grad_(requires_grad)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -434,7 +406,7 @@ class LisaModel(SwiftBaseTuner):
         marker.merged_adapters.clear()
 
     def _check_finite(self) -> None:
-        for param in [*self.candidates.all_params(), *self._alias_targets.values()]:
+        for param in [*self._drawn_parameters(all_candidates=True), *self._alias_targets.values()]:
             if not torch.isfinite(param).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {self._adapter_name} seems to be broken"
@@ -453,18 +425,12 @@ class LisaModel(SwiftBaseTuner):
             raise ValueError(f"unknown LISA adapter(s) {unknown}; this model has {list(self.peft_config)}")
         self.active_adapter = names
 
-    def _remove_hooks(self) -> None:
-        for handles in self._hooks.values():
-            for handle in handles:
-                handle.remove()
-        self._hooks.clear()
-
     def _unload_and_optionally_merge(
         self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None
     ) -> nn.Module:
         # PEFT's merge_and_unload / unload: the trained model stays, LISA's bookkeeping and configs go
         if not merge:
-            self._refuse_restore("unload() back to the original model")
+            self.check_can_restore("unload() back to the original model")
         elif safe_merge:
             self._check_finite()
         self._release()
@@ -473,7 +439,10 @@ class LisaModel(SwiftBaseTuner):
 
     def _release(self) -> None:
         """Drop the gradient hooks, the checkpoint aliases and the marker (the trained weights stay)."""
-        self._remove_hooks()
+        for handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._hooks.clear()
         for name in list(self._alias_targets):
             delattr(self, name)
         self._alias_targets.clear()
@@ -488,7 +457,7 @@ class LisaModel(SwiftBaseTuner):
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
-        self._refuse_restore(f"delete adapter {adapter_name!r}")
+        self.check_can_restore(f"delete adapter {adapter_name!r}")
         self._release()
         del self.peft_config[adapter_name]
         self.active_adapter = []
@@ -520,8 +489,8 @@ def _register_aliases_of_loaded_layers(module: LisaModel, state_dict, prefix: st
 def _write_loaded_aliases_into_the_model(module: LisaModel, incompatible_keys) -> None:
     """After ``load_state_dict(assign=True)`` (PEFT's ``low_cpu_mem_usage``) an alias may hold a new tensor: copy it
     into the model's own parameter and point the alias back at that parameter."""
-    for alias_name, container in module._aliases().items():
-        target = module._alias_targets[alias_name]
+    for alias_name, target in module._alias_targets.items():
+        container = module._modules[alias_name]
         loaded = container[module._adapter_name]
         if loaded is not target:
             with torch.no_grad():

@@ -1,9 +1,5 @@
-"""Prompt tokens in transformers' KV cache: added once, at prefill, and attended to by every later step.
-
-A targeted layer whose cache is still empty (prefill) runs as it does without a cache: the first targeted layer
-adds the tokens in front of the sequence, so every targeted layer's cache receives their keys and values once.
-A call whose cache already holds this layer's past (a decode step) adds no tokens and overwrites nothing; only
-its attention mask needs the prompt key positions.
+"""Prompt tokens in transformers' KV cache: added once, at prefill, and attended to by every later step (see
+docs/tuners/prompt.md, "Generation with the KV cache").
 
 transformers builds one mask per step from the 2-D attention mask (real tokens only) and the length of the first
 decoder layer's cache (``Cache.get_mask_sizes``). Two layouts reach a prompt layer at a decode step:
@@ -14,11 +10,6 @@ decoder layer's cache (``Cache.get_mask_sizes``). Two layouts reach a prompt lay
   columns and keeps them causal with respect to the real positions;
 - the first decoder layer holds no prompt tokens: the mask covers the real tokens only, and the prompt columns are
   added in front.
-
-Either way the cache length that transformers reads counts the prompt tokens where the first layer holds them
-(``Cache.get_seq_length()`` is ``prompt_length`` more than the tokens seen, as with PEFT's prefix tuning). Rotary
-positions therefore come from ``position_ids``, which ``generate()`` derives from the attention mask; a decoding
-loop written by hand must pass them too.
 """
 
 from __future__ import annotations
@@ -34,10 +25,7 @@ _RECORD = "peft_swift_ext_prompt_adapters"
 
 def find_cache(args: tuple, kwargs: dict) -> Cache | None:
     """The transformers ``Cache`` among a layer call's arguments (``cache=`` / ``past_key_values=``), or None."""
-    for value in (*kwargs.values(), *args):
-        if isinstance(value, Cache):
-            return value
-    return None
+    return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
 
 
 def cache_layer_index(module: nn.Module) -> int | None:
@@ -45,26 +33,18 @@ def cache_layer_index(module: nn.Module) -> int | None:
 
     transformers' attention modules keep it as ``layer_idx``; the first one found in ``module`` counts.
     """
-    for child in module.modules():
-        index = getattr(child, "layer_idx", None)
-        if isinstance(index, int) and not isinstance(index, bool):
-            return index
-    return None
+    indices = (getattr(child, "layer_idx", None) for child in module.modules())
+    return next((index for index in indices if isinstance(index, int) and not isinstance(index, bool)), None)
 
 
 def record_prompts(cache: Cache, layer_index: int, adapters: tuple[str, ...]) -> None:
     """Note that the cache layer ``layer_index`` now holds the tokens of ``adapters`` (in that order)."""
-    record = getattr(cache, _RECORD, None)
-    if record is None:
-        record = {}
-        setattr(cache, _RECORD, record)
-    record[layer_index] = adapters
+    vars(cache).setdefault(_RECORD, {})[layer_index] = adapters
 
 
 def recorded_prompts(cache: Cache, layer_index: int) -> tuple[str, ...] | None:
     """The prompt adapters whose tokens the cache layer ``layer_index`` holds, or None if none were recorded."""
-    record = getattr(cache, _RECORD, None)
-    return None if record is None else record.get(layer_index)
+    return getattr(cache, _RECORD, {}).get(layer_index)
 
 
 def decode_mask(mask: torch.Tensor, past: int, queries: int, prompt: int, value) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from ...compat import move_adapter_to_base_device
 from ...core.layer import SwiftTunerLayer
 from ...core.rows import current_rows, plan_rows, rows_state
-from ...core.slots import ArgumentSlot, Position
+from ...core.slots import ArgumentSlot, Position, first_tensor, replace_first_tensor
 from .cache import cache_layer_index, decode_mask, find_cache, record_prompts, recorded_prompts
 
 
@@ -85,7 +85,11 @@ class PromptLayer(SwiftTunerLayer):
         if not names:
             return self.base_layer(*args, **kwargs)
         settings = [self.prompt_settings[name] for name in names]
-        self._check_compatible(names, settings)
+        if len({replace(s, extracts=False) for s in settings}) > 1:
+            raise ValueError(
+                f"prompt adapters {names} are active together in {self.module_name} but differ in whether this is "
+                "their first layer, in attach_front or in argument positions / mask value; activate them one at a time"
+            )
         first = settings[0]
         embedding = ArgumentSlot(self.base_layer, first.embedding_pos)
         hidden = embedding.get(args, kwargs)
@@ -162,9 +166,8 @@ class PromptLayer(SwiftTunerLayer):
         output = self.base_layer(*args, **kwargs)
         if not any(setting.extracts for setting in settings):
             return output
-        out = output if isinstance(output, torch.Tensor) else output[0]
-        kept = out[:, length:] if front else out[:, : out.shape[1] - length]
-        return kept if isinstance(output, torch.Tensor) else type(output)((kept, *output[1:]))
+        # every row's prompt positions are where the first adapter's tokens sit (all adapters have one length)
+        return self._remove_tokens(output, plan.adapters[:1], plan.adapters[:1], front)
 
     def _rows_cached(self, cache, rows: tuple[str, ...]) -> int:
         """Positions this layer's cache holds from earlier steps of the same mixed batch (0 at prefill)."""
@@ -291,25 +294,6 @@ class PromptLayer(SwiftTunerLayer):
                 "for the prompt keys they do not hold; target every later layer too, or generate with use_cache=False"
             )
 
-    def _check_compatible(self, names: list[str], settings: list[PromptSettings]) -> None:
-        if len({replace(s, extracts=False) for s in settings}) > 1:
-            raise ValueError(
-                f"prompt adapters {names} are active together in {self.module_name} but differ in whether this is "
-                "their first layer, in attach_front or in argument positions / mask value; activate them one at a time"
-            )
-
-    def _spans(self, names: list[str], total: int, front: bool) -> dict[str, tuple[int, int]]:
-        """Where each adapter's tokens sit in a sequence of ``total`` positions: ``name -> (start, length)``.
-
-        The first adapter's tokens are nearest the original sequence (they were added first).
-        """
-        spans, offset = {}, 0
-        for name in reversed(names) if front else names:
-            length = self.prompt_token[name].shape[1]
-            spans[name] = (offset, length) if front else (total - self._total_length(names) + offset, length)
-            offset += length
-        return spans
-
     def _total_length(self, names: list[str]) -> int:
         return sum(self.prompt_token[name].shape[1] for name in names)
 
@@ -324,22 +308,18 @@ class PromptLayer(SwiftTunerLayer):
 
     def _insert_tokens(self, names: list[str], hidden: torch.Tensor, first: PromptSettings) -> torch.Tensor:
         front = first.attach_front
-        if first.concatenates:
-            for name in names:
-                tokens = self._tokens(name, hidden)
-                hidden = torch.cat((tokens, hidden) if front else (hidden, tokens), dim=1)
-            return hidden
-        if hidden.shape[1] < self._total_length(names):
-            raise ValueError(
-                f"{self.module_name} is a deeper prompt layer but its input has only {hidden.shape[1]} positions; "
-                "the first targeted layer must run before it"
-            )
-        pieces, cursor = [], 0
-        for name, (start, length) in sorted(self._spans(names, hidden.shape[1], front).items(), key=lambda s: s[1]):
-            pieces += [hidden[:, cursor:start], self._tokens(name, hidden)]
-            cursor = start + length
-        pieces.append(hidden[:, cursor:])
-        return torch.cat(pieces, dim=1)
+        if not first.concatenates:  # a deeper layer: its tokens replace the block the first layer added
+            prompt = self._total_length(names)
+            if hidden.shape[1] < prompt:
+                raise ValueError(
+                    f"{self.module_name} is a deeper prompt layer but its input has only {hidden.shape[1]} positions; "
+                    "the first targeted layer must run before it"
+                )
+            hidden = hidden[:, prompt:] if front else hidden[:, : hidden.shape[1] - prompt]
+        for name in names:
+            tokens = self._tokens(name, hidden)
+            hidden = torch.cat((tokens, hidden) if front else (hidden, tokens), dim=1)
+        return hidden
 
     def _replace_argument(self, args: tuple, kwargs: dict, position, extend) -> tuple[tuple, dict]:
         """Pass ``extend(value)`` instead of the argument at ``position`` (mask / rotary table), if it was given."""
@@ -350,18 +330,19 @@ class PromptLayer(SwiftTunerLayer):
         return (args, kwargs) if value is None else slot.replace(args, kwargs, extend(value))
 
     def _remove_tokens(self, output, names: list[str], extracted: list[str], front: bool):
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
-        spans = self._spans(names, hidden.shape[1], front)
-        # slices between the removed spans (plain ints, so torch.compile keeps one graph; a boolean index would not)
+        hidden = first_tensor(output)
+        # the tokens sit as _insert_tokens put them, the first adapter's nearest the sequence; keep the slices
+        # between the removed spans (plain ints, so torch.compile keeps one graph; a boolean index would not)
+        start = 0 if front else hidden.shape[1] - self._total_length(names)
         kept, cursor = [], 0
-        for start, length in sorted(spans[name] for name in extracted):
-            kept.append(hidden[:, cursor:start])
-            cursor = start + length
+        for name in reversed(names) if front else names:
+            length = self.prompt_token[name].shape[1]
+            if name in extracted:
+                kept.append(hidden[:, cursor:start])
+                cursor = start + length
+            start += length
         kept.append(hidden[:, cursor:])
-        hidden = torch.cat(kept, dim=1)
-        if isinstance(output, torch.Tensor):
-            return hidden
-        return type(output)((hidden, *output[1:]))
+        return replace_first_tensor(output, torch.cat(kept, dim=1))
 
 
 def extend_attention_mask(mask: torch.Tensor, length: int, front: bool, value) -> torch.Tensor:
@@ -377,15 +358,11 @@ def extend_attention_mask(mask: torch.Tensor, length: int, front: bool, value) -
     columns = mask.new_full((*mask.shape[:-1], extra), fill)
     square = mask.dim() >= 3 and mask.shape[-2] == mask.shape[-1]
     mask = torch.cat((columns, mask) if front else (mask, columns), dim=-1)
-    if square:
-        edge = mask[..., :1, :] if front else mask[..., -1:, :]
-        rows = edge.expand(*edge.shape[:-2], extra, edge.shape[-1])
-        mask = torch.cat((rows, mask) if front else (mask, rows), dim=-2)
-    return mask
+    return extend_positions(mask, length, front) if square else mask
 
 
 def extend_positions(table: torch.Tensor, length: int, front: bool) -> torch.Tensor:
-    """Extend a ``(..., sequence, dim)`` rotary table to ``length`` positions with copies of its edge row."""
+    """Extend a ``(..., sequence, dim)`` rotary table or mask to ``length`` rows with copies of its edge row."""
     extra = length - table.shape[-2]
     if extra <= 0:
         return table
