@@ -29,11 +29,7 @@ BASE_REWRITING_INITIALISERS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 @contextlib.contextmanager
 def base_rewriting_initialisers_off(config: PeftConfig) -> Iterator[None]:
     """Inside the block, ``config.init_lora_weights`` does not rewrite the base weights (the checkpoint's
-    weights are loaded next, so plain initial values serve); the config keeps its value for saving.
-
-    Args:
-        config: the adapter's config, about to be injected for a load.
-    """
+    weights are loaded next, so plain initial values serve); the config keeps its value for saving."""
     value = getattr(config, "init_lora_weights", None)
     if not (isinstance(value, str) and value.lower().startswith(BASE_REWRITING_INITIALISERS)):
         yield
@@ -50,9 +46,6 @@ class BaseTensors:
 
     Keeping a reference to each tensor's data costs nothing unless it is replaced (then the old storage stays
     alive until the guard is dropped, which is what makes it restorable).
-
-    Args:
-        model: the base model, before an injection.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -88,10 +81,6 @@ def named_errors(source: Path | str, what: str) -> Iterator[None]:
     A config field with a hostile value (a huge rank, a wrong type PEFT does not check, a negative size) fails
     somewhere inside PEFT or torch with ``TypeError``, ``RuntimeError``, ``OverflowError``...; callers are
     promised a ``ValueError`` that names the file (the original error is chained).
-
-    Args:
-        source: the file at fault.
-        what: what was being done, for the message.
     """
     try:
         yield
