@@ -70,12 +70,6 @@ class StructureLock:
                 if not self._readers:
                     self._condition.notify_all()
 
-    def __getstate__(self) -> dict:
-        return {}  # a copied model starts unlocked: locks and their waiters belong to the original
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the lock alone (a change to the adapters' layers) inside the block."""
@@ -183,7 +177,8 @@ class ActivationState:
 
     def __getstate__(self) -> dict:
         # Context variables cannot be copied or pickled: a copy keeps the mode, the shared set and the copying
-        # thread's own set; selections of other threads, tasks and blocks stay with the original.
+        # thread's own set; selections of other threads, tasks and blocks stay with the original. A copied model
+        # starts unlocked: locks and their waiters belong to the original.
         return {"per_thread": self.per_thread, "shared": self._shared, "mine": self._local.get()}
 
     def __setstate__(self, state: dict) -> None:

@@ -4,9 +4,7 @@
 private temporary folder and leaves meta tensors in the model, so the adapter holds no memory at all until
 it is activated again. Tensors are swapped in place in their modules (no ``Module.to`` walk), and the
 store is written and read in one call, which keeps a round trip for a 30-layer LoRA in milliseconds.
-
-Nothing can be lost: a failed write moves nothing, a failed read keeps the record (the restore can be
-retried), and the folder goes when its store does, at exit, or, after a crash, with the next store created.
+Its guarantees (a failed write or read loses nothing, no folder outlives its process) are in docs/reliability.md.
 """
 
 from __future__ import annotations
