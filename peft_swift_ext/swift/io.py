@@ -425,10 +425,8 @@ def load_adapter(
 def _check_trainer_checkpoint_covers_model(model: SwiftModel, folder: Path) -> None:
     """A Trainer resumes a model by loading each adapter folder of its checkpoint: refuse, before the first one,
     a checkpoint that does not hold every adapter of the model (another model's, or another layout)."""
-    for root in (folder, folder.parent):
-        if (root / TRAINER_STATE_NAME).is_file():
-            break
-    else:
+    root = next((root for root in (folder, folder.parent) if (root / TRAINER_STATE_NAME).is_file()), None)
+    if root is None:
         return
     saved = set(files.list_adapter_folders(root))
     if (root / files.CONFIG_NAME).is_file():
