@@ -99,9 +99,8 @@ class ActivationState:
     """The active adapter names (shared by the process, per thread / task, or chosen for one block), and the lock
     that keeps forwards off half-built layers (:class:`StructureLock`).
 
-    Args:
-        per_thread: when True each thread (and each asyncio task) has its own set, and one that never set it
-            has none (SWIFT's ``USE_UNIQUE_THREAD=0``).
+    With ``per_thread`` (SWIFT's ``USE_UNIQUE_THREAD=0``) each thread and asyncio task has its own set, and one that
+    never set it has none.
     """
 
     def __init__(self, per_thread: bool = False) -> None:
@@ -130,12 +129,8 @@ class ActivationState:
         return self._local.get() if self.per_thread else self._shared
 
     def set(self, names: Iterable[str]) -> None:
-        """Replace the active set: inside a :meth:`scoped` block for that block only, else for the calling thread
-        or task in per-thread mode, else for the process.
-
-        Args:
-            names: the adapters to make active, in order (duplicates dropped).
-        """
+        """Replace the active set (in order, duplicates dropped): inside a :meth:`scoped` block for that block only,
+        else for the calling thread or task in per-thread mode, else for the process."""
         names = tuple(dict.fromkeys(names))
         if self._scopes_used and self._scope.get() is not None:
             self._scope.set(names)
@@ -146,11 +141,7 @@ class ActivationState:
 
     @contextlib.contextmanager
     def scoped(self, names: Iterable[str]) -> Iterator[None]:
-        """Inside the block, the calling thread or task (and the tasks it starts) sees exactly ``names``.
-
-        Args:
-            names: the adapters to make active, in order.
-        """
+        """Inside the block, the calling thread or task (and the tasks it starts) sees exactly ``names``."""
         token = self._scope.set(tuple(dict.fromkeys(names)))
         self._scopes_used = True
         try:
@@ -159,20 +150,12 @@ class ActivationState:
             self._scope.reset(token)
 
     def activate(self, name: str) -> None:
-        """Append an adapter to the active set (no-op if already active).
-
-        Args:
-            name: the adapter to activate.
-        """
+        """Append an adapter to the active set (no-op if already active)."""
         if name not in self.current():
             self.set((*self.current(), name))
 
     def deactivate(self, name: str) -> None:
-        """Remove an adapter from the active set (no-op if inactive).
-
-        Args:
-            name: the adapter to deactivate.
-        """
+        """Remove an adapter from the active set (no-op if inactive)."""
         self.set(n for n in self.current() if n != name)
 
     def __getstate__(self) -> dict:
@@ -192,11 +175,8 @@ class ActivationState:
 class ActiveAdapterView(Sequence):
     """A read-only list of the active adapters that always reflects an :class:`ActivationState`.
 
-    Args:
-        state: the shared activation state.
-        owner: for modules that must only see their own adapters (PEFT's ``modules_to_save`` wrappers,
-            which fall back to the original module when an active adapter has no copy), the module whose
-            ``_adapters`` set filters the names.
+    With an ``owner`` only that module's own adapters are listed: PEFT's ``modules_to_save`` wrappers fall back to
+    the original module when an active adapter has no copy.
     """
 
     __slots__ = ("state", "owner")
