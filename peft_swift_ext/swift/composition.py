@@ -38,12 +38,11 @@ def inject(
     low_cpu_mem_usage: bool = False,
     autocast_adapter_dtype: bool = True,
 ) -> None:
-    """Inject one adapter into ``model`` with its type's tuner (created on first use); all or nothing.
+    """Inject one adapter into ``model`` with its type's tuner (created in ``tuners`` on first use); all or nothing.
 
     Where adapters of different types meet on one module, a later adapter's layer wraps the earlier ones. This
-    package's tuners see through other tuners' layers by themselves; PEFT's own tuners never inject below an
-    existing tuner layer, so for them the other types' layers leave the tree during the injection and go back
-    in afterwards, below the layers the injection created. ``tuners`` gains the type's tuner on first use.
+    package's tuners see through other tuners' layers by themselves; for PEFT's own tuners the other types' layers
+    leave the tree during the injection (:func:`_other_layers_hidden`).
     """
     if not isinstance(config, PeftConfig):
         raise TypeError(f"config for {adapter_name!r} must be a PeftConfig, got {type(config).__name__}")
