@@ -243,10 +243,8 @@ def _check_on_meta(model: SwiftModel, plan: list[PlannedAdapter], trainable: boo
 def _write_extra_states(
     model: SwiftModel, extra: dict[str, torch.Tensor], source: Path
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copy the extra states into the base weights under their current keys; undone if it fails.
-
-    Returns ``(weight, its previous value)`` pairs, for the caller to undo the copy if a later step fails.
-    """
+    """Copy the extra states into the base weights under their current keys (undone if it fails); return
+    ``(weight, its previous value)`` pairs, for the caller to undo the copy if a later step fails."""
     keys = extra_state_keys(model, extra, source)
     targets = dict(model.model.state_dict(keep_vars=True))
     previous = [(targets[model_key], targets[model_key].detach().clone()) for model_key in keys.values()]

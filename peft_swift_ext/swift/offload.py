@@ -237,7 +237,7 @@ def _slots(
 ) -> Iterator[tuple[str, torch.Tensor, Callable[[torch.Tensor], None]]]:
     """``(key, tensor, put)`` for every tensor of the adapter; ``put(value)`` installs a replacement."""
     for path, module, attr, entry, _ in adapter_containers(modules, adapter_name):
-        container = module.modules_to_save if attr == "modules_to_save" else getattr(module, attr)
+        container = getattr(module, attr)
         prefix = f"{path}.{attr}"
         if isinstance(entry, torch.Tensor):
             yield prefix, entry, _setter(container, adapter_name, entry)
