@@ -49,26 +49,23 @@ class StructureLock:
     def reading(self) -> Iterator[None]:
         """Hold the lock shared (a forward) inside the block."""
         depth = self._local.__dict__.get("reads", 0)
-        if depth or self._writer == threading.get_ident():
-            self._local.reads = depth + 1  # nested, or inside this thread's own change: already safe
-            try:
-                yield
-            finally:
-                self._local.reads = depth
-            return
-        with self._condition:
-            while self._writer is not None or self._waiting_writers:
-                self._condition.wait()
-            self._readers += 1
-        self._local.reads = 1
+        # a nested read, or one inside this thread's own change, is already safe
+        shared = not depth and self._writer != threading.get_ident()
+        if shared:
+            with self._condition:
+                while self._writer is not None or self._waiting_writers:
+                    self._condition.wait()
+                self._readers += 1
+        self._local.reads = depth + 1
         try:
             yield
         finally:
-            self._local.reads = 0
-            with self._condition:
-                self._readers -= 1
-                if not self._readers:
-                    self._condition.notify_all()
+            self._local.reads = depth
+            if shared:
+                with self._condition:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._condition.notify_all()
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
