@@ -114,8 +114,7 @@ def read(root: Path) -> tuple[dict[str, torch.Tensor], Path] | None:
 
 def _read_files(root: Path, root_is_adapter: bool) -> tuple[dict[str, torch.Tensor], Path] | None:
     if (root / SAFE_INDEX_NAME).is_file():
-        index = files.read_json(root / SAFE_INDEX_NAME)
-        shards = index.get("weight_map")
+        shards = files.read_json(root / SAFE_INDEX_NAME).get("weight_map")
         if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
             raise ValueError(f"{root / SAFE_INDEX_NAME} has no weight_map of tensor names to shard files")
         weights: dict[str, torch.Tensor] = {}
