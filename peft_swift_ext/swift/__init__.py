@@ -1,5 +1,4 @@
-from .activation import ActivationState
 from .model import SwiftModel
 from .swift import Swift
 
-__all__ = ["ActivationState", "Swift", "SwiftModel"]
+__all__ = ["Swift", "SwiftModel"]

@@ -49,32 +49,23 @@ class StructureLock:
     def reading(self) -> Iterator[None]:
         """Hold the lock shared (a forward) inside the block."""
         depth = self._local.__dict__.get("reads", 0)
-        if depth or self._writer == threading.get_ident():
-            self._local.reads = depth + 1  # nested, or inside this thread's own change: already safe
-            try:
-                yield
-            finally:
-                self._local.reads = depth
-            return
-        with self._condition:
-            while self._writer is not None or self._waiting_writers:
-                self._condition.wait()
-            self._readers += 1
-        self._local.reads = 1
+        # a nested read, or one inside this thread's own change, is already safe
+        shared = not depth and self._writer != threading.get_ident()
+        if shared:
+            with self._condition:
+                while self._writer is not None or self._waiting_writers:
+                    self._condition.wait()
+                self._readers += 1
+        self._local.reads = depth + 1
         try:
             yield
         finally:
-            self._local.reads = 0
-            with self._condition:
-                self._readers -= 1
-                if not self._readers:
-                    self._condition.notify_all()
-
-    def __getstate__(self) -> dict:
-        return {}  # a copied model starts unlocked: locks and their waiters belong to the original
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+            self._local.reads = depth
+            if shared:
+                with self._condition:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._condition.notify_all()
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -105,9 +96,8 @@ class ActivationState:
     """The active adapter names (shared by the process, per thread / task, or chosen for one block), and the lock
     that keeps forwards off half-built layers (:class:`StructureLock`).
 
-    Args:
-        per_thread: when True each thread (and each asyncio task) has its own set, and one that never set it
-            has none (SWIFT's ``USE_UNIQUE_THREAD=0``).
+    With ``per_thread`` (SWIFT's ``USE_UNIQUE_THREAD=0``) each thread and asyncio task has its own set, and one that
+    never set it has none.
     """
 
     def __init__(self, per_thread: bool = False) -> None:
@@ -136,12 +126,8 @@ class ActivationState:
         return self._local.get() if self.per_thread else self._shared
 
     def set(self, names: Iterable[str]) -> None:
-        """Replace the active set: inside a :meth:`scoped` block for that block only, else for the calling thread
-        or task in per-thread mode, else for the process.
-
-        Args:
-            names: the adapters to make active, in order (duplicates dropped).
-        """
+        """Replace the active set (in order, duplicates dropped): inside a :meth:`scoped` block for that block only,
+        else for the calling thread or task in per-thread mode, else for the process."""
         names = tuple(dict.fromkeys(names))
         if self._scopes_used and self._scope.get() is not None:
             self._scope.set(names)
@@ -152,11 +138,7 @@ class ActivationState:
 
     @contextlib.contextmanager
     def scoped(self, names: Iterable[str]) -> Iterator[None]:
-        """Inside the block, the calling thread or task (and the tasks it starts) sees exactly ``names``.
-
-        Args:
-            names: the adapters to make active, in order.
-        """
+        """Inside the block, the calling thread or task (and the tasks it starts) sees exactly ``names``."""
         token = self._scope.set(tuple(dict.fromkeys(names)))
         self._scopes_used = True
         try:
@@ -165,25 +147,18 @@ class ActivationState:
             self._scope.reset(token)
 
     def activate(self, name: str) -> None:
-        """Append an adapter to the active set (no-op if already active).
-
-        Args:
-            name: the adapter to activate.
-        """
+        """Append an adapter to the active set (no-op if already active)."""
         if name not in self.current():
             self.set((*self.current(), name))
 
     def deactivate(self, name: str) -> None:
-        """Remove an adapter from the active set (no-op if inactive).
-
-        Args:
-            name: the adapter to deactivate.
-        """
+        """Remove an adapter from the active set (no-op if inactive)."""
         self.set(n for n in self.current() if n != name)
 
     def __getstate__(self) -> dict:
         # Context variables cannot be copied or pickled: a copy keeps the mode, the shared set and the copying
-        # thread's own set; selections of other threads, tasks and blocks stay with the original.
+        # thread's own set; selections of other threads, tasks and blocks stay with the original. A copied model
+        # starts unlocked: locks and their waiters belong to the original.
         return {"per_thread": self.per_thread, "shared": self._shared, "mine": self._local.get()}
 
     def __setstate__(self, state: dict) -> None:
@@ -197,11 +172,8 @@ class ActivationState:
 class ActiveAdapterView(Sequence):
     """A read-only list of the active adapters that always reflects an :class:`ActivationState`.
 
-    Args:
-        state: the shared activation state.
-        owner: for modules that must only see their own adapters (PEFT's ``modules_to_save`` wrappers,
-            which fall back to the original module when an active adapter has no copy), the module whose
-            ``_adapters`` set filters the names.
+    With an ``owner`` only that module's own adapters are listed: PEFT's ``modules_to_save`` wrappers fall back to
+    the original module when an active adapter has no copy.
     """
 
     __slots__ = ("state", "owner")

@@ -30,21 +30,6 @@ from ..core.paths import canonical_path, find_target_modules, literal_patterns, 
 from ..core.tuner import SwiftBaseTuner, follow_feature_sources
 
 
-def tuner_class_for(config: PeftConfig, adapter_name: str) -> type[BaseTuner]:
-    """The registered ``BaseTuner`` class that injects ``config``, with clear errors for anything else.
-
-    Args:
-        config: the adapter's config.
-        adapter_name: its name, for the message.
-    """
-    if not isinstance(config, PeftConfig):
-        raise TypeError(f"config for {adapter_name!r} must be a PeftConfig, got {type(config).__name__}")
-    peft_type = PeftType(config.peft_type)
-    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
-        raise ValueError(f"{type(config).__name__} ({peft_type.value}) is not an injectable tuner type")
-    return PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
-
-
 def inject(
     model: nn.Module,
     tuners: dict[PeftType, BaseTuner],
@@ -53,23 +38,18 @@ def inject(
     low_cpu_mem_usage: bool = False,
     autocast_adapter_dtype: bool = True,
 ) -> None:
-    """Inject one adapter into ``model`` with its type's tuner (created on first use); all or nothing.
+    """Inject one adapter into ``model`` with its type's tuner (created in ``tuners`` on first use); all or nothing.
 
     Where adapters of different types meet on one module, a later adapter's layer wraps the earlier ones. This
-    package's tuners see through other tuners' layers by themselves; PEFT's own tuners never inject below an
-    existing tuner layer, so for them the other types' layers leave the tree during the injection and go back
-    in afterwards, below the layers the injection created.
-
-    Args:
-        model: the shared base model.
-        tuners: the tuner of each type already in ``model``; a new one is added here.
-        adapter_name: the new adapter's name.
-        config: its config.
-        low_cpu_mem_usage: create its weights on the meta device (to be filled by a load).
-        autocast_adapter_dtype: upcast float16/bfloat16 adapter weights to float32, as ``PeftModel`` does.
+    package's tuners see through other tuners' layers by themselves; for PEFT's own tuners the other types' layers
+    leave the tree during the injection (:func:`_other_layers_hidden`).
     """
-    tuner_cls = tuner_class_for(config, adapter_name)
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"config for {adapter_name!r} must be a PeftConfig, got {type(config).__name__}")
     peft_type = PeftType(config.peft_type)
+    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"{type(config).__name__} ({peft_type.value}) is not an injectable tuner type")
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
     had_peft_config = hasattr(model, "peft_config")
     hide = (
         contextlib.nullcontext() if issubclass(tuner_cls, SwiftBaseTuner) else _other_layers_hidden(model, tuner_cls)
@@ -105,17 +85,14 @@ def _other_layers_hidden(model: nn.Module, tuner_cls: type[BaseTuner]) -> Iterat
     """
     keep = tuner_cls.tuner_layer_cls
     hidden: list[tuple[str, BaseTunerLayer]] = []
-    while True:
-        found = next(
-            (
-                (path, module)
-                for path, module in model.named_modules()
-                if isinstance(module, BaseTunerLayer) and not isinstance(module, keep)
-            ),
-            None,
-        )
-        if found is None:
-            break
+    while found := next(
+        (
+            (path, module)
+            for path, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, keep)
+        ),
+        None,
+    ):
         path, layer = found
         parent, child = parent_of(model, path)
         setattr(parent, child, layer.base_layer)
@@ -141,11 +118,6 @@ def check_merge_keeps_outputs(model: nn.Module, names: list[str], active: set[st
     merged, that adapter would act on the merged weight's output instead, and the model would compute something
     else. Only adapters of PEFT's layers that are merged together add up on the weight either way. PEFT's layer
     also stops applying its unmerged adapters once one is merged, so the active ones of a layer merge together.
-
-    Args:
-        model: the shared base model.
-        names: the adapters about to be merged.
-        active: the adapters active now.
     """
     for path, layer in model.named_modules():
         if not isinstance(layer, BaseTunerLayer) or isinstance(layer, SwiftTunerLayer):
@@ -173,14 +145,8 @@ def check_merge_keeps_outputs(model: nn.Module, names: list[str], active: set[st
 
 
 def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: str, peft_type: PeftType) -> None:
-    """Delete one adapter's layers and entries; modules left without adapters get their original module back.
-
-    Args:
-        model: the shared base model.
-        tuners: the tuner of each type; a tuner left without adapters is dropped.
-        adapter_name: the adapter to remove.
-        peft_type: its type.
-    """
+    """Delete one adapter's layers and entries; modules left without adapters get their original module back, and
+    a tuner left without adapters leaves ``tuners``."""
     tuner = tuners.get(peft_type)
     if tuner is None:
         return
@@ -203,37 +169,30 @@ def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: st
 def unwrap_all(model: nn.Module, tuners: dict[PeftType, BaseTuner], merged: bool) -> None:
     """Remove every tuner layer and wrapper; ``modules_to_save`` copies win when ``merged``.
 
-    Args:
-        model: the shared base model.
-        tuners: the tuner of each type (told first, so each can undo what it did outside its layers).
-        merged: whether the adapters were merged into the base weights.
+    Each tuner is told first, so that it can undo what it did outside its layers.
     """
     for tuner in tuners.values():
         if isinstance(tuner, StructureOwner):
             tuner.finalize_unload(merged)
     for path, module in reversed(_modules_outside_wrappers(model)):
-        if isinstance(module, BaseTunerLayer):
-            parent, child = parent_of(model, path)
-            setattr(parent, child, module.base_layer)
-        elif isinstance(module, ModulesToSaveWrapper):
-            parent, child = parent_of(model, path)
+        if isinstance(module, ModulesToSaveWrapper):
             active = [name for name in module.active_adapters if name in module.modules_to_save]
-            setattr(parent, child, module.modules_to_save[active[0]] if merged and active else module.original_module)
-        elif isinstance(module, AuxiliaryTrainingWrapper):  # trainable tokens: a merge wrote into the original
-            parent, child = parent_of(model, path)
-            setattr(parent, child, module.original_module)
+            kept = module.modules_to_save[active[0]] if merged and active else module.original_module
+            setattr(*parent_of(model, path), kept)
+        elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            setattr(*parent_of(model, path), _wrapped(module))  # trainable tokens: a merge wrote into the original
     tuners.clear()
 
 
 def _unwrap_empty_layers(model: nn.Module) -> None:
     """Put the original module back wherever a tuner layer or wrapper has no adapter left."""
     for path, module in reversed(_modules_outside_wrappers(model)):
-        if isinstance(module, BaseTunerLayer) and not has_adapters(module):
-            parent, child = parent_of(model, path)
-            setattr(parent, child, module.base_layer)
-        elif isinstance(module, AuxiliaryTrainingWrapper) and not has_adapters(module):
-            parent, child = parent_of(model, path)
-            setattr(parent, child, module.original_module)
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not has_adapters(module):
+            setattr(*parent_of(model, path), _wrapped(module))
+
+
+def _wrapped(module: BaseTunerLayer | AuxiliaryTrainingWrapper) -> nn.Module:
+    return module.base_layer if isinstance(module, BaseTunerLayer) else module.original_module
 
 
 def _modules_outside_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -44,11 +44,8 @@ class PlannedAdapter:
 
 
 def discover_adapters(root: Path) -> dict[str, Path]:
-    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder.
-
-    Args:
-        root: the checkpoint folder; its order file (if any) gives the order the adapters were added in.
-    """
+    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder, in the order
+    the checkpoint's order file (if any) records."""
     found: dict[str, Path] = {}
     if (root / files.CONFIG_NAME).is_file():
         found["default"] = root
@@ -64,11 +61,7 @@ def discover_adapters(root: Path) -> dict[str, Path]:
 
 
 def read_order(root: Path) -> tuple[list[str], list[str] | None]:
-    """``(adapter order, active adapters)`` recorded in a checkpoint; the active list is None when not recorded.
-
-    Args:
-        root: the checkpoint folder.
-    """
+    """``(adapter order, active adapters)`` recorded in a checkpoint; the active list is None when not recorded."""
     marker = root / files.ORDER_FILE
     data = files.read_json(marker) if marker.is_file() else {}
     order = [name for name in data.get("adapter_order", []) if isinstance(name, str)]
@@ -128,12 +121,8 @@ def extra_state_keys(model: SwiftModel, extra: dict[str, torch.Tensor], source: 
     """Checkpoint key -> the model's current key for every tensor of a checkpoint's extra states; raises first.
 
     Keys are matched without ``base_layer`` segments: an adapter that wraps the module (now or in the checkpoint's
-    model) moves its weights under ``base_layer``, and a key compared as written would miss them.
-
-    Args:
-        model: the model the states go into, as it is now (call again after injecting adapters).
-        extra: the saved tensors, by state-dict key.
-        source: the file they came from (named in the error).
+    model) moves its weights under ``base_layer``, and a key compared as written would miss them. The keys are
+    the model's as it is now: call again after injecting adapters.
     """
     state = model.model.state_dict(keep_vars=True)
     current = {canonical_path(key): (key, tensor) for key, tensor in state.items()}
@@ -158,13 +147,6 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     Everything is read under the folder's read lock (a save interrupted by a crash is finished first, see
     :mod:`~peft_swift_ext.core.transactions`). Shapes are compared with the checkpoint's on the meta device
     before anything is allocated, and forwards in other threads wait while the layers change.
-
-    Args:
-        model: the model to add the adapters to.
-        root: the checkpoint folder.
-        adapter_name: SWIFT's selection: None (all), a name, a list, or a dict ``{saved name: new name}``.
-        is_trainable: whether the loaded adapters require grad.
-        low_cpu_mem_usage: create the adapters' weights on the meta device and assign the loaded tensors.
     """
     with transactions.reading(root):
         found = discover_adapters(root)
@@ -249,10 +231,7 @@ def _check_on_meta(model: SwiftModel, plan: list[PlannedAdapter], trainable: boo
             with torch.device("meta"):
                 _inject(model, plan, trainable, True, base)
             for item in plan:
-                slots = model.adapter_slots(item.new_name)
-                key_of = _checkpoint_key(model.in_place_tuner(item.new_name), slots, item.weights, item.saved_name)
-                by_key = {key_of(slot): (slot, key, tensor) for slot, (key, tensor) in slots.items()}
-                _check_fit(item.new_name, item.weights, by_key, str(item.source))
+                _fitted(model, item.new_name, item.weights, str(item.source), item.saved_name)
             raise _CheckedOnMeta
     except _CheckedOnMeta:
         pass
@@ -264,10 +243,8 @@ def _check_on_meta(model: SwiftModel, plan: list[PlannedAdapter], trainable: boo
 def _write_extra_states(
     model: SwiftModel, extra: dict[str, torch.Tensor], source: Path
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copy the extra states into the base weights under their current keys; undone if it fails.
-
-    Returns ``(weight, its previous value)`` pairs, for the caller to undo the copy if a later step fails.
-    """
+    """Copy the extra states into the base weights under their current keys (undone if it fails); return
+    ``(weight, its previous value)`` pairs, for the caller to undo the copy if a later step fails."""
     keys = extra_state_keys(model, extra, source)
     targets = dict(model.model.state_dict(keep_vars=True))
     previous = [(targets[model_key], targets[model_key].detach().clone()) for model_key in keys.values()]
@@ -299,14 +276,6 @@ def save(
 
     The adapters and ``configuration.json`` replace their previous versions as one unit
     (:func:`~peft_swift_ext.core.transactions.update`); everything else in the folder is kept.
-
-    Args:
-        model: the model holding the adapters.
-        save_directory: the checkpoint folder (created if needed; other content is kept).
-        names: the adapters to write.
-        safe_serialization: safetensors, or a torch pickle of plain tensors.
-        state_dict: the SwiftModel's full state dict (keys ``base_model.model.<key in the model>``) to take the
-            tensors from instead of the live parameters.
     """
     for name in names:
         files.check_adapter_name(name)
@@ -331,13 +300,8 @@ def save(
 def adapter_state_dict(
     model: SwiftModel, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.
-
-    Args:
-        model: the model holding the adapter.
-        adapter_name: the adapter to read.
-        state_dict: the SwiftModel's full state dict to take the tensors from (see :func:`save`).
-    """
+    """One adapter's tensors under SWIFT-layout keys, read back if offloaded; from ``state_dict`` when given (the
+    SwiftModel's full state dict, keys ``base_model.model.<key in the model>``)."""
     with model.offload_store.restored(model.adapter_modules, adapter_name):
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
@@ -362,22 +326,10 @@ def load_adapter_weights(
     saved_as: str,
     assign: bool = False,
 ) -> None:
-    """Copy a checkpoint's tensors into adapter ``adapter_name``, checking keys, shapes and dtypes first.
-
-    Args:
-        model: the model holding the (already injected) adapter.
-        adapter_name: the adapter to fill.
-        weights: the checkpoint's tensors, in SWIFT layout (keys with ``saved_as``) or PEFT layout
-            (``base_model.model.`` keys without adapter name).
-        source: the file, for error messages.
-        saved_as: the adapter name the checkpoint was saved under.
-        assign: replace the (meta) tensors instead of copying into them.
-    """
+    """``SwiftModel.load_adapter_weights``: copy a checkpoint's tensors into an adapter, checking keys, shapes and
+    dtypes first."""
     in_place = model.in_place_tuner(adapter_name)
-    slots = model.adapter_slots(adapter_name, loading=True)
-    key_of = _checkpoint_key(in_place, slots, weights, saved_as)
-    by_key = {key_of(slot): (slot, key, tensor) for slot, (key, tensor) in slots.items()}
-    _check_fit(adapter_name, weights, by_key, source)
+    by_key = _fitted(model, adapter_name, weights, source, saved_as, loading=True)
     state = {
         model_key: weights[key].to(tensor.dtype) for key, (_, model_key, tensor) in by_key.items() if key in weights
     }
@@ -392,19 +344,21 @@ def load_adapter_weights(
 
 def _checkpoint_key(tuner: InPlaceTuner | None, slots: dict[Slot, tuple], weights: dict, saved_as: str):
     """How a slot is named in this checkpoint: SWIFT layout, PEFT layout, or an in-place tuner's PEFT keys."""
-    if tuner is not None:
-        # an in-place tuner saved through PEFT (get_peft_model) names its tensors its own way
-        if any(tuner.peft_checkpoint_key(slot.path) in weights for slot in slots):
-            return lambda slot: tuner.peft_checkpoint_key(slot.path)
-        return lambda slot: slot.swift_key(saved_as)
-    if any(key.startswith(PEFT_KEY_PREFIX) for key in weights):
+    # an in-place tuner saved through PEFT (get_peft_model) names its tensors its own way
+    if tuner is not None and any(tuner.peft_checkpoint_key(slot.path) in weights for slot in slots):
+        return lambda slot: tuner.peft_checkpoint_key(slot.path)
+    if tuner is None and any(key.startswith(PEFT_KEY_PREFIX) for key in weights):
         return Slot.peft_key
     return lambda slot: slot.swift_key(saved_as)
 
 
-def _check_fit(
-    adapter_name: str, weights: dict, by_key: dict[str, tuple[Slot, str, torch.Tensor]], source: str
-) -> None:
+def _fitted(
+    model: SwiftModel, adapter_name: str, weights: dict, source: str, saved_as: str, loading: bool = False
+) -> dict[str, tuple[Slot, str, torch.Tensor]]:
+    """Checkpoint key -> ``(slot, key in the model, tensor)`` of the adapter, once the checkpoint is checked to fit."""
+    slots = model.adapter_slots(adapter_name, loading=loading)
+    key_of = _checkpoint_key(model.in_place_tuner(adapter_name), slots, weights, saved_as)
+    by_key = {key_of(slot): (slot, key, tensor) for slot, (key, tensor) in slots.items()}
     missing = [key for key, (slot, _, _) in by_key.items() if slot.required and key not in weights]
     unexpected = [key for key in weights if key not in by_key]
     mismatched = [
@@ -423,6 +377,7 @@ def _check_fit(
             f"{source} does not fit adapter {adapter_name!r} of this model: "
             + "; ".join(f"{label} keys: {files.preview_keys(keys)}" for label, keys in found if keys)
         )
+    return by_key
 
 
 def load_adapter(
@@ -434,17 +389,7 @@ def load_adapter(
     autocast_adapter_dtype: bool,
     low_cpu_mem_usage: bool,
 ) -> None:
-    """``SwiftModel.load_adapter``: one adapter folder into an existing adapter (weights only) or a new one.
-
-    Args:
-        model: the model to load into.
-        folder: a folder holding one adapter (``adapter_config.json`` and weights).
-        adapter_name: the adapter to fill, or a new adapter's name.
-        is_trainable: for a new adapter, whether it trains.
-        torch_device: the device to read the tensors onto first.
-        autocast_adapter_dtype: for a new adapter, PEFT's float32 upcast.
-        low_cpu_mem_usage: for a new adapter, create it on the meta device and assign the loaded tensors.
-    """
+    """``SwiftModel.load_adapter``: one adapter folder into an existing adapter (weights only) or a new one."""
     if not (folder / files.CONFIG_NAME).is_file():
         raise ValueError(
             f"{folder} holds no adapter ({files.CONFIG_NAME} is missing); load_adapter takes one adapter's folder"
@@ -478,10 +423,8 @@ def load_adapter(
 def _check_trainer_checkpoint_covers_model(model: SwiftModel, folder: Path) -> None:
     """A Trainer resumes a model by loading each adapter folder of its checkpoint: refuse, before the first one,
     a checkpoint that does not hold every adapter of the model (another model's, or another layout)."""
-    for root in (folder, folder.parent):
-        if (root / TRAINER_STATE_NAME).is_file():
-            break
-    else:
+    root = next((root for root in (folder, folder.parent) if (root / TRAINER_STATE_NAME).is_file()), None)
+    if root is None:
         return
     saved = set(files.list_adapter_folders(root))
     if (root / files.CONFIG_NAME).is_file():

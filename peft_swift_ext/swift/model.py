@@ -1,10 +1,8 @@
 """``SwiftModel``: several adapters of different tuner types on one model, each switchable on its own.
 
 PEFT's ``PeftModel`` holds adapters of one type and ``PeftMixedModel`` only a fixed list of built-in types,
-so the composition lives here. The work is done in the modules beside this one — injection and removal
-(:mod:`.composition`), activation (:mod:`.activation`), offload (:mod:`.offload`), trainability
-(:mod:`.trainability`), checkpoints (:mod:`.io`), optimizer groups (:mod:`.optim`) — through the per-adapter
-containers every tuner layer shares (:mod:`peft_swift_ext.core.keys`) and the tuner protocols of
+so the composition lives here. The work is done in the modules beside this one (docs/architecture.md), through
+the per-adapter containers every tuner layer shares (:mod:`peft_swift_ext.core.keys`) and the tuner protocols of
 :mod:`peft_swift_ext.core.contract`.
 """
 
@@ -38,9 +36,6 @@ class SwiftTuners(nn.Module):
 
     PEFT, transformers and TRL reach the plain model as ``peft_model.base_model.model``; attributes this module
     lacks come from that model, and calling it calls the model.
-
-    Args:
-        model: the adapted model.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -260,16 +255,15 @@ class SwiftModel(PeftModel):
                 the dtype they were made in (the base model's).
             trainable: whether its weights require grad.
         """
-        config = peft_config
         files.check_adapter_name(adapter_name)
         if adapter_name in self._configs:
             raise ValueError(f"adapter {adapter_name!r} already exists; existing adapters: {self.adapters}")
         with self.activation.structure.writing():
             composition.inject(
-                self.model, self._tuners, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype
+                self.model, self._tuners, adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype
             )
-            self._configs[adapter_name] = config
-            if trainable and not config.inference_mode:
+            self._configs[adapter_name] = peft_config
+            if trainable and not peft_config.inference_mode:
                 self._trainable.add(adapter_name)
             self.structure_changed()
 
@@ -399,13 +393,12 @@ class SwiftModel(PeftModel):
         self._check_known(names)
         self._check_offload_allowed(offload)
         self._check_not_merged()
-        self._check_can_restore([n for n in self.adapters if n not in names], "be deactivated")
+        others = [name for name in self.adapters if name not in names]
+        self._check_can_restore(others, "be deactivated")
         if offload is not None:
-            for name in self.adapters:
-                if name not in names:  # all refusals before any change
-                    self.offload_store.check(self._adapter_modules, name, offload)
-        for name in self.adapters:
-            if name not in names and offload is not None:
+            for name in others:  # all refusals before any change
+                self.offload_store.check(self._adapter_modules, name, offload)
+            for name in others:
                 self.offload_store.offload(self._adapter_modules, name, offload)
         for name in names:
             self.offload_store.restore(self._adapter_modules, name)

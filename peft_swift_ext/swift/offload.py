@@ -4,9 +4,7 @@
 private temporary folder and leaves meta tensors in the model, so the adapter holds no memory at all until
 it is activated again. Tensors are swapped in place in their modules (no ``Module.to`` walk), and the
 store is written and read in one call, which keeps a round trip for a 30-layer LoRA in milliseconds.
-
-Nothing can be lost: a failed write moves nothing, a failed read keeps the record (the restore can be
-retried), and the folder goes when its store does, at exit, or, after a crash, with the next store created.
+Its guarantees (a failed write or read loses nothing, no folder outlives its process) are in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -74,21 +72,11 @@ class OffloadStore:
             self.records[name] = record
 
     def is_offloaded(self, adapter_name: str) -> bool:
-        """Whether ``adapter_name``'s tensors are currently offloaded (to CPU or the meta device).
-
-        Args:
-            adapter_name: the adapter to ask about.
-        """
+        """Whether ``adapter_name``'s tensors are currently offloaded (to CPU or the meta device)."""
         return adapter_name in self.records
 
     def offload(self, modules: list[tuple[str, nn.Module]], adapter_name: str, target: str) -> None:
-        """Move ``adapter_name``'s tensors to ``target`` (``'cpu'`` or ``'meta'``).
-
-        Args:
-            modules: the model's tuner modules (:func:`~peft_swift_ext.swift.keys.tuner_modules`).
-            adapter_name: the adapter to move.
-            target: ``'cpu'`` or ``'meta'``.
-        """
+        """Move ``adapter_name``'s tensors to ``target``; ``modules`` are the model's tuner modules."""
         if target not in OFFLOAD_TARGETS:
             raise ValueError(f"offload must be None, 'cpu' or 'meta', got {target!r}")
         if adapter_name in self.records:
@@ -112,13 +100,7 @@ class OffloadStore:
         self.records[adapter_name] = record
 
     def check(self, modules: list[tuple[str, nn.Module]], adapter_name: str, target: str) -> None:
-        """Raise a ``ValueError`` if ``adapter_name`` cannot be offloaded: its tensors are sharded across ranks.
-
-        Args:
-            modules: the model's tuner modules.
-            adapter_name: the adapter to move.
-            target: ``'cpu'`` or ``'meta'`` (for the message).
-        """
+        """Raise a ``ValueError`` if ``adapter_name`` cannot be offloaded: its tensors are sharded across ranks."""
         if adapter_name in self.records:
             return
         sharded = [key for key, tensor, _ in _slots(modules, adapter_name) if is_sharded(tensor)]
@@ -134,10 +116,6 @@ class OffloadStore:
 
         Retryable: the record and its file are dropped only once every tensor is back, so a failed read (an I/O
         error, no file descriptor left, a full device) leaves the adapter offloaded and a later call restores it.
-
-        Args:
-            modules: the model's tuner modules.
-            adapter_name: the adapter to bring back.
         """
         record = self.records.get(adapter_name)
         if record is None:
@@ -168,12 +146,7 @@ class OffloadStore:
 
     @contextmanager
     def restored(self, modules: list[tuple[str, nn.Module]], adapter_name: str) -> Iterator[None]:
-        """Inside the block the adapter's tensors are back in place; an offloaded adapter is offloaded again after.
-
-        Args:
-            modules: the model's tuner modules.
-            adapter_name: the adapter to read.
-        """
+        """Inside the block the adapter's tensors are back in place; an offloaded adapter is offloaded again after."""
         record = self.records.get(adapter_name)
         if record is None:
             yield
@@ -224,16 +197,12 @@ def _remove_folder(path: Path, fd: int) -> None:
     os.close(fd)
 
 
-def sweep_dead_offload_folders(directory: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the offload folders that killed processes left in the temporary directory; return them.
-
-    Args:
-        directory: where to look; the temporary directory by default.
-    """
+def sweep_dead_offload_folders() -> list[Path]:
+    """Remove the offload folders that killed processes left in the temporary directory; return them."""
     if fcntl is None:
         return []
     removed = []
-    for folder in Path(directory or tempfile.gettempdir()).glob(f"{OFFLOAD_PREFIX}*"):
+    for folder in Path(tempfile.gettempdir()).glob(f"{OFFLOAD_PREFIX}*"):
         pid = folder.name[len(OFFLOAD_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit() or _process_alive(int(pid)) or folder.is_symlink() or not folder.is_dir():
             continue
@@ -268,7 +237,7 @@ def _slots(
 ) -> Iterator[tuple[str, torch.Tensor, Callable[[torch.Tensor], None]]]:
     """``(key, tensor, put)`` for every tensor of the adapter; ``put(value)`` installs a replacement."""
     for path, module, attr, entry, _ in adapter_containers(modules, adapter_name):
-        container = module.modules_to_save if attr == "modules_to_save" else getattr(module, attr)
+        container = getattr(module, attr)
         prefix = f"{path}.{attr}"
         if isinstance(entry, torch.Tensor):
             yield prefix, entry, _setter(container, adapter_name, entry)
@@ -281,14 +250,7 @@ def _slots(
 
 
 def _setter(store, name: str, old: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    if isinstance(old, nn.Parameter):
-
-        def put(value: torch.Tensor) -> None:
-            store[name] = nn.Parameter(value, requires_grad=old.requires_grad)
-
-    else:
-
-        def put(value: torch.Tensor) -> None:
-            store[name] = value
+    def put(value: torch.Tensor) -> None:
+        store[name] = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
 
     return put

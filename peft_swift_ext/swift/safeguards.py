@@ -1,14 +1,4 @@
-"""What keeps a load from changing the model unless it succeeds, and from allocating what a file cannot fill.
-
-* Initialisers that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) only make sense when an
-  adapter starts training; a checkpoint's weights overwrite whatever they compute, but their change to the
-  base model would stay. They are switched off while a load injects.
-* :class:`BaseTensors` records which tensor each base module holds before the injection, so a tensor that an
-  injection replaced (``weight.data = ...`` or a new ``Parameter``) is put back if the load fails, and a load
-  that replaced one is refused.
-* :func:`named_errors` turns any error a hostile config triggers while the adapter is built into the
-  documented ``ValueError`` naming the file.
-"""
+"""What keeps a load from changing the model unless it succeeds, and its errors naming the file at fault."""
 
 from __future__ import annotations
 
@@ -28,11 +18,11 @@ BASE_REWRITING_INITIALISERS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 @contextlib.contextmanager
 def base_rewriting_initialisers_off(config: PeftConfig) -> Iterator[None]:
-    """Inside the block, ``config.init_lora_weights`` does not rewrite the base weights (the checkpoint's
-    weights are loaded next, so plain initial values serve); the config keeps its value for saving.
+    """Inside the block, ``config.init_lora_weights`` does not rewrite the base weights; the config keeps its value
+    for saving.
 
-    Args:
-        config: the adapter's config, about to be injected for a load.
+    Such initialisers (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) only make sense when an adapter starts training: a
+    checkpoint's weights overwrite whatever they compute, but their change to the base model would stay.
     """
     value = getattr(config, "init_lora_weights", None)
     if not (isinstance(value, str) and value.lower().startswith(BASE_REWRITING_INITIALISERS)):
@@ -46,13 +36,11 @@ def base_rewriting_initialisers_off(config: PeftConfig) -> Iterator[None]:
 
 
 class BaseTensors:
-    """The tensor objects and storages every module of ``model`` holds now, to find and undo replacements.
+    """The tensor objects and storages every module of ``model`` holds now, to find and undo replacements
+    (``weight.data = ...`` or a new ``Parameter``) made by an injection.
 
     Keeping a reference to each tensor's data costs nothing unless it is replaced (then the old storage stays
     alive until the guard is dropped, which is what makes it restorable).
-
-    Args:
-        model: the base model, before an injection.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -88,10 +76,6 @@ def named_errors(source: Path | str, what: str) -> Iterator[None]:
     A config field with a hostile value (a huge rank, a wrong type PEFT does not check, a negative size) fails
     somewhere inside PEFT or torch with ``TypeError``, ``RuntimeError``, ``OverflowError``...; callers are
     promised a ``ValueError`` that names the file (the original error is chained).
-
-    Args:
-        source: the file at fault.
-        what: what was being done, for the message.
     """
     try:
         yield

@@ -13,14 +13,7 @@ from ..core.sharding import full_numel
 
 
 def refresh(model: nn.Module, trainable: set[str], in_place: list[tuple[str, InPlaceTuner]], active: set[str]) -> None:
-    """Freeze everything, then make the trainable adapters' required tensors trainable again.
-
-    Args:
-        model: the shared base model.
-        trainable: the adapters that train.
-        in_place: ``(name, tuner)`` of every adapter whose tuner trains base weights in place (LISA).
-        active: the active adapters (an inactive in-place adapter trains nothing).
-    """
+    """Freeze everything, then make the trainable adapters' required tensors trainable again."""
     for param in model.parameters():
         param.requires_grad = False
     for name in trainable:
@@ -34,14 +27,9 @@ def refresh(model: nn.Module, trainable: set[str], in_place: list[tuple[str, InP
 
 
 def refresh_in_place(trainable: set[str], in_place: list[tuple[str, InPlaceTuner]], active: set[str]) -> None:
-    """Make the base tensors that in-place tuners train trainable, for trainable and active adapters.
+    """Make the base tensors that in-place tuners (LISA) train trainable, for trainable and active adapters.
 
     An inactive in-place adapter trains nothing (it can only be inactive before it has trained).
-
-    Args:
-        trainable: the adapters that train.
-        in_place: ``(name, tuner)`` of every in-place adapter.
-        active: the active adapters.
     """
     for name, tuner in in_place:
         on = name in trainable and name in active
@@ -50,36 +38,16 @@ def refresh_in_place(trainable: set[str], in_place: list[tuple[str, InPlaceTuner
 
 
 def summary(model: nn.Module) -> str:
-    """SWIFT's one-line summary: trainable and total parameters (full sizes when sharded), memory in use.
-
-    Args:
-        model: the model to count (each parameter once).
-    """
-    trainable, total = count_parameters(model)
+    """SWIFT's one-line summary: trainable and total parameters (full sizes when sharded), memory in use."""
+    params = list(model.parameters())  # each parameter once
+    total = sum(full_numel(param) for param in params)
+    trainable = sum(full_numel(param) for param in params if param.requires_grad)
     percent = 100 * trainable / total if total else 0.0
     label, gib = _memory_in_use()
     return (
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f} || "
         f"{label}: {gib:.2f}GiB."
     )
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, each parameter once; sharded ones (FSDP2, ZeRO-3) at full size.
-
-    Args:
-        model: the model to count.
-    """
-    seen: set[int] = set()
-    trainable = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        numel = full_numel(param)
-        total += numel
-        trainable += numel if param.requires_grad else 0
-    return trainable, total
 
 
 def _memory_in_use() -> tuple[str, float]:

@@ -1,15 +1,10 @@
 """The whole base model at a checkpoint's root: full fine-tuning beside weightless adapters (NEFTune).
 
-ms-swift's ``SwiftModel.save_pretrained`` writes the whole base model at the checkpoint's root when no adapter has
-weights (NEFTune alone, which leaves the base model trainable): ``base_model.save_pretrained(root)`` for a
-Hugging Face model (``config.json``, ``model.safetensors`` or shards with their index), otherwise the state dict as
-``adapter_model.safetensors``; each adapter folder then holds only its ``adapter_config.json``.
-
-This package writes the same layout whenever base weights train that no adapter saves (NEFTune with the base
-unfrozen, or any adapter beside base weights unfrozen by hand), and records it in the order file
-(``"whole_model": true``) so that stale model files left in a reused folder are never read. Loading reads the root
-model when the order file says so, or, in a checkpoint without that record (ms-swift's), when the root holds model
-weights and is not itself a PEFT adapter folder; every key and shape is checked before the model changes.
+ms-swift writes it there when no adapter has weights (``base_model.save_pretrained(root)`` for a Hugging Face
+model, else the state dict as ``adapter_model.safetensors``); this package does so whenever base weights train
+that no adapter saves (docs/tuners/neftune.md). The order file records it (``"whole_model": true``) so that stale
+model files left in a reused folder are never read; a checkpoint without that record (ms-swift's) is read when
+its root holds model weights and is not itself a PEFT adapter folder.
 """
 
 from __future__ import annotations
@@ -37,20 +32,12 @@ _WRAPPER_SEGMENTS = ("base_layer", "original_module")
 
 
 def plain_path(key: str) -> str:
-    """A base tensor's key in the plain model: the wrappers' ``base_layer`` / ``original_module`` segments dropped.
-
-    Args:
-        key: a state-dict key in a model with tuner layers.
-    """
+    """A base tensor's key in the plain model: the wrappers' ``base_layer`` / ``original_module`` segments dropped."""
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own tensors (parameters and persistent buffers, no adapter's), by plain-model key.
-
-    Args:
-        model: the shared base model, with tuner layers in it.
-    """
+    """The base model's own tensors (parameters and persistent buffers, no adapter's), by plain-model key."""
     adapters = adapter_parameter_ids(model) | _adapter_buffer_ids(model)
     state: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -70,11 +57,7 @@ def _adapter_buffer_ids(model: nn.Module) -> set[int]:
 
 
 def untracked_trainable(model: SwiftModel) -> list[str]:
-    """Plain-model paths of the base parameters that train but that no adapter's checkpoint holds.
-
-    Args:
-        model: the model being saved.
-    """
+    """Plain-model paths of the base parameters that train but that no adapter's checkpoint holds."""
     owned = adapter_parameter_ids(model.model)
     for name in model.adapters:
         tuner = model.in_place_tuner(name)
@@ -94,10 +77,6 @@ def write(model: SwiftModel, folder: Path) -> list[str]:
     A Hugging Face model saves itself (config, generation config, weights or shards and their index), keeping its
     state-dict key names (so that a model whose weights transformers converts on loading reads them back here);
     any other model's state dict goes to ``model.safetensors``.
-
-    Args:
-        model: the model being saved.
-        folder: an empty staging folder.
     """
     state = {key: tensor.detach() for key, tensor in base_state_dict(model.model).items()}
     save_pretrained = getattr(model.model, "save_pretrained", None)
@@ -119,9 +98,6 @@ def write(model: SwiftModel, folder: Path) -> list[str]:
 def read(root: Path) -> tuple[dict[str, torch.Tensor], Path] | None:
     """The whole base model saved at the root of a checkpoint, with the file it came from; None when there is none.
 
-    Args:
-        root: the checkpoint folder.
-
     Raises:
         FileNotFoundError: the order file records a whole model, but no model weights are at the root.
         ValueError: a weights file or shard index cannot be read safely.
@@ -138,13 +114,17 @@ def read(root: Path) -> tuple[dict[str, torch.Tensor], Path] | None:
 
 def _read_files(root: Path, root_is_adapter: bool) -> tuple[dict[str, torch.Tensor], Path] | None:
     if (root / SAFE_INDEX_NAME).is_file():
-        index = files.read_json(root / SAFE_INDEX_NAME)
-        shards = index.get("weight_map")
+        shards = files.read_json(root / SAFE_INDEX_NAME).get("weight_map")
         if not isinstance(shards, dict) or not all(isinstance(name, str) for name in shards.values()):
             raise ValueError(f"{root / SAFE_INDEX_NAME} has no weight_map of tensor names to shard files")
         weights: dict[str, torch.Tensor] = {}
         for shard in sorted(set(shards.values())):
-            weights.update(_read_safe(_inside(root, shard)))
+            path = (root / shard).resolve()
+            if path.parent != root.resolve():
+                raise ValueError(
+                    f"the shard {shard!r} named in {root / SAFE_INDEX_NAME} is outside the checkpoint directory"
+                )
+            weights.update(_read_safe(path))
         return weights, root / SAFE_INDEX_NAME
     if (root / SAFE_NAME).is_file():
         return _read_safe(root / SAFE_NAME), root / SAFE_NAME
@@ -152,13 +132,6 @@ def _read_files(root: Path, root_is_adapter: bool) -> tuple[dict[str, torch.Tens
     if not root_is_adapter and (root / files.SAFE_WEIGHTS_NAME).is_file():
         return _read_safe(root / files.SAFE_WEIGHTS_NAME), root / files.SAFE_WEIGHTS_NAME
     return None
-
-
-def _inside(root: Path, name: str) -> Path:
-    path = (root / name).resolve()
-    if path.parent != root.resolve():
-        raise ValueError(f"the shard {name!r} named in {root / SAFE_INDEX_NAME} is outside the checkpoint directory")
-    return path
 
 
 def _read_safe(path: Path) -> dict[str, torch.Tensor]:
@@ -170,12 +143,8 @@ def _read_safe(path: Path) -> dict[str, torch.Tensor]:
 
 def check(model: SwiftModel, weights: dict[str, torch.Tensor], source: Path) -> None:
     """Raise unless ``weights`` is the whole of the model's base: every key known, every shape equal, every base
-    tensor present (a tensor tied to a present one, such as a tied output head, may be left out).
-
-    Args:
-        model: the model the weights will be loaded into.
-        weights: the saved tensors, by plain-model key.
-        source: the file they came from (named in the error).
+    tensor present (a tensor tied to a present one, such as a tied output head, may be left out). ``weights`` are
+    by plain-model key; ``source`` is named in the error.
     """
     state = base_state_dict(model.model)
     unexpected = [key for key in weights if key not in state]
@@ -195,12 +164,7 @@ def check(model: SwiftModel, weights: dict[str, torch.Tensor], source: Path) -> 
 
 
 def load(model: SwiftModel, weights: dict[str, torch.Tensor]) -> None:
-    """Copy the checked whole-model ``weights`` into the base model's own tensors.
-
-    Args:
-        model: the model (checked with :func:`check`).
-        weights: the saved tensors, by plain-model key.
-    """
+    """Copy the whole-model ``weights`` (checked with :func:`check`) into the base model's own tensors."""
     state = base_state_dict(model.model)
     with torch.no_grad():
         for key, value in weights.items():
@@ -211,12 +175,5 @@ def is_base_state(model: SwiftModel, state_dict: dict[str, torch.Tensor]) -> boo
     """Whether ``state_dict`` is (part of) the plain base model: every key a plain-model key of the base, none of
     the wrapping model's own. The Hugging Face ``Trainer`` hands over such a dict when it resumes a checkpoint whose
     root holds the whole model (it reads the root's ``model.safetensors`` itself and calls ``load_state_dict``).
-
-    Args:
-        model: the model being loaded into.
-        state_dict: the tensors offered to ``model.load_state_dict``.
     """
-    if not state_dict:
-        return False
-    base = base_state_dict(model.model)
-    return all(key in base for key in state_dict)
+    return bool(state_dict) and set(state_dict) <= base_state_dict(model.model).keys()
