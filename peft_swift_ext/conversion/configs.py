@@ -141,12 +141,21 @@ def config_from_dict(config_dict: dict, source: Path | str) -> PeftConfig:
         warnings.warn(
             f"{source}: ignoring fields {config_cls.__name__} does not have: {', '.join(unknown)}", stacklevel=3
         )
-    fields = {key: value for key, value in fields.items() if key in known}
+    return checked_config(config_cls, {key: value for key, value in fields.items() if key in known}, source)
+
+
+def checked_config(config_cls: type[PeftConfig], fields: dict, source: Path | str) -> PeftConfig:
+    """``config_cls(**fields)`` for fields read from a file, after every check; errors name the file.
+
+    Args:
+        config_cls: the config class.
+        fields: its fields as read (``peft_type`` is checked, then left to the class).
+        source: the file, for the messages.
+    """
     check_field_types(config_cls, fields, source)
     check_untrusted_fields(config_cls, fields, source)
-    fields.pop("peft_type", None)
     try:
-        config = config_cls(**fields)
+        config = config_cls(**{key: value for key, value in fields.items() if key != "peft_type"})
     except Exception as error:  # a hostile value fails anywhere in a config's __post_init__ (OverflowError, ...)
         raise ValueError(f"{source}: invalid {config_cls.__name__}: {type(error).__name__}: {error}") from None
     check_lora_scale(config, source)

@@ -22,8 +22,7 @@ from ..core.files import (
     write_config,
     write_weights,
 )
-from ..core.validators import check_field_types
-from .configs import check_lora_scale, check_untrusted_fields, is_swift_native, lora_fields
+from .configs import checked_config, is_swift_native, lora_fields
 
 _LORA_PLUS_ONLY = ("loraplus_lr_ratio", "loraplus_lr_embedding")
 
@@ -52,14 +51,7 @@ def to_peft_lora_config(config_dict: dict, source: Path) -> dict:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"{source}: options PEFT's LoraConfig cannot express: {unknown}")
-    check_field_types(LoraConfig, fields, source)
-    check_untrusted_fields(LoraConfig, fields, source)
-    try:
-        config = LoraConfig(**fields)
-    except Exception as error:  # a hostile value fails anywhere in LoraConfig's __post_init__
-        raise ValueError(f"{source}: invalid LoraConfig: {type(error).__name__}: {error}") from None
-    check_lora_scale(config, source)
-    return config.to_dict()
+    return checked_config(LoraConfig, fields, source).to_dict()
 
 
 #: PEFT's per-adapter containers that a LoRA checkpoint holds: its keys carry the adapter name right after them.

@@ -156,7 +156,7 @@ def name_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -
     if pattern is None:
         return True
     if isinstance(pattern, str):
-        return full_match(pattern, name)
+        return PatternMatcher(pattern, "pattern").matches(name)
     return any(name == entry or name.endswith("." + entry) for entry in pattern)
 
 
@@ -219,17 +219,6 @@ class PatternMatcher:
                 f"{self.what}={self.pattern!r} did not finish matching module name {name!r} within "
                 f"{self.budget:g} s (catastrophic backtracking); use a simpler regex or a list of module names"
             ) from None
-
-
-def full_match(pattern: str, name: str, what: str = "pattern") -> bool:
-    """``re.fullmatch(pattern, name)``, refused with ``ValueError`` past :data:`PATTERN_BUDGET_S`.
-
-    Args:
-        pattern: a regex.
-        name: the string to match.
-        what: the field the pattern came from, for the message.
-    """
-    return PatternMatcher(pattern, what).matches(name)
 
 
 def literal_regex(names: Iterable[str]) -> str:

@@ -351,19 +351,3 @@ def _adapter_major(
 
     grouped = vmap(one_adapter)(params, buffers, *(value[layout] for value in inputs))
     return grouped[index, slot]
-
-
-__all__ = [
-    "BASE",
-    "RowPlan",
-    "adapter_major_layout",
-    "adapter_rows",
-    "checked_row_names",
-    "current_rows",
-    "merged_adapters",
-    "per_row",
-    "plan_rows",
-    "rows_state",
-    "split_plan",
-    "structure_key",
-]

@@ -80,19 +80,16 @@ def forward_parameters(module: nn.Module) -> tuple[inspect.Parameter, ...]:
         module = module.get_base_layer()
     if "forward" in vars(module):
         return tuple(inspect.signature(module.forward).parameters.values())
-    return _unbound_parameters(type(module).forward)[1:]
-
-
-# function -> its parameters; a plain dict rather than functools.cache, which torch.compile warns about when it
-# traces a layer's forward
-_PARAMETERS: dict = {}
-
-
-def _unbound_parameters(function) -> tuple[inspect.Parameter, ...]:
+    function = type(module).forward
     parameters = _PARAMETERS.get(function)
     if parameters is None:
-        parameters = _PARAMETERS[function] = tuple(inspect.signature(function).parameters.values())
+        parameters = _PARAMETERS[function] = tuple(inspect.signature(function).parameters.values())[1:]
     return parameters
+
+
+# unbound forward -> its parameters without ``self``; a plain dict rather than functools.cache, which torch.compile
+# warns about when it traces a layer's forward
+_PARAMETERS: dict = {}
 
 
 def _forward_name(module: nn.Module, params: tuple[inspect.Parameter, ...]) -> str:

@@ -32,19 +32,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def get_submodule_by_path(model: nn.Module, path: str) -> nn.Module:
-    """`model.get_submodule(path)` with an error that says what was looked for.
-
-    Args:
-        model: the model to look in.
-        path: dotted module path, e.g. `'model.layers'`.
-    """
-    try:
-        return model.get_submodule(path)
-    except AttributeError as err:
-        raise ValueError(f"{type(model).__name__} has no submodule at {path!r}") from err
-
-
 def get_input_embeddings(model: nn.Module) -> nn.Module | None:
     """The input embeddings of a transformers model; None for models without that method.
 
