@@ -48,14 +48,7 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
 
 
 def no_match_error(config: PeftConfig, targets: object, model: nn.Module, names: Iterable[str]) -> ValueError:
-    """The error for a ``target_modules`` that selects nothing: the pattern as given and a few module names.
-
-    Args:
-        config: the adapter's config.
-        targets: its ``target_modules`` as the user gave them.
-        model: the model searched.
-        names: its module names.
-    """
+    """The error for ``targets`` (as the user gave them) selecting nothing: names the pattern and a few modules."""
     canonical = list(dict.fromkeys(canonical_path(name) for name in names))
     sample = ", ".join(canonical[:8]) + (", ..." if len(canonical) > 8 else "")
     shown = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
@@ -66,20 +59,12 @@ def no_match_error(config: PeftConfig, targets: object, model: nn.Module, names:
 
 
 def canonical_path(path: str) -> str:
-    """Drop the ``base_layer`` segments that tuner wrappers add to module paths.
-
-    Args:
-        path: a module path in a model with tuner layers.
-    """
+    """Drop the ``base_layer`` segments that tuner wrappers add to module paths."""
     return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
 def base_module_names(model: nn.Module) -> list[str]:
-    """Names of the modules of the base model, leaving out the adapters' own sub-modules.
-
-    Args:
-        model: a model, possibly with tuner layers in it.
-    """
+    """Names of the modules of the base model, leaving out the adapters' own sub-modules."""
     tuner_layers: list[str] = []
     names = []
     for name, module in model.named_modules():
@@ -118,22 +103,13 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def module_at(model: nn.Module, path: str) -> nn.Module:
-    """The module at ``path`` (canonical or actual), the outermost tuner layer where one wraps it.
-
-    Args:
-        model: the root module.
-        path: a dotted module path; ``""`` is the root.
-    """
+    """The module at ``path`` (canonical or actual; ``""``: the root), the outermost tuner layer where one wraps it."""
     parent, child = parent_of(model, path)
     return parent if not path else _child(parent, child, path)
 
 
 def canonical_module_names(model: nn.Module) -> list[str]:
-    """The base model's module names without ``base_layer`` segments, each once, in model order.
-
-    Args:
-        model: a model, possibly with tuner layers in it.
-    """
+    """The base model's module names without ``base_layer`` segments, each once, in model order."""
     return list(dict.fromkeys(canonical_path(name) for name in base_module_names(model)))
 
 
@@ -147,12 +123,7 @@ def _child(module: nn.Module, name: str, path: str) -> nn.Module:
 
 def name_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -> bool:
     """SWIFT's and PEFT's module-name rule: a str is a regex matching the whole name, a list names modules by
-    suffix (equal to an entry, or ending in ``.entry``); None matches everything.
-
-    Args:
-        name: a module (or parameter) path.
-        pattern: the selector.
-    """
+    suffix (equal to an entry, or ending in ``.entry``); None matches everything."""
     if pattern is None:
         return True
     if isinstance(pattern, str):
@@ -161,11 +132,7 @@ def name_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """Ids of the parameters that adapters added: everything in a tuner layer or wrapper but what it wraps.
-
-    Args:
-        model: a model, possibly with tuner layers and PEFT's auxiliary wrappers in it.
-    """
+    """Ids of the parameters that adapters added: everything in a tuner layer or wrapper but what it wraps."""
     wrapped = {"base_layer", "original_module"}
     return {
         id(param)
@@ -222,11 +189,7 @@ class PatternMatcher:
 
 
 def literal_regex(names: Iterable[str]) -> str:
-    """A regex matching exactly ``names``, as a character trie: ``re`` matches it in time linear in the name.
-
-    Args:
-        names: the strings to match.
-    """
+    """A regex matching exactly ``names``, as a character trie: ``re`` matches it in time linear in the name."""
     trie: dict = {}
     for name in names:
         node = trie

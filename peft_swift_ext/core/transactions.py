@@ -1,21 +1,11 @@
 """Replacing entries of a checkpoint folder so that a crash at any instant leaves the old or the new entries.
 
-A checkpoint folder holds entries this package writes (adapter sub-folders, ``configuration.json``, PEFT's root
-files) beside content it must keep (an HF ``Trainer`` puts optimizer and scheduler files there). An update:
-
-1. stages every new entry inside the folder itself, in a hidden ``.swift-save-*`` folder (same file system as
-   the targets even when the folder is a mount point or a symlink to another disk, so every move is a rename);
-2. flushes the staged files, then **commits** by renaming a journal (``.swift-save.journal``, naming the
-   staging folder and the entries) into the folder: one atomic step;
-3. switches each entry: the existing one is renamed into the staging folder, the new one into its place;
-4. removes the journal, then the staging folder with the old entries.
-
-A crash before the commit leaves the old entries (and a dead staging folder, swept later); after it, the
-journal says which moves to finish. Every reader and writer of the folder first completes such a journal
-(:func:`recover`), so no one ever sees a half-switched checkpoint. Writers take an exclusive ``flock`` on the
-folder for steps 2-4 and readers a shared one, so saves from several threads or processes do not interleave;
-a staging folder is ``flock``-ed by its writer while it lives, which is how a dead writer's leftovers are
-told from a live writer's work. A failure inside this process during step 3 moves everything back.
+An update stages its new entries in a hidden ``.swift-save-*`` folder inside the checkpoint folder (so every move
+is a rename), flushes them, commits by renaming a journal (``.swift-save.journal``) into the folder, then switches
+each entry by renames; content it does not stage is kept. Every reader and writer first finishes a committed
+journal (:func:`recover`). Writers ``flock`` the folder exclusively while they commit and switch, readers shared; a
+writer ``flock``-s its staging folder, which tells a dead writer's leftovers from live work. A failure inside this
+process while switching moves everything back. The full sequence: "How a save works" in ``docs/reliability.md``.
 """
 
 from __future__ import annotations

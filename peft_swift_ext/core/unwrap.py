@@ -33,18 +33,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def get_input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The input embeddings of a transformers model; None for models without that method.
-
-    Args:
-        model: a plain model.
-    """
+    """The input embeddings of a transformers model; None for models without that method."""
     return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
 
 
 def get_output_embeddings(model: nn.Module) -> nn.Module | None:
-    """The output head of a transformers model; None for models without that method.
-
-    Args:
-        model: a plain model.
-    """
+    """The output head of a transformers model; None for models without that method."""
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
