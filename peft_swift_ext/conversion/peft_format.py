@@ -74,10 +74,6 @@ def swift_lora_key_to_peft(key: str, adapter_name: str) -> str | None:
     the tensor's own name, so an adapter named like a module or tensor (``weight``, ``lora_A``) converts right.
     Keys without an adapter segment (``modules_to_save`` copies) keep their path. Returns None for tensors PEFT
     does not save. Raises ``ValueError`` for a key that names the adapter after an unknown container.
-
-    Args:
-        key: the key in a SWIFT-layout checkpoint.
-        adapter_name: the adapter name the checkpoint keys carry.
     """
     parts = key.split(".")
     for index in range(len(parts) - 1, 0, -1):
@@ -95,12 +91,8 @@ def swift_lora_key_to_peft(key: str, adapter_name: str) -> str | None:
 
 
 def peft_layout_targets(output: Path, names: list[str]) -> list[Path]:
-    """The paths a conversion into ``output`` writes: ``default`` at its root, other adapters as sub-folders.
-
-    Args:
-        output: the output folder.
-        names: the adapters converted.
-    """
+    """The paths a conversion of adapters ``names`` into ``output`` writes: ``default`` at its root, the others as
+    sub-folders."""
     paths = [output / name for name in names if name != "default"]
     if "default" in names:
         paths += [output / CONFIG_NAME, output / SAFE_WEIGHTS_NAME]

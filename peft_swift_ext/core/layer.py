@@ -145,11 +145,8 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
 
 
 def in_and_out_features(module: nn.Module) -> tuple[int | None, int | None]:
-    """The input and output sizes of a module, as PEFT's layers record them; ``(None, None)`` where unknown.
-
-    Args:
-        module: the wrapped module (another tuner's layer stands for the module it wraps).
-    """
+    """The input and output sizes of a module (another tuner's layer: of what it wraps), as PEFT's layers record
+    them; ``(None, None)`` where unknown."""
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
     if isinstance(module, nn.Linear):
@@ -176,11 +173,7 @@ def new_parameters_go_to_meta() -> bool:
 
 
 def device_and_dtype(tensors: Iterable[torch.Tensor]) -> tuple[torch.device | None, torch.dtype | None]:
-    """The device of the first tensor and the dtype of the first floating-point one (None where there is none).
-
-    Args:
-        tensors: a module's parameters and buffers, say.
-    """
+    """The device of the first tensor and the dtype of the first floating-point one (None where there is none)."""
     device = dtype = None
     for tensor in tensors:
         device = tensor.device if device is None else device
@@ -218,10 +211,6 @@ def follow_parent_mode(layer: SwiftTunerLayer, parent: nn.Module) -> None:
     New modules start in training mode, and so do wrappers other tuners put around a target (PEFT's
     ``ModulesToSaveWrapper``): without this an eval model would add NEFTune noise or dropout. The wrapped
     module keeps its own modes.
-
-    Args:
-        layer: the tuner layer, already in place.
-        parent: the module that holds it.
     """
     wrapped = set(layer.base_layer.modules())
     for module in layer.modules():

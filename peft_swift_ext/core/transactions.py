@@ -30,11 +30,7 @@ _NEW, _OLD = "new", "old"
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's or folder's content (a folder: its entries) to the disk; a no-op where unsupported.
-
-    Args:
-        path: the file or folder.
-    """
+    """Flush a file's or folder's content (a folder: its entries) to the disk; a no-op where unsupported."""
     if os.name != "posix":
         return
     fd = os.open(path, os.O_RDONLY)
@@ -47,40 +43,24 @@ def fsync_path(path: Path) -> None:
 
 
 class Staging:
-    """The entries of one update, written inside the checkpoint folder before they replace the old ones.
-
-    Args:
-        folder: where the new entries go (inside the staging folder).
-    """
+    """The entries of one update, written into ``folder`` (in the staging folder) before they replace the old ones."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.names: list[str] = []
 
     def new_folder(self, name: str) -> Path:
-        """Create and return the staged folder that will become ``<checkpoint>/<name>``.
-
-        Args:
-            name: a plain entry name (checked by the caller).
-        """
+        """Create and return the staged folder that will become ``<checkpoint>/<name>``."""
         path = self._claim(name)
         path.mkdir()
         return path
 
     def new_file(self, name: str) -> Path:
-        """The staged path of the file that will become ``<checkpoint>/<name>`` (the caller writes it).
-
-        Args:
-            name: a plain entry name (checked by the caller).
-        """
+        """The staged path of the file that will become ``<checkpoint>/<name>`` (the caller writes it)."""
         return self._claim(name)
 
     def adopt(self, name: str) -> Path:
-        """Claim an entry the caller already wrote into :attr:`folder` (by a writer that picks its own names).
-
-        Args:
-            name: the entry's name in :attr:`folder`.
-        """
+        """Claim an entry ``name`` the caller already wrote into :attr:`folder` (a writer that picks its own names)."""
         _check_entry_name(name)
         if not os.path.lexists(self.folder / name):
             raise FileNotFoundError(f"{self.folder / name} was not written before being adopted into the update")
@@ -100,10 +80,7 @@ def update(root: str | os.PathLike) -> Iterator[Staging]:
 
     Content of ``root`` not staged is kept. If the block or the switch fails, ``root`` is as before (a
     ``root`` this call created is removed again); if the process dies, the next :func:`recover` (every load
-    and save runs one) finishes a committed update or sweeps an uncommitted one.
-
-    Args:
-        root: the checkpoint folder (created if needed).
+    and save runs one) finishes a committed update or sweeps an uncommitted one. ``root`` is created if needed.
     """
     root = Path(root)
     created = not root.exists()
@@ -142,9 +119,6 @@ def recover(root: str | os.PathLike) -> None:
 
     Raises ``ValueError`` naming the journal when the folder cannot be repaired (read-only, or a damaged
     journal): loading such a folder would mix the old and the new checkpoint.
-
-    Args:
-        root: the checkpoint folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -156,11 +130,7 @@ def recover(root: str | os.PathLike) -> None:
 @contextmanager
 def reading(root: str | os.PathLike) -> Iterator[None]:
     """Hold ``root`` steady for reading: no update switches entries inside the block (one that a crash
-    interrupted is finished first, and dead writers' staging folders are swept).
-
-    Args:
-        root: the checkpoint folder.
-    """
+    interrupted is finished first, and dead writers' staging folders are swept)."""
     root = Path(root)
     recovered = False
     while True:
@@ -175,12 +145,8 @@ def reading(root: str | os.PathLike) -> Iterator[None]:
 
 @contextmanager
 def locked(root: Path, exclusive: bool) -> Iterator[None]:
-    """``flock`` the folder ``root`` (shared or exclusive) inside the block; threads and processes alike wait.
-
-    Args:
-        root: an existing folder.
-        exclusive: writers take it exclusively, readers shared.
-    """
+    """``flock`` the existing folder ``root`` inside the block (writers ``exclusive``, readers shared); threads and
+    processes alike wait."""
     if fcntl is None:
         yield
         return
