@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 try:
@@ -35,9 +35,8 @@ def fsync_path(path: Path) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync folders; the rename order still holds there
-        pass
+        with suppress(OSError):  # some file systems cannot fsync folders; the rename order still holds there
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -171,12 +170,10 @@ def _commit(root: Path, staging: Path, names: list[str]) -> None:
     try:
         _roll_forward(root, staging, names)
     except BaseException:
-        try:  # undo in this process; if even that fails, the journal stays and the next recover finishes
+        with suppress(BaseException):  # undo in this process; if that fails, the journal stays for the next recover
             _roll_back(root, staging, names)
             journal.unlink()
             fsync_path(root)
-        except BaseException:
-            pass
         raise
     journal.unlink()
     fsync_path(root)
@@ -267,10 +264,8 @@ def _hold(folder: Path) -> int | None:
     if fcntl is None:
         return None
     fd = os.open(folder, os.O_RDONLY)
-    try:
+    with suppress(OSError):  # no locks on this file system: the folder may be swept only by a later save's recover
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # no locks on this file system: the folder may be swept only by a later save's recover
     return fd
 
 
@@ -295,7 +290,5 @@ def _check_entry_name(name: object) -> None:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
+    with suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass
