@@ -20,12 +20,8 @@ Position = int | str
 
 
 class ArgumentSlot:
-    """One parameter of ``module.forward``, addressed by SWIFT's int-or-str position.
-
-    Args:
-        module: the module whose ``forward`` is called.
-        position: an int (positional index) or a str (parameter name).
-    """
+    """One parameter of ``module.forward``, addressed by SWIFT's ``position``: an int (positional index) or a str
+    (parameter name)."""
 
     def __init__(self, module: nn.Module, position: Position) -> None:
         params = forward_parameters(module)
