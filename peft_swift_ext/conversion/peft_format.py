@@ -136,9 +136,9 @@ def save_to_peft_format(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLi
 def _read_lora_checkpoint(ckpt: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
     if (ckpt / EXTRA_STATES_DIR).exists():
         raise ValueError(f"{ckpt / EXTRA_STATES_DIR}: extra trainable weights have no equivalent in PEFT's format")
-    if (ckpt / CONFIG_NAME).is_file() and not list_adapter_folders(ckpt):
-        raise ValueError(f"{ckpt} is already in PEFT's format (adapter_config.json at its root)")
     names = list_adapter_folders(ckpt)
+    if (ckpt / CONFIG_NAME).is_file() and not names:
+        raise ValueError(f"{ckpt} is already in PEFT's format (adapter_config.json at its root)")
     if not names:
         raise ValueError(f"{ckpt} holds no adapter folders (sub-folders with {CONFIG_NAME})")
     converted: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}
