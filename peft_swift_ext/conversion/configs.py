@@ -36,15 +36,8 @@ Translation = Callable[[dict], tuple[type[PeftConfig], dict]]
 
 
 def swift_fields(config: dict, config_name: str) -> dict:
-    """An ms-swift config dict without ``swift_type`` / ``peft_type`` and the unused ``model_key_mapping``.
-
-    Args:
-        config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
-        config_name: the config class's name, for the error message.
-
-    Raises:
-        ValueError: when the checkpoint relies on SWIFT's ``model_key_mapping``, which is not supported.
-    """
+    """An ms-swift config dict without ``swift_type`` / ``peft_type``; ``ValueError`` (naming ``config_name``) when
+    it relies on SWIFT's ``model_key_mapping``, which is not supported."""
     if config.get("model_key_mapping") is not None:
         raise ValueError(f"{config_name}: SWIFT's model_key_mapping is not supported; set target_modules instead")
     return {k: v for k, v in config.items() if k not in _BOOKKEEPING}
@@ -55,9 +48,6 @@ def lora_fields(config: dict) -> tuple[type[LoraConfig], dict]:
 
     Plain LoRA when ``lorap_lr_ratio`` is unset, LoRA+ otherwise; SWIFT-only options that change the adapter
     (e.g. ``lora_dtype``) raise ``ValueError``.
-
-    Args:
-        config: the ``adapter_config.json`` of an ms-swift LoRA checkpoint.
     """
     set_options = {
         key: config[key] for key, default in _SWIFT_ONLY_LORA_FIELDS.items() if config.get(key, default) != default
@@ -96,11 +86,7 @@ TRANSLATIONS: dict[str, Translation] = {
 
 
 def is_swift_native(config_dict: dict) -> bool:
-    """Whether a config written by ms-swift describes one of SWIFT's own tuner types.
-
-    Args:
-        config_dict: the parsed ``adapter_config.json``.
-    """
+    """Whether a config written by ms-swift (a parsed ``adapter_config.json``) describes one of SWIFT's own tuners."""
     return "swift_type" in config_dict
 
 
@@ -141,12 +127,16 @@ def config_from_dict(config_dict: dict, source: Path | str) -> PeftConfig:
         warnings.warn(
             f"{source}: ignoring fields {config_cls.__name__} does not have: {', '.join(unknown)}", stacklevel=3
         )
-    fields = {key: value for key, value in fields.items() if key in known}
+    return checked_config(config_cls, {key: value for key, value in fields.items() if key in known}, source)
+
+
+def checked_config(config_cls: type[PeftConfig], fields: dict, source: Path | str) -> PeftConfig:
+    """``config_cls(**fields)`` (``peft_type`` is checked, then left to the class) after every check a file's fields
+    get; errors name the file ``source``."""
     check_field_types(config_cls, fields, source)
     check_untrusted_fields(config_cls, fields, source)
-    fields.pop("peft_type", None)
     try:
-        config = config_cls(**fields)
+        config = config_cls(**{key: value for key, value in fields.items() if key != "peft_type"})
     except Exception as error:  # a hostile value fails anywhere in a config's __post_init__ (OverflowError, ...)
         raise ValueError(f"{source}: invalid {config_cls.__name__}: {type(error).__name__}: {error}") from None
     check_lora_scale(config, source)
@@ -164,12 +154,7 @@ def check_untrusted_fields(config_cls: type, fields: dict, source: Path | str) -
     NaN and infinities anywhere (JSON readers accept them, and one poisons every step it touches); dropout
     probabilities of 1 or more (the adapter would see only zeros in training, and never learn); negative token ids
     for aLoRA's invocation (they never occur, so the adapter would never act); and ``megatron_config``, which makes
-    PEFT import the module that the file's ``megatron_core`` names.
-
-    Args:
-        config_cls: the config class the fields are for.
-        fields: the fields, as read.
-        source: the file, for the message.
+    PEFT import the module that the file's ``megatron_core`` names. Errors name the file ``source``.
     """
     for name, value in fields.items():
         bad = _non_finite(value)
@@ -189,11 +174,8 @@ def check_untrusted_fields(config_cls: type, fields: dict, source: Path | str) -
 
 def check_lora_scale(config: PeftConfig, source: Path | str) -> None:
     """Refuse a LoRA config whose scale ``lora_alpha / r`` (and that of each ``alpha_pattern`` entry) is 0 (the
-    adapter would neither act nor train) or beyond :data:`MAX_LORA_SCALE`.
-
-    Args:
-        config: a built config; those without ``lora_alpha`` and ``r`` pass.
-        source: the file, for the message.
+    adapter would neither act nor train) or beyond :data:`MAX_LORA_SCALE`; configs without ``lora_alpha`` and ``r``
+    pass. Errors name the file ``source``.
     """
     rank, alpha = getattr(config, "r", None), getattr(config, "lora_alpha", None)
     if not (is_number(rank) and is_number(alpha)) or rank <= 0:

@@ -22,8 +22,7 @@ from ..core.files import (
     write_config,
     write_weights,
 )
-from ..core.validators import check_field_types
-from .configs import check_lora_scale, check_untrusted_fields, is_swift_native, lora_fields
+from .configs import checked_config, is_swift_native, lora_fields
 
 _LORA_PLUS_ONLY = ("loraplus_lr_ratio", "loraplus_lr_embedding")
 
@@ -52,14 +51,7 @@ def to_peft_lora_config(config_dict: dict, source: Path) -> dict:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"{source}: options PEFT's LoraConfig cannot express: {unknown}")
-    check_field_types(LoraConfig, fields, source)
-    check_untrusted_fields(LoraConfig, fields, source)
-    try:
-        config = LoraConfig(**fields)
-    except Exception as error:  # a hostile value fails anywhere in LoraConfig's __post_init__
-        raise ValueError(f"{source}: invalid LoraConfig: {type(error).__name__}: {error}") from None
-    check_lora_scale(config, source)
-    return config.to_dict()
+    return checked_config(LoraConfig, fields, source).to_dict()
 
 
 #: PEFT's per-adapter containers that a LoRA checkpoint holds: its keys carry the adapter name right after them.
@@ -82,10 +74,6 @@ def swift_lora_key_to_peft(key: str, adapter_name: str) -> str | None:
     the tensor's own name, so an adapter named like a module or tensor (``weight``, ``lora_A``) converts right.
     Keys without an adapter segment (``modules_to_save`` copies) keep their path. Returns None for tensors PEFT
     does not save. Raises ``ValueError`` for a key that names the adapter after an unknown container.
-
-    Args:
-        key: the key in a SWIFT-layout checkpoint.
-        adapter_name: the adapter name the checkpoint keys carry.
     """
     parts = key.split(".")
     for index in range(len(parts) - 1, 0, -1):
@@ -103,12 +91,8 @@ def swift_lora_key_to_peft(key: str, adapter_name: str) -> str | None:
 
 
 def peft_layout_targets(output: Path, names: list[str]) -> list[Path]:
-    """The paths a conversion into ``output`` writes: ``default`` at its root, other adapters as sub-folders.
-
-    Args:
-        output: the output folder.
-        names: the adapters converted.
-    """
+    """The paths a conversion of adapters ``names`` into ``output`` writes: ``default`` at its root, the others as
+    sub-folders."""
     paths = [output / name for name in names if name != "default"]
     if "default" in names:
         paths += [output / CONFIG_NAME, output / SAFE_WEIGHTS_NAME]
@@ -152,9 +136,9 @@ def save_to_peft_format(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLi
 def _read_lora_checkpoint(ckpt: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
     if (ckpt / EXTRA_STATES_DIR).exists():
         raise ValueError(f"{ckpt / EXTRA_STATES_DIR}: extra trainable weights have no equivalent in PEFT's format")
-    if (ckpt / CONFIG_NAME).is_file() and not list_adapter_folders(ckpt):
-        raise ValueError(f"{ckpt} is already in PEFT's format (adapter_config.json at its root)")
     names = list_adapter_folders(ckpt)
+    if (ckpt / CONFIG_NAME).is_file() and not names:
+        raise ValueError(f"{ckpt} is already in PEFT's format (adapter_config.json at its root)")
     if not names:
         raise ValueError(f"{ckpt} holds no adapter folders (sub-folders with {CONFIG_NAME})")
     converted: dict[str, tuple[dict, dict[str, torch.Tensor]]] = {}

@@ -1,20 +1,8 @@
 """The contract between a model that holds adapters of several types (``SwiftModel``) and the tuners.
 
-A ``SwiftModel`` keeps one PEFT ``BaseTuner`` per tuner type over one shared base model. Everything it does
-generically — activation, offload, saving, loading, parameter groups — goes through the per-adapter containers
-that every tuner layer has (:mod:`peft_swift_ext.core.keys`). A tuner that needs more says so by implementing
-one of the protocols below; the ``SwiftModel`` checks them with ``isinstance`` and calls nothing else.
-
-- :class:`MergePolicy`: whether the tuner's adapters can be merged into the base weights at all.
-- :class:`StructureOwner`: the tuner changed the model outside its layers (LLaMA-PRO's renumbered cache
-  slots, LongLoRA's attention switch, Res-Tuning's probe hooks) and tidies that up itself.
-- :class:`InPlaceTuner`: the tuner trains base weights in place instead of adding layers (LISA).
-- :class:`OptimizerGroupPolicy`: a *config* whose parameters want optimizer groups of their own (LoRA+).
-- :class:`OptimizerGroupSource`: a model that builds its own optimizer groups (a ``SwiftModel``).
-- :class:`TunerHost`: a model wrapper that can hand out its tuner of a given type (how techniques such as
-  the LISA scheduler find a tuner without knowing the wrapper's class).
-
-PEFT's own tuners (LoRA, DoRA, AdaLoRA, ...) implement none of these and need none.
+Everything generic goes through the per-adapter containers of every tuner layer (:mod:`peft_swift_ext.core.keys`);
+a tuner that needs more implements one of the protocols below, which the ``SwiftModel`` checks with ``isinstance``
+(``docs/architecture.md`` tabulates who implements which). PEFT's own tuners implement none of them and need none.
 """
 
 from __future__ import annotations

@@ -14,20 +14,12 @@ from torch import nn
 
 
 def block_class(module: nn.Module) -> type:
-    """The class of a block, seen through tuner layers that wrap it.
-
-    Args:
-        module: an entry of a layer list.
-    """
+    """The class of a block (an entry of a layer list), seen through tuner layers that wrap it."""
     return type(module.get_base_layer()) if isinstance(module, BaseTunerLayer) else type(module)
 
 
 def repeated_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """``(path, list)`` of every ``nn.ModuleList`` of two or more blocks of one class, in model order.
-
-    Args:
-        model: the model to search.
-    """
+    """``(path, list)`` of every ``nn.ModuleList`` of two or more blocks of one class, in model order."""
     return [
         (path, module)
         for path, module in model.named_modules()

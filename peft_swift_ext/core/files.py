@@ -85,47 +85,26 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def write_adapter_files(folder: Path, config_dict: dict, tensors: dict[str, torch.Tensor], safe: bool) -> None:
-    """Write one adapter's config and weights into an existing (empty) ``folder``, flushed to the disk.
-
-    Args:
-        folder: the adapter's (staged) folder.
-        config_dict: its ``adapter_config.json``.
-        tensors: its weights.
-        safe: safetensors, or a torch pickle of plain tensors.
-    """
+    """Write one adapter's config and weights (safetensors if ``safe``, else a torch pickle of plain tensors) into an
+    existing (empty, staged) ``folder``, flushed to the disk."""
     write_config(folder / CONFIG_NAME, config_dict)
     write_weights(folder / (SAFE_WEIGHTS_NAME if safe else PICKLE_WEIGHTS_NAME), tensors, safe)
 
 
 def write_config(path: Path, config_dict: dict) -> None:
-    """Write ``config_dict`` as an ``adapter_config.json`` at ``path``, flushed to the disk.
-
-    Args:
-        path: the file to write.
-        config_dict: the config's fields.
-    """
+    """Write ``config_dict`` as an ``adapter_config.json`` at ``path``, flushed to the disk."""
     write_text(path, json.dumps(config_dict, indent=2, sort_keys=True, default=_json_default))
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` and flush it to the disk (one announced file-system change).
-
-    Args:
-        path: the file to write.
-        text: its content.
-    """
+    """Write ``text`` to ``path`` and flush it to the disk (one announced file-system change)."""
     path.write_text(text)
     transactions.fsync_path(path)
 
 
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], safe: bool) -> None:
-    """Write tensors to ``path`` (safetensors or a torch pickle of plain tensors), flushed to the disk.
-
-    Args:
-        path: the file to write.
-        tensors: the tensors by key.
-        safe: safetensors (``metadata={"format": "pt"}``, as PEFT writes them) or a pickle.
-    """
+    """Write tensors to ``path``, flushed to the disk: safetensors with ``metadata={"format": "pt"}`` (as PEFT writes
+    them) if ``safe``, else a torch pickle of plain tensors."""
     contiguous = {key: tensor.detach().contiguous() for key, tensor in tensors.items()}
     if safe:
         save_file(contiguous, str(path), metadata={"format": "pt"})
@@ -155,11 +134,6 @@ def list_adapter_folders(root: Path) -> list[str]:
 
 
 def preview_keys(keys: list[str], limit: int = 6) -> str:
-    """The first ``limit`` keys, comma-separated, and how many there are in all when that is more (for errors).
-
-    Args:
-        keys: the keys to show.
-        limit: how many to name.
-    """
+    """The first ``limit`` keys, comma-separated, and how many there are in all when that is more (for errors)."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")

@@ -45,15 +45,11 @@ class Slot:
 
     def swift_key(self, adapter_name: str) -> str:
         """The key in a SWIFT-layout checkpoint (adapter name kept, no ``base_model.`` prefix)."""
-        if not self.named:
-            return _join(self.path, self.rest)
-        return _join(self.path, self.attr, adapter_name, self.rest)
+        return _join(self.path, self.attr, adapter_name, self.rest) if self.named else _join(self.path, self.rest)
 
     def peft_key(self) -> str:
         """The key in a PEFT-layout checkpoint (adapter name removed, ``base_model.model.`` prefix)."""
-        if not self.named:
-            return PEFT_KEY_PREFIX + _join(self.path, self.rest)
-        return PEFT_KEY_PREFIX + _join(self.path, self.attr, self.rest)
+        return PEFT_KEY_PREFIX + _join(self.path, self.attr if self.named else "", self.rest)
 
 
 def _join(*parts: str) -> str:
@@ -72,21 +68,15 @@ def tuner_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def adapter_containers(
     modules: list[tuple[str, nn.Module]], adapter_name: str
 ) -> Iterator[tuple[str, nn.Module, str, object, bool]]:
-    """Yield ``(module path, owning module, container attribute, entry, required)`` for one adapter.
-
-    Args:
-        modules: the model's tuner modules, as :func:`tuner_modules` lists them.
-        adapter_name: the adapter to look for.
-    """
+    """Yield ``(module path, owning module, container attribute, entry, required)`` for one adapter in ``modules``
+    (as :func:`tuner_modules` lists them)."""
     for path, module in modules:
         if isinstance(module, BaseTunerLayer):
             for attr in (*module.adapter_layer_names, *module.other_param_names):
                 container = getattr(module, attr, None)
-                if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
-                    required = attr in module.adapter_layer_names
-                    yield path, module, attr, container[adapter_name], required
-                elif _is_buffer_dict(container) and adapter_name in container:
-                    yield path, module, attr, container[adapter_name], False
+                weights = isinstance(container, (nn.ModuleDict, nn.ParameterDict))  # BufferDicts: never required
+                if (weights or _is_buffer_dict(container)) and adapter_name in container:
+                    yield path, module, attr, container[adapter_name], weights and attr in module.adapter_layer_names
         elif adapter_name in module.modules_to_save:
             yield path, module, "modules_to_save", module.modules_to_save[adapter_name], True
 

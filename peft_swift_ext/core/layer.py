@@ -9,6 +9,7 @@ every supported version.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator
@@ -144,11 +145,8 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
 
 
 def in_and_out_features(module: nn.Module) -> tuple[int | None, int | None]:
-    """The input and output sizes of a module, as PEFT's layers record them; ``(None, None)`` where unknown.
-
-    Args:
-        module: the wrapped module (another tuner's layer stands for the module it wraps).
-    """
+    """The input and output sizes of a module (another tuner's layer: of what it wraps), as PEFT's layers record
+    them; ``(None, None)`` where unknown."""
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
     if isinstance(module, nn.Linear):
@@ -175,11 +173,7 @@ def new_parameters_go_to_meta() -> bool:
 
 
 def device_and_dtype(tensors: Iterable[torch.Tensor]) -> tuple[torch.device | None, torch.dtype | None]:
-    """The device of the first tensor and the dtype of the first floating-point one (None where there is none).
-
-    Args:
-        tensors: a module's parameters and buffers, say.
-    """
+    """The device of the first tensor and the dtype of the first floating-point one (None where there is none)."""
     device = dtype = None
     for tensor in tensors:
         device = tensor.device if device is None else device
@@ -195,24 +189,20 @@ def device_and_dtype(tensors: Iterable[torch.Tensor]) -> tuple[torch.device | No
 _NESTED_SEPARATOR = "-"
 
 
-def _flatten_nested_adapter_keys(module: SwiftTunerLayer, state_dict: dict, prefix: str, local_metadata) -> None:
-    for key_prefix in _adapter_key_prefixes(module, prefix):
-        for key in [k for k in state_dict if k.startswith(key_prefix) and "." in k[len(key_prefix) :]]:
-            state_dict[key_prefix + key[len(key_prefix) :].replace(".", _NESTED_SEPARATOR)] = state_dict.pop(key)
-
-
-def _unflatten_nested_adapter_keys(module: SwiftTunerLayer, state_dict: dict, prefix: str, *args) -> None:
-    for key_prefix in _adapter_key_prefixes(module, prefix):
-        for key in [k for k in state_dict if k.startswith(key_prefix) and _NESTED_SEPARATOR in k[len(key_prefix) :]]:
-            state_dict[key_prefix + key[len(key_prefix) :].replace(_NESTED_SEPARATOR, ".")] = state_dict.pop(key)
-
-
-def _adapter_key_prefixes(module: SwiftTunerLayer, prefix: str) -> Iterator[str]:
+def _rekey_nested_adapter_keys(
+    module: SwiftTunerLayer, state_dict: dict, prefix: str, *hook_args, old: str, new: str
+) -> None:
+    """State-dict hook (with ``old``/``new`` bound): within each nested adapter's keys, ``old`` becomes ``new``."""
     for attr in module.adapter_layer_names:
         container = getattr(module, attr)
         if isinstance(container, nn.ModuleDict):
-            for adapter_name in container:
-                yield f"{prefix}{attr}.{adapter_name}."
+            for key_prefix in (f"{prefix}{attr}.{adapter_name}." for adapter_name in container):
+                for key in [k for k in state_dict if k.startswith(key_prefix) and old in k[len(key_prefix) :]]:
+                    state_dict[key_prefix + key[len(key_prefix) :].replace(old, new)] = state_dict.pop(key)
+
+
+_flatten_nested_adapter_keys = functools.partial(_rekey_nested_adapter_keys, old=".", new=_NESTED_SEPARATOR)
+_unflatten_nested_adapter_keys = functools.partial(_rekey_nested_adapter_keys, old=_NESTED_SEPARATOR, new=".")
 
 
 def follow_parent_mode(layer: SwiftTunerLayer, parent: nn.Module) -> None:
@@ -221,10 +211,6 @@ def follow_parent_mode(layer: SwiftTunerLayer, parent: nn.Module) -> None:
     New modules start in training mode, and so do wrappers other tuners put around a target (PEFT's
     ``ModulesToSaveWrapper``): without this an eval model would add NEFTune noise or dropout. The wrapped
     module keeps its own modes.
-
-    Args:
-        layer: the tuner layer, already in place.
-        parent: the module that holds it.
     """
     wrapped = set(layer.base_layer.modules())
     for module in layer.modules():

@@ -41,11 +41,7 @@ class _LoraDelta(nn.Module):
 
 
 def install_row_hooks(model: nn.Module) -> None:
-    """Give every LoRA layer and ``modules_to_save`` wrapper of ``model`` its mixed-batch hooks (once each).
-
-    Args:
-        model: the model holding the layers.
-    """
+    """Give every LoRA layer and ``modules_to_save`` wrapper of ``model`` its mixed-batch hooks (once each)."""
     for module in model.modules():
         if module.__dict__.get(_HOOKED):
             continue
@@ -65,12 +61,9 @@ class _LayerRows:
     """What one LoRA layer does in one mixed-batch call, worked out at its first step and reused at every later
     one (a ``generate`` calls each layer once per token; the adapters cannot change during an inference call).
 
-    Args:
-        batched: the layer adds the rows' adapters itself; otherwise PEFT's per-adapter path runs them.
-        names: the per-row names passed to PEFT's forward as ``adapter_names``.
-        groups: for a batched layer, ``(rows, every_row, A, B, scaling)`` per group of same-shaped adapters, the
-            matrices gathered per row.
-        per_module: adapters with a bias on ``lora_B`` go through :func:`per_row` instead.
+    ``batched``: the layer adds the rows' adapters itself (else PEFT's per-adapter path runs them, given ``names`` as
+    its ``adapter_names``); ``groups``: ``(rows, every_row, A, B, scaling)`` per group of same-shaped adapters, the
+    matrices gathered per row, or with ``per_module`` (a bias on ``lora_B``) the plan for :func:`per_row`.
     """
 
     batched: bool

@@ -48,14 +48,7 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
 
 
 def no_match_error(config: PeftConfig, targets: object, model: nn.Module, names: Iterable[str]) -> ValueError:
-    """The error for a ``target_modules`` that selects nothing: the pattern as given and a few module names.
-
-    Args:
-        config: the adapter's config.
-        targets: its ``target_modules`` as the user gave them.
-        model: the model searched.
-        names: its module names.
-    """
+    """The error for ``targets`` (as the user gave them) selecting nothing: names the pattern and a few modules."""
     canonical = list(dict.fromkeys(canonical_path(name) for name in names))
     sample = ", ".join(canonical[:8]) + (", ..." if len(canonical) > 8 else "")
     shown = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
@@ -66,20 +59,12 @@ def no_match_error(config: PeftConfig, targets: object, model: nn.Module, names:
 
 
 def canonical_path(path: str) -> str:
-    """Drop the ``base_layer`` segments that tuner wrappers add to module paths.
-
-    Args:
-        path: a module path in a model with tuner layers.
-    """
+    """Drop the ``base_layer`` segments that tuner wrappers add to module paths."""
     return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
 def base_module_names(model: nn.Module) -> list[str]:
-    """Names of the modules of the base model, leaving out the adapters' own sub-modules.
-
-    Args:
-        model: a model, possibly with tuner layers in it.
-    """
+    """Names of the modules of the base model, leaving out the adapters' own sub-modules."""
     tuner_layers: list[str] = []
     names = []
     for name, module in model.named_modules():
@@ -100,11 +85,7 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     ``path`` may be canonical (without ``base_layer`` segments): wherever a segment is not a real child of a
     tuner layer, the walk continues in the module the layer wraps. The parent returned is the module that
     really holds the child, so ``setattr(parent, name, ...)`` replaces it where the model's own code calls
-    it (never on a wrapper, which would only shadow it).
-
-    Args:
-        model: the root module.
-        path: a dotted module path; ``""`` (the root) gives ``(model, "")``.
+    it (never on a wrapper, which would only shadow it). The root, ``path=""``, gives ``(model, "")``.
     """
     if not path:
         return model, ""
@@ -118,22 +99,13 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def module_at(model: nn.Module, path: str) -> nn.Module:
-    """The module at ``path`` (canonical or actual), the outermost tuner layer where one wraps it.
-
-    Args:
-        model: the root module.
-        path: a dotted module path; ``""`` is the root.
-    """
+    """The module at ``path`` (canonical or actual; ``""``: the root), the outermost tuner layer where one wraps it."""
     parent, child = parent_of(model, path)
     return parent if not path else _child(parent, child, path)
 
 
 def canonical_module_names(model: nn.Module) -> list[str]:
-    """The base model's module names without ``base_layer`` segments, each once, in model order.
-
-    Args:
-        model: a model, possibly with tuner layers in it.
-    """
+    """The base model's module names without ``base_layer`` segments, each once, in model order."""
     return list(dict.fromkeys(canonical_path(name) for name in base_module_names(model)))
 
 
@@ -147,25 +119,16 @@ def _child(module: nn.Module, name: str, path: str) -> nn.Module:
 
 def name_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -> bool:
     """SWIFT's and PEFT's module-name rule: a str is a regex matching the whole name, a list names modules by
-    suffix (equal to an entry, or ending in ``.entry``); None matches everything.
-
-    Args:
-        name: a module (or parameter) path.
-        pattern: the selector.
-    """
+    suffix (equal to an entry, or ending in ``.entry``); None matches everything."""
     if pattern is None:
         return True
     if isinstance(pattern, str):
-        return full_match(pattern, name)
+        return PatternMatcher(pattern, "pattern").matches(name)
     return any(name == entry or name.endswith("." + entry) for entry in pattern)
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """Ids of the parameters that adapters added: everything in a tuner layer or wrapper but what it wraps.
-
-    Args:
-        model: a model, possibly with tuner layers and PEFT's auxiliary wrappers in it.
-    """
+    """Ids of the parameters that adapters added: everything in a tuner layer or wrapper but what it wraps."""
     wrapped = {"base_layer", "original_module"}
     return {
         id(param)
@@ -205,12 +168,8 @@ class PatternMatcher:
         self._deadline = time.monotonic() + budget
 
     def matches(self, name: str, full: bool = True) -> bool:
-        """Whether the pattern matches ``name`` (all of it, or from its start with ``full=False``).
-
-        Args:
-            name: a module name.
-            full: ``fullmatch`` (PEFT's target rule) or ``match`` (PEFT's rank-pattern rule).
-        """
+        """Whether the pattern matches all of ``name`` (PEFT's target rule) or, with ``full=False``, its start (PEFT's
+        rank-pattern rule)."""
         method = self._compiled.fullmatch if full else self._compiled.match
         try:
             return method(name, timeout=max(self._deadline - time.monotonic(), 0.001)) is not None
@@ -221,23 +180,8 @@ class PatternMatcher:
             ) from None
 
 
-def full_match(pattern: str, name: str, what: str = "pattern") -> bool:
-    """``re.fullmatch(pattern, name)``, refused with ``ValueError`` past :data:`PATTERN_BUDGET_S`.
-
-    Args:
-        pattern: a regex.
-        name: the string to match.
-        what: the field the pattern came from, for the message.
-    """
-    return PatternMatcher(pattern, what).matches(name)
-
-
 def literal_regex(names: Iterable[str]) -> str:
-    """A regex matching exactly ``names``, as a character trie: ``re`` matches it in time linear in the name.
-
-    Args:
-        names: the strings to match.
-    """
+    """A regex matching exactly ``names``, as a character trie: ``re`` matches it in time linear in the name."""
     trie: dict = {}
     for name in names:
         node = trie
@@ -266,10 +210,6 @@ def literal_patterns(model: nn.Module, config: PeftConfig) -> Iterator[None]:
     names and replaced by :func:`literal_regex` of what they matched, so PEFT's unbounded ``re`` never sees a
     config's pattern. Module names that PEFT pastes into its own regexes (``modules_to_save``,
     ``layers_pattern``) must be plain names. A pattern that exceeds the budget raises ``ValueError``.
-
-    Args:
-        model: the model the config is about to be injected into.
-        config: the adapter's config (changed only inside the block).
     """
     kind = type(config).__name__
     for field in NAME_LIST_FIELDS:

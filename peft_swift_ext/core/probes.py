@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from .paths import module_at
 from .slots import first_argument, first_tensor
@@ -74,11 +73,8 @@ class FeatureProbes:
         that module; layers put around it or taken away later, by any tuner and in any order, move the hook
         (without this a hook stays on a layer that was unwrapped and never runs again, or misses a later one).
         Where the source is the reading layer's own target, the feature is what that layer wraps: the layer
-        itself runs on it, so it cannot read its own result.
-
-        Args:
-            model: the model the source paths are relative to.
-            owner: the tuner layer these probes feed.
+        itself runs on it, so it cannot read its own result. ``owner`` is the layer these probes feed; the source paths
+        are relative to ``model``.
         """
         for adapter_name, sources in self._sources.items():
             hook_ids = self._hook_ids[adapter_name]
@@ -87,7 +83,7 @@ class FeatureProbes:
                 if current is source.module:
                     continue
                 hook = _hooks_of(source)[hook_id]  # the callable itself: in a deep copy, bound to the copy
-                _handle(source, hook_id).remove()
+                _remove_hook(source.module, hook_id)
                 moved = ProbeSource(source.name, current, source.where)
                 hook_ids[slot] = _register(moved, hook)
                 sources[slot] = moved
@@ -99,11 +95,8 @@ class FeatureProbes:
     def take(self, adapter_name: str, consumer: str) -> list[torch.Tensor]:
         """Remove and return this thread's captured features of ``adapter_name``, in source order.
 
-        Raises ``RuntimeError`` naming the source that has not run in this forward yet.
-
-        Args:
-            adapter_name: the adapter.
-            consumer: the module that needs them (for the error message).
+        Raises ``RuntimeError`` naming the ``consumer`` (the module that needs them) and the source that has not run
+        in this forward yet.
         """
         captured = self._local.__dict__.get("features", {}).pop(adapter_name, {})
         sources = self._sources.get(adapter_name, [])
@@ -120,7 +113,7 @@ class FeatureProbes:
         names = list(self._hook_ids) if adapter_name is None else [adapter_name]
         for name in names:
             for source, hook_id in zip(self._sources.pop(name, []), self._hook_ids.pop(name, [])):
-                _handle(source, hook_id).remove()
+                _remove_hook(source.module, hook_id)
 
     def __getstate__(self) -> dict:
         # the per-thread store of captured features cannot be pickled, and holds nothing between forwards
@@ -179,14 +172,9 @@ def _hooks_of(source: ProbeSource) -> dict[int, Callable]:
     return source.module._forward_pre_hooks if source.where == "input" else source.module._forward_hooks
 
 
-def _handle(source: ProbeSource, hook_id: int) -> RemovableHandle:
-    """A handle that removes hook ``hook_id`` from the module of ``source`` (the dicts torch registered it in)."""
-    module = source.module
-    if source.where == "input":
-        handle = RemovableHandle(module._forward_pre_hooks, extra_dict=module._forward_pre_hooks_with_kwargs)
-    else:
-        handle = RemovableHandle(
-            module._forward_hooks, extra_dict=[module._forward_hooks_with_kwargs, module._forward_hooks_always_called]
-        )
-    handle.id = hook_id
-    return handle
+def _remove_hook(module: nn.Module, hook_id: int) -> None:
+    """Remove forward (pre-)hook ``hook_id`` from every dict torch registers one in (hook ids are unique)."""
+    pre_hooks = (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs)
+    hooks = (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called)
+    for registry in (*pre_hooks, *hooks):
+        registry.pop(hook_id, None)

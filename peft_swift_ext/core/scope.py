@@ -29,12 +29,7 @@ class ScopeToken:
 
 @contextlib.contextmanager
 def scoped(token: ScopeToken, names: Sequence[str]) -> Iterator[None]:
-    """Inside the block, the layers carrying ``token`` run exactly ``names`` (in order) for the calling context.
-
-    Args:
-        token: the tuner's token.
-        names: the adapters to run.
-    """
+    """Inside the block, the layers carrying ``token`` run exactly ``names`` (in order) for the calling context."""
     current = _SCOPES.get() or {}
     reset = _SCOPES.set({**current, token: tuple(dict.fromkeys(names))})
     token.used = True
@@ -45,11 +40,8 @@ def scoped(token: ScopeToken, names: Sequence[str]) -> Iterator[None]:
 
 
 def scoped_adapters(token: ScopeToken | None) -> tuple[str, ...] | None:
-    """The adapters chosen for ``token`` in the calling context, or None when no scope chose them.
-
-    Args:
-        token: a layer's token (None: the layer is in no tuner that scopes).
-    """
+    """The adapters chosen for ``token`` (None: a layer in no tuner that scopes) in the calling context, or None when
+    no scope chose them."""
     if token is None or not token.used:
         return None
     scopes = _SCOPES.get()
@@ -96,10 +88,6 @@ class ScopedActiveAdapters(Sequence):
     """A PEFT layer's active-adapter list that gives the calling context's scope while one is open for ``token``,
     and otherwise the list the layer had (``fallback``). PEFT's layers only iterate this list, so the scope reaches
     them without changing any shared state.
-
-    Args:
-        token: the tuner's scope token.
-        fallback: the layer's own active adapters.
     """
 
     __slots__ = ("token", "fallback")

@@ -20,12 +20,8 @@ Position = int | str
 
 
 class ArgumentSlot:
-    """One parameter of ``module.forward``, addressed by SWIFT's int-or-str position.
-
-    Args:
-        module: the module whose ``forward`` is called.
-        position: an int (positional index) or a str (parameter name).
-    """
+    """One parameter of ``module.forward``, addressed by SWIFT's ``position``: an int (positional index) or a str
+    (parameter name)."""
 
     def __init__(self, module: nn.Module, position: Position) -> None:
         params = forward_parameters(module)
@@ -80,19 +76,16 @@ def forward_parameters(module: nn.Module) -> tuple[inspect.Parameter, ...]:
         module = module.get_base_layer()
     if "forward" in vars(module):
         return tuple(inspect.signature(module.forward).parameters.values())
-    return _unbound_parameters(type(module).forward)[1:]
-
-
-# function -> its parameters; a plain dict rather than functools.cache, which torch.compile warns about when it
-# traces a layer's forward
-_PARAMETERS: dict = {}
-
-
-def _unbound_parameters(function) -> tuple[inspect.Parameter, ...]:
+    function = type(module).forward
     parameters = _PARAMETERS.get(function)
     if parameters is None:
-        parameters = _PARAMETERS[function] = tuple(inspect.signature(function).parameters.values())
+        parameters = _PARAMETERS[function] = tuple(inspect.signature(function).parameters.values())[1:]
     return parameters
+
+
+# unbound forward -> its parameters without ``self``; a plain dict rather than functools.cache, which torch.compile
+# warns about when it traces a layer's forward
+_PARAMETERS: dict = {}
 
 
 def _forward_name(module: nn.Module, params: tuple[inspect.Parameter, ...]) -> str:
@@ -105,8 +98,7 @@ def output_value(output, position: Position | None, field: str, module_name: str
     Args:
         output: what the module returned: a tensor, a tuple/list, or a mapping such as ``ModelOutput``.
         position: an index, or a key of a mapping output (an index into its non-None values also works).
-        field: ``Config.field`` for the error message.
-        module_name: the module's name for the error message.
+        field, module_name: ``Config.field`` and the module's name, for the error message.
     """
     if isinstance(output, torch.Tensor):
         return output
@@ -156,11 +148,7 @@ def _output_key(output, position: Position | None, field: str, module_name: str)
 
 
 def first_tensor(value: object) -> torch.Tensor:
-    """The tensor that carries the hidden states: ``value`` itself, or the first element of a tuple/list/dict.
-
-    Args:
-        value: a module's output (or argument).
-    """
+    """The tensor that carries the hidden states: ``value`` itself, or the first element of a tuple/list/dict."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value:
@@ -171,13 +159,7 @@ def first_tensor(value: object) -> torch.Tensor:
 
 
 def first_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
-    """The first argument of a call ``module(*args, **kwargs)``, passed by position or by keyword.
-
-    Args:
-        module: the called module.
-        args: the call's positional arguments.
-        kwargs: the call's keyword arguments.
-    """
+    """The first argument of a call ``module(*args, **kwargs)``, passed by position or by keyword."""
     value = ArgumentSlot(module, 0).get(args, kwargs)
     if value is None:
         raise TypeError(f"{type(module).__name__} was called without a first argument")
@@ -185,14 +167,8 @@ def first_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
 
 
 def replace_first_tensor(output, tensor: torch.Tensor):
-    """``output`` with its hidden states (itself, or its first element / value, recursively) replaced.
-
-    The other elements are kept (blocks may return several values).
-
-    Args:
-        output: a tensor, a tuple/list, or a mapping such as ``ModelOutput``.
-        tensor: the new hidden states.
-    """
+    """``output`` (a tensor, tuple/list or mapping) with its hidden states replaced by ``tensor``: itself, or its
+    first element / value, recursively; the other elements are kept (blocks may return several values)."""
     if isinstance(output, torch.Tensor):
         return tensor
     if isinstance(output, (tuple, list)):

@@ -1,21 +1,11 @@
 """Replacing entries of a checkpoint folder so that a crash at any instant leaves the old or the new entries.
 
-A checkpoint folder holds entries this package writes (adapter sub-folders, ``configuration.json``, PEFT's root
-files) beside content it must keep (an HF ``Trainer`` puts optimizer and scheduler files there). An update:
-
-1. stages every new entry inside the folder itself, in a hidden ``.swift-save-*`` folder (same file system as
-   the targets even when the folder is a mount point or a symlink to another disk, so every move is a rename);
-2. flushes the staged files, then **commits** by renaming a journal (``.swift-save.journal``, naming the
-   staging folder and the entries) into the folder: one atomic step;
-3. switches each entry: the existing one is renamed into the staging folder, the new one into its place;
-4. removes the journal, then the staging folder with the old entries.
-
-A crash before the commit leaves the old entries (and a dead staging folder, swept later); after it, the
-journal says which moves to finish. Every reader and writer of the folder first completes such a journal
-(:func:`recover`), so no one ever sees a half-switched checkpoint. Writers take an exclusive ``flock`` on the
-folder for steps 2-4 and readers a shared one, so saves from several threads or processes do not interleave;
-a staging folder is ``flock``-ed by its writer while it lives, which is how a dead writer's leftovers are
-told from a live writer's work. A failure inside this process during step 3 moves everything back.
+An update stages its new entries in a hidden ``.swift-save-*`` folder inside the checkpoint folder (so every move
+is a rename), flushes them, commits by renaming a journal (``.swift-save.journal``) into the folder, then switches
+each entry by renames; content it does not stage is kept. Every reader and writer first finishes a committed
+journal (:func:`recover`). Writers ``flock`` the folder exclusively while they commit and switch, readers shared; a
+writer ``flock``-s its staging folder, which tells a dead writer's leftovers from live work. A failure inside this
+process while switching moves everything back. The full sequence: "How a save works" in ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +16,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 try:
@@ -40,57 +30,36 @@ _NEW, _OLD = "new", "old"
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's or folder's content (a folder: its entries) to the disk; a no-op where unsupported.
-
-    Args:
-        path: the file or folder.
-    """
+    """Flush a file's or folder's content (a folder: its entries) to the disk; a no-op where unsupported."""
     if os.name != "posix":
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync folders; the rename order still holds there
-        pass
+        with suppress(OSError):  # some file systems cannot fsync folders; the rename order still holds there
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
 class Staging:
-    """The entries of one update, written inside the checkpoint folder before they replace the old ones.
-
-    Args:
-        folder: where the new entries go (inside the staging folder).
-    """
+    """The entries of one update, written into ``folder`` (in the staging folder) before they replace the old ones."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.names: list[str] = []
 
     def new_folder(self, name: str) -> Path:
-        """Create and return the staged folder that will become ``<checkpoint>/<name>``.
-
-        Args:
-            name: a plain entry name (checked by the caller).
-        """
+        """Create and return the staged folder that will become ``<checkpoint>/<name>``."""
         path = self._claim(name)
         path.mkdir()
         return path
 
     def new_file(self, name: str) -> Path:
-        """The staged path of the file that will become ``<checkpoint>/<name>`` (the caller writes it).
-
-        Args:
-            name: a plain entry name (checked by the caller).
-        """
+        """The staged path of the file that will become ``<checkpoint>/<name>`` (the caller writes it)."""
         return self._claim(name)
 
     def adopt(self, name: str) -> Path:
-        """Claim an entry the caller already wrote into :attr:`folder` (by a writer that picks its own names).
-
-        Args:
-            name: the entry's name in :attr:`folder`.
-        """
+        """Claim an entry ``name`` the caller already wrote into :attr:`folder` (a writer that picks its own names)."""
         _check_entry_name(name)
         if not os.path.lexists(self.folder / name):
             raise FileNotFoundError(f"{self.folder / name} was not written before being adopted into the update")
@@ -110,10 +79,7 @@ def update(root: str | os.PathLike) -> Iterator[Staging]:
 
     Content of ``root`` not staged is kept. If the block or the switch fails, ``root`` is as before (a
     ``root`` this call created is removed again); if the process dies, the next :func:`recover` (every load
-    and save runs one) finishes a committed update or sweeps an uncommitted one.
-
-    Args:
-        root: the checkpoint folder (created if needed).
+    and save runs one) finishes a committed update or sweeps an uncommitted one. ``root`` is created if needed.
     """
     root = Path(root)
     created = not root.exists()
@@ -152,9 +118,6 @@ def recover(root: str | os.PathLike) -> None:
 
     Raises ``ValueError`` naming the journal when the folder cannot be repaired (read-only, or a damaged
     journal): loading such a folder would mix the old and the new checkpoint.
-
-    Args:
-        root: the checkpoint folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -166,11 +129,7 @@ def recover(root: str | os.PathLike) -> None:
 @contextmanager
 def reading(root: str | os.PathLike) -> Iterator[None]:
     """Hold ``root`` steady for reading: no update switches entries inside the block (one that a crash
-    interrupted is finished first, and dead writers' staging folders are swept).
-
-    Args:
-        root: the checkpoint folder.
-    """
+    interrupted is finished first, and dead writers' staging folders are swept)."""
     root = Path(root)
     recovered = False
     while True:
@@ -185,12 +144,8 @@ def reading(root: str | os.PathLike) -> Iterator[None]:
 
 @contextmanager
 def locked(root: Path, exclusive: bool) -> Iterator[None]:
-    """``flock`` the folder ``root`` (shared or exclusive) inside the block; threads and processes alike wait.
-
-    Args:
-        root: an existing folder.
-        exclusive: writers take it exclusively, readers shared.
-    """
+    """``flock`` the existing folder ``root`` inside the block (writers ``exclusive``, readers shared); threads and
+    processes alike wait."""
     if fcntl is None:
         yield
         return
@@ -215,12 +170,10 @@ def _commit(root: Path, staging: Path, names: list[str]) -> None:
     try:
         _roll_forward(root, staging, names)
     except BaseException:
-        try:  # undo in this process; if even that fails, the journal stays and the next recover finishes
+        with suppress(BaseException):  # undo in this process; if that fails, the journal stays for the next recover
             _roll_back(root, staging, names)
             journal.unlink()
             fsync_path(root)
-        except BaseException:
-            pass
         raise
     journal.unlink()
     fsync_path(root)
@@ -311,10 +264,8 @@ def _hold(folder: Path) -> int | None:
     if fcntl is None:
         return None
     fd = os.open(folder, os.O_RDONLY)
-    try:
+    with suppress(OSError):  # no locks on this file system: the folder may be swept only by a later save's recover
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # no locks on this file system: the folder may be swept only by a later save's recover
     return fd
 
 
@@ -339,7 +290,5 @@ def _check_entry_name(name: object) -> None:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
+    with suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass

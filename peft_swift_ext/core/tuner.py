@@ -103,11 +103,6 @@ class SwiftBaseTuner(RowCountCheck, ScopedAdapters, BaseTuner):
         """The module paths to wrap, in model order; every check that can fail runs here, before any change.
 
         Tuners that need more planning (their targets' sizes, feature sources, layer lists) extend this.
-
-        Args:
-            model: the model the adapter goes into.
-            adapter_name: the new adapter.
-            config: its config.
         """
         if getattr(config, "target_modules", None) is None:
             raise ValueError(f"{type(config).__name__}.target_modules must be set")
@@ -131,13 +126,8 @@ class SwiftBaseTuner(RowCountCheck, ScopedAdapters, BaseTuner):
             yield
 
     def _validate_target(self, module: nn.Module, name: str, config: PeftConfig) -> None:
-        """Raise a clear error if ``module`` cannot take this tuner; runs before anything is injected.
-
-        Args:
-            module: the module at the target (the outermost tuner layer if one wraps it).
-            name: its path.
-            config: the adapter's config.
-        """
+        """Raise a clear error if ``module`` (at path ``name``; the outermost tuner layer if one wraps it) cannot take
+        this tuner; runs before anything is injected."""
         if name == "" and not self.wraps_root:
             raise ValueError(
                 f"{type(config).__name__}.target_modules='' selects the root model, which "
@@ -150,23 +140,13 @@ class SwiftBaseTuner(RowCountCheck, ScopedAdapters, BaseTuner):
             )
 
     def _finish_injection(self, model: nn.Module, adapter_name: str) -> None:
-        """Work left after every target was wrapped (nothing by default).
-
-        Args:
-            model: the model the adapter went into.
-            adapter_name: the new adapter.
-        """
+        """Work left after every target was wrapped (nothing by default)."""
 
     def _update_or_wrap(
         self, target: nn.Module, parent: nn.Module, target_name: str, new_layer, adapter_name: str, *args, **kwargs
     ) -> None:
-        """Add ``adapter_name`` to ``target`` if it already is this tuner's layer, else wrap it first.
-
-        Args:
-            target, parent, target_name: as PEFT passes them to ``_create_and_replace``.
-            new_layer: builds this tuner's layer around a module.
-            adapter_name, args, kwargs: passed to the layer's ``update_layer``.
-        """
+        """Add ``adapter_name`` to ``target`` if it already is this tuner's layer, else to ``new_layer(target)``, put
+        in its place; ``args`` and ``kwargs`` go to the layer's ``update_layer``."""
         layer = target if isinstance(target, self.tuner_layer_cls) else new_layer(target)
         layer.update_layer(adapter_name, *args, **kwargs)
         layer.scope_token = self.scope_token
@@ -244,9 +224,6 @@ def follow_feature_sources(model: nn.Module) -> None:
     Res-Tuning's root and stem features and SCEdit's hints are what the model gets from those modules, i.e. the
     output of the outermost tuner layer wrapping them (a layer reading its own target reads what it wraps). Call
     this after any layer was put in or taken out.
-
-    Args:
-        model: the model whose tuner layers' source paths are relative to it.
     """
     for module in list(model.modules()):
         if isinstance(module, SwiftTunerLayer) and module.probes is not None:
@@ -254,10 +231,6 @@ def follow_feature_sources(model: nn.Module) -> None:
 
 
 def forget_adapter_configs(model: nn.Module) -> None:
-    """Remove the ``peft_config`` that PEFT's tuners put on a model, once its adapters are gone.
-
-    Args:
-        model: the model that was unloaded.
-    """
+    """Remove the ``peft_config`` that PEFT's tuners put on a model, once its adapters are gone."""
     if "peft_config" in vars(model):
         del model.peft_config

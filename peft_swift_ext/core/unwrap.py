@@ -32,32 +32,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def get_submodule_by_path(model: nn.Module, path: str) -> nn.Module:
-    """`model.get_submodule(path)` with an error that says what was looked for.
-
-    Args:
-        model: the model to look in.
-        path: dotted module path, e.g. `'model.layers'`.
-    """
-    try:
-        return model.get_submodule(path)
-    except AttributeError as err:
-        raise ValueError(f"{type(model).__name__} has no submodule at {path!r}") from err
-
-
 def get_input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The input embeddings of a transformers model; None for models without that method.
-
-    Args:
-        model: a plain model.
-    """
+    """The input embeddings of a transformers model; None for models without that method."""
     return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
 
 
 def get_output_embeddings(model: nn.Module) -> nn.Module | None:
-    """The output head of a transformers model; None for models without that method.
-
-    Args:
-        model: a plain model.
-    """
+    """The output head of a transformers model; None for models without that method."""
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -17,32 +17,18 @@ def _fail(config: object, name: str, expected: str, value: object) -> typing.NoR
 
 
 def is_int(value: object) -> bool:
-    """Whether ``value`` is an ``int`` proper (``bool`` is not one here).
-
-    Args:
-        value: the value to test.
-    """
+    """Whether ``value`` is an ``int`` proper (``bool`` is not one here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_number(value: object) -> bool:
-    """Whether ``value`` is an ``int`` or ``float`` (not a ``bool``) and finite.
-
-    Args:
-        value: the value to test.
-    """
+    """Whether ``value`` is an ``int`` or ``float`` (not a ``bool``) and finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def positive_int(config: object, name: str, what: str = "", minimum: int = 1) -> int:
-    """Check that ``config.<name>`` is an int of at least ``minimum`` and return it.
-
-    Args:
-        config: the config being validated.
-        name: the field.
-        what: a short description added to the message (e.g. "the hidden size").
-        minimum: the smallest value allowed.
-    """
+    """Check that ``config.<name>`` is an int of at least ``minimum`` and return it; ``what`` (e.g. "the hidden size")
+    is added to the message."""
     value = getattr(config, name)
     if not is_int(value) or value < minimum:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
@@ -51,13 +37,8 @@ def positive_int(config: object, name: str, what: str = "", minimum: int = 1) ->
 
 
 def positive_ints(config: object, name: str, what: str = "") -> list[int]:
-    """Check that ``config.<name>`` is a positive int or a non-empty list of them; return them as a list.
-
-    Args:
-        config: the config being validated.
-        name: the field.
-        what: a short description added to the message.
-    """
+    """Check that ``config.<name>`` is a positive int or a non-empty list of them; return them as a list (``what`` is
+    added to the message)."""
     value = getattr(config, name)
     values = value if isinstance(value, list) else [value]
     if not values or not all(is_int(v) and v > 0 for v in values):
@@ -66,14 +47,9 @@ def positive_ints(config: object, name: str, what: str = "") -> list[int]:
 
 
 def positive_number(config: object, name: str, upper: float | None = None) -> float:
-    """Check that ``config.<name>`` is a finite number above 0 (and at most ``upper``) and return it.
+    """Check that ``config.<name>`` is a finite number above 0 (and at most ``upper`` if given) and return it.
 
     NaN and infinity are refused: they would silently poison training (e.g. a learning-rate ratio).
-
-    Args:
-        config: the config being validated.
-        name: the field.
-        upper: the largest value allowed, if any.
     """
     value = getattr(config, name)
     if not is_number(value) or value <= 0 or (upper is not None and value > upper):
@@ -83,13 +59,7 @@ def positive_number(config: object, name: str, upper: float | None = None) -> fl
 
 
 def position(config: object, name: str, optional: bool = False) -> int | str | None:
-    """Check that ``config.<name>`` is a SWIFT position: an int (index) or a str (name), or None if ``optional``.
-
-    Args:
-        config: the config being validated.
-        name: the field.
-        optional: whether None is allowed.
-    """
+    """Check that ``config.<name>`` is a SWIFT position: an int (index) or a str (name), or None if ``optional``."""
     value = getattr(config, name)
     if not (is_int(value) or isinstance(value, str) or (optional and value is None)):
         _fail(config, name, "an int, a str" + (" or None" if optional else ""), value)
@@ -97,12 +67,7 @@ def position(config: object, name: str, optional: bool = False) -> int | str | N
 
 
 def boolean(config: object, *names: str) -> None:
-    """Check that each ``config.<name>`` is True or False.
-
-    Args:
-        config: the config being validated.
-        names: the fields.
-    """
+    """Check that ``config.<name>`` is True or False for each of ``names``."""
     for name in names:
         value = getattr(config, name)
         if not isinstance(value, bool):
@@ -110,13 +75,8 @@ def boolean(config: object, *names: str) -> None:
 
 
 def required(config: object, name: str, what: str) -> object:
-    """Check that ``config.<name>`` is set (not None) and return it.
-
-    Args:
-        config: the config being validated.
-        name: the field.
-        what: what to set it to, for the message (e.g. "a regex or a list of module names").
-    """
+    """Check that ``config.<name>`` is set (not None) and return it; the message says to set it to ``what`` (e.g. "a
+    regex or a list of module names")."""
     value = getattr(config, name)
     if value is None:
         raise ValueError(f"{type(config).__name__}.{name} must be set ({what})")
@@ -124,12 +84,7 @@ def required(config: object, name: str, what: str) -> object:
 
 
 def target_list(config: object, name: str = "target_modules") -> None:
-    """Make a set-valued ``config.<name>`` a sorted list (JSON has no sets; saved configs must compare equal).
-
-    Args:
-        config: the config being normalised.
-        name: the field.
-    """
+    """Make a set-valued ``config.<name>`` a sorted list (JSON has no sets; saved configs must compare equal)."""
     value = getattr(config, name)
     if isinstance(value, (set, frozenset, tuple)):
         setattr(config, name, sorted(value))
@@ -166,7 +121,7 @@ def _fits(value: object, hint: object) -> bool:
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if origin in (list, tuple, set, frozenset) or hint in (list, tuple, set):
         if not isinstance(value, (list, tuple)):
             return False
