@@ -20,6 +20,7 @@ from torch import nn
 
 from ..compat import set_active_adapters_view
 from .probes import FeatureProbes
+from .rows import current_rows
 from .scope import scoped_adapters
 
 
@@ -104,8 +105,26 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
             floating = not isinstance(entry, torch.Tensor) or entry.is_floating_point() or entry.is_complex()
             container[adapter_name] = entry.to(device, dtype=dtype) if dtype and floating else entry.to(device)
 
+    def capturing(self, adapter_name: str) -> bool:
+        """Whether :attr:`probes` capture features for ``adapter_name`` now: only for an adapter that will consume
+        them (active, or named by a row of a mixed batch), so nothing is held otherwise."""
+        rows = current_rows()
+        return adapter_name in (self.adapters_to_apply() if rows is None else rows)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Unhook the adapter's feature probes (if this layer has any), then delete its entries as PEFT does.
+
+        Args:
+            adapter_name: the adapter to delete.
+        """
+        if self.probes is not None:
+            self.probes.remove(adapter_name)
+        super().delete_adapter(adapter_name)
+
     def remove_probes(self) -> None:
-        """Remove the hooks this layer put on other modules (none by default), before it is unloaded."""
+        """Remove the hooks this layer put on other modules (its :attr:`probes`, if any), before it is unloaded."""
+        if self.probes is not None:
+            self.probes.remove()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Mark adapters as merged, for tuners with ``merges_by_marking``; refuse for every other tuner.

@@ -272,26 +272,8 @@ class ResTuningLayer(SwiftTunerLayer):
         self.restuning_hook[adapter_name] = hook
         self.restuning_hidden_pos[adapter_name] = hidden_pos
         self.layer_name = layer_name
-        self.probes.attach(adapter_name, sources, self._capturing)
+        self.probes.attach(adapter_name, sources, self.capturing)
         move_adapter_to_base_device(self, adapter_name)
-
-    def _capturing(self, adapter_name: str) -> bool:
-        # Capture only for adapters that will consume the features, so nothing is held otherwise.
-        rows = current_rows()
-        return adapter_name in (self.adapters_to_apply() if rows is None else rows)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Unhook the adapter's feature probes, then delete its weights as PEFT does.
-
-        Args:
-            adapter_name: the adapter to delete.
-        """
-        self.probes.remove(adapter_name)
-        super().delete_adapter(adapter_name)
-
-    def remove_probes(self) -> None:
-        """Unhook every adapter's root and stem modules (before this layer is unloaded)."""
-        self.probes.remove()
 
     def _bypass_rows(self, value: torch.Tensor, rows: tuple[str, ...], names: list[str]) -> torch.Tensor:
         """``value`` with each row that names one of ``names`` replaced by its own adapter's bypass output."""

@@ -68,12 +68,8 @@ class SCEditLayer(SwiftTunerLayer):
         self.layer_name = layer_name
         if hint is not None:
             self.hinted.add(adapter_name)
-            self.probes.attach(adapter_name, [hint], self._capturing)
+            self.probes.attach(adapter_name, [hint], self.capturing)
         move_adapter_to_base_device(self, adapter_name)
-
-    def _capturing(self, adapter_name: str) -> bool:
-        rows = current_rows()
-        return adapter_name in (self.adapters_to_apply() if rows is None else rows)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Unhook the adapter's hint probe, then delete its weights as PEFT does.
@@ -81,13 +77,8 @@ class SCEditLayer(SwiftTunerLayer):
         Args:
             adapter_name: the adapter to delete.
         """
-        self.probes.remove(adapter_name)
         self.hinted.discard(adapter_name)
         super().delete_adapter(adapter_name)
-
-    def remove_probes(self) -> None:
-        """Unhook every adapter's hint module (before this layer is unloaded)."""
-        self.probes.remove()
 
     def sc_tune(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``x + T(x + hint)`` for one adapter; ``x`` is (B, C, H, W) or (B, tokens, C)."""
