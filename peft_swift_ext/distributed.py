@@ -15,21 +15,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+import torch.distributed as dist
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .core.contract import TunerHost
 from .core.decoder_layers import repeated_block_lists
 from .core.keys import adapter_tensors
 from .core.layer import SwiftTunerLayer
 from .core.sharding import full_numel, is_sharded
-
-
-def _tuner_layers(model: nn.Module) -> Iterable[nn.Module]:
-    return (module for module in model.modules() if isinstance(module, BaseTunerLayer))
 
 
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -42,7 +41,7 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def _added_networks(model: nn.Module) -> list[nn.Module]:
     """The per-adapter modules of this package's tuner layers that own parameters and are called as modules."""
     networks = []
-    for layer in _tuner_layers(model):
+    for layer in model.modules():
         if not isinstance(layer, SwiftTunerLayer):
             continue
         for attr in layer.adapter_layer_names:
@@ -123,22 +122,16 @@ def fully_shard_peft_model(
 
 def _average_grad(param: torch.Tensor, group=None) -> None:
     """Average a replicated parameter's gradient over the ranks (FSDP2 leaves scalar parameters alone)."""
-    import torch.distributed as dist
-
     dist.all_reduce(param.grad, group=group)
     param.grad.div_(dist.get_world_size(group))
 
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
     wrapped = isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
     return model.module if wrapped else model
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -152,9 +145,6 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         model: a ``PeftModel``, possibly FSDP2-sharded, ZeRO-3 partitioned, or inside
             ``DistributedDataParallel`` / a DeepSpeed engine.
     """
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
     model = _unwrap_ddp(model)
     if not isinstance(model, PeftModel) or isinstance(model, TunerHost):
         raise TypeError(
@@ -208,9 +198,6 @@ def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **
         save_directory: the checkpoint folder (written by rank 0 only).
         kwargs: passed to ``save_pretrained`` (e.g. ``selected_adapters``, ``safe_serialization``).
     """
-    import torch.distributed as dist
-    from peft import PeftModel
-
     model = _unwrap_ddp(model)
     if isinstance(model, PeftModel) and not isinstance(model, TunerHost):
         state = full_adapter_state_dict(model)
