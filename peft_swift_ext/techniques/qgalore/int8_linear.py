@@ -133,7 +133,7 @@ def quantize_linear_weights(
     weights = []
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
-        parent = base.get_submodule(parent_name) if parent_name else base
+        parent = base.get_submodule(parent_name)
         layer = Int8WeightLinear(getattr(parent, child), group_size)
         setattr(parent, child, layer)
         weights.append(layer.weight)

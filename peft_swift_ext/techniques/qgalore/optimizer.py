@@ -161,6 +161,4 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
 def _gradient_of(param: torch.Tensor) -> torch.Tensor | None:
     """`param.grad`, or the float gradient of an INT8 weight."""
-    if int8_layer_of(param) is not None:
-        return getattr(param, FLOAT_GRAD, None)
-    return param.grad
+    return getattr(param, FLOAT_GRAD, None) if int8_layer_of(param) is not None else param.grad

@@ -82,9 +82,7 @@ class QGaLoreProjector:
         Args:
             dtype: dtype of the returned matrix.
         """
-        if self.bits is None:
-            return self.matrix.to(dtype)
-        return dequantize(self.matrix, dtype)
+        return self.matrix.to(dtype) if self.bits is None else dequantize(self.matrix, dtype)
 
     def refresh(self, grad: torch.Tensor, step: int) -> None:
         """SVD of `grad`, the lazy-refresh bookkeeping, and the next refresh step.

@@ -88,7 +88,4 @@ def pick_group_size(numel: int, preferred: int) -> int:
         numel: number of values to quantise.
         preferred: the group size wanted.
     """
-    for size in range(min(preferred, numel), 0, -1):
-        if numel % size == 0:
-            return size
-    return 1
+    return next((size for size in range(min(preferred, numel), 0, -1) if numel % size == 0), 1)
