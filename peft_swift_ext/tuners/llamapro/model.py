@@ -7,6 +7,7 @@ from torch import nn
 
 from ...core.decoder_layers import find_decoder_layers
 from ...core.layer import SwiftTunerLayer
+from ...core.paths import parent_of
 from ...core.tuner import SwiftBaseTuner
 from .config import LlamaProConfig
 from .layer import LlamaProLayer, output_projection_names, set_layer_index
@@ -30,11 +31,6 @@ class LlamaProModel(SwiftBaseTuner):
 
         Also records the model config's original ``num_hidden_layers`` / ``layer_types`` so that unloading
         restores them.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the new adapter.
-            config: its config.
         """
         path, layers = find_layer_list(model, config)
         plan = expansion_plan(len(layers), config)
@@ -129,8 +125,7 @@ class LlamaProModel(SwiftBaseTuner):
                     types.extend([layer_type] * len(layer.llamapro_blocks[name]))
         for index, layer in enumerate(expanded):
             set_layer_index(layer, index)
-        parent_path, _, attr = self._layers_path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        parent, attr = parent_of(self.model, self._layers_path)
         setattr(parent, attr, nn.ModuleList(expanded))
         text_config = _text_config(self.model)
         text_config.num_hidden_layers = len(expanded)
@@ -155,14 +150,10 @@ def find_layer_list(model: nn.Module, config: LlamaProConfig) -> tuple[str, nn.M
         model: the model to expand.
         config: the adapter's config.
     """
-
-    def has_projections(layers: nn.ModuleList) -> bool:
-        return bool(output_projection_names(layers[-1], config.output_projections))
-
     return find_decoder_layers(
         model,
         config.layers_path,
-        accept=has_projections,
+        accept=lambda layers: bool(output_projection_names(layers[-1], config.output_projections)),
         field="LlamaProConfig.layers_path",
         accept_description=f"whose layers hold LlamaProConfig.output_projections={config.output_projections}",
     )

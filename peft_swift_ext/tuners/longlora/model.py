@@ -12,7 +12,7 @@ from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ...core.lora_rows import ScopedLoraAdapters, install_row_hooks
-from ...core.paths import PatternMatcher
+from ...core.paths import PatternMatcher, parent_of
 from ...core.rows import RowCountCheck, mixed_batch_call
 from ...core.tuner import forget_adapter_configs
 from . import attention
@@ -133,8 +133,7 @@ class LongLoraModel(RowCountCheck, ScopedLoraAdapters, LoraModel):
             # back, embeddings and norms included.
             for path, module in list(self.model.named_modules()):
                 if isinstance(module, ModulesToSaveWrapper):
-                    parent_path, _, child = path.rpartition(".")
-                    setattr(self.model.get_submodule(parent_path), child, module.original_module)
+                    setattr(*parent_of(self.model, path), module.original_module)
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         self._restore_attention()
         forget_adapter_configs(model)  # peft < 0.19 leaves them on the unloaded model
