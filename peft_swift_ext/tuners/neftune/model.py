@@ -17,6 +17,7 @@ from torch import nn
 
 from ...core.paths import adapter_parameter_ids, canonical_path
 from ...core.tuner import SwiftBaseTuner
+from ...core.unwrap import get_input_embeddings
 from .config import NEFTuneConfig
 from .layer import NEFTuneEmbedding
 
@@ -176,10 +177,9 @@ def _load_base_weights(module: NEFTuneModel, state_dict, prefix: str, metadata, 
 
 def _input_embeddings_name(model: nn.Module) -> str:
     """The module path of ``model.get_input_embeddings()``, with a clear error when there is none."""
-    getter = getattr(model, "get_input_embeddings", None)
-    embeddings = getter() if getter is not None else None
+    embeddings = get_input_embeddings(model)
     for name, module in model.named_modules():
-        if embeddings is not None and module is embeddings:
+        if module is embeddings:
             return name
     raise ValueError(
         f"NEFTuneConfig.target_modules is None and {type(model).__name__} has no get_input_embeddings(); "
