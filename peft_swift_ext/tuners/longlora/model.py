@@ -88,16 +88,9 @@ class LongLoraModel(RowCountCheck, ScopedLoraAdapters, LoraModel):
 
     def _probe_layer(self) -> LoraLayer | None:
         # Any LoRA layer holding one of our adapters tells which are active; found once, not on every attention call.
-        probe = self.__dict__.get("_probe")
-        if probe is None or not any(name in probe.lora_A for name in self.peft_config):
-            probe = next(
-                (
-                    m
-                    for m in self.model.modules()
-                    if isinstance(m, LoraLayer) and set(m.lora_A) & set(self.peft_config)
-                ),
-                None,
-            )
+        probe, ours = self.__dict__.get("_probe"), set(self.peft_config)
+        if probe is None or not ours & set(probe.lora_A):
+            probe = next((m for m in self.model.modules() if isinstance(m, LoraLayer) and ours & set(m.lora_A)), None)
             self.__dict__["_probe"] = probe  # a plain attribute, not a registered submodule
         return probe
 
