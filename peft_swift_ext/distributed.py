@@ -1,13 +1,6 @@
-"""Helpers for training PEFT / SWIFT adapters with DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``).
-
-DDP needs nothing from this module: wrap the ``PeftModel`` (or ``SwiftModel``) in
-``DistributedDataParallel`` as usual and save from rank 0. FSDP2 turns every parameter into a sharded
-``DTensor``, which PEFT's ``save_pretrained`` cannot write; :func:`save_pretrained_full` gathers the adapter
-tensors first. :func:`fully_shard_peft_model` shards a model with one FSDP unit per decoder layer and per
-module that a tuner adds (Res-Tuning bypass, Side network, SCEdit and Adapter blocks, LLaMA-PRO blocks);
-:func:`wrap_class_names` gives the same choice as class names for ``accelerate``'s
-``fsdp_transformer_layer_cls_to_wrap``. For DeepSpeed, :func:`vectorize_scalar_parameters` gives 0-d
-parameters (Side's alpha) the shape its broadcast needs. See ``docs/guides/distributed.md``.
+"""Helpers for training PEFT / SWIFT adapters with DDP, FSDP2 (``torch.distributed.fsdp.fully_shard``) and
+DeepSpeed: sharding with one unit per decoder layer and per added module, saving the gathered full adapters, and
+0-d parameters. See ``docs/guides/distributed.md``.
 """
 
 from __future__ import annotations
