@@ -199,9 +199,6 @@ class _CheckpointedForward:
 
     Only the layer's inputs are kept; its activations are recomputed when the backward pass reaches it. Outside
     training, or without gradients, the layer runs as usual.
-
-    Args:
-        layer: the decoder layer.
     """
 
     def __init__(self, layer: nn.Module):

@@ -163,10 +163,7 @@ def _base_modules(model: nn.Module):
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in wrappers):
             continue
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
             wrappers.append(name + ".")
-            module = module.get_base_layer()
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            wrappers.append(name + ".")
-            module = module.original_module
+            module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module
         yield name, module
