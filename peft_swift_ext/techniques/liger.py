@@ -75,14 +75,6 @@ class LigerPatch:
         self.undo()
 
 
-def _liger_functions() -> dict:
-    try:
-        monkey_patch = importlib.import_module("liger_kernel.transformers.monkey_patch")
-    except ImportError as err:
-        raise ImportError("apply_liger_kernel needs liger-kernel: pip install 'peft-swift-ext[liger]'") from err
-    return monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN
-
-
 def _resolve_options(apply_fn, options: dict, on_gpu: bool) -> dict:
     parameters = inspect.signature(apply_fn).parameters
     accepted = {name for name in parameters if name != "model"}
@@ -129,7 +121,10 @@ def apply_liger_kernel(model: nn.Module, **options) -> LigerPatch:
     """
     base = unwrap_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    functions = _liger_functions()
+    try:
+        functions = importlib.import_module("liger_kernel.transformers.monkey_patch").MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as err:
+        raise ImportError("apply_liger_kernel needs liger-kernel: pip install 'peft-swift-ext[liger]'") from err
     if model_type not in functions:
         raise ValueError(f"liger-kernel has no kernels for model type {model_type!r}; it covers {sorted(functions)}")
     on_gpu = torch.cuda.is_available() and any(p.is_cuda for p in base.parameters())

@@ -20,16 +20,6 @@ _LORA_FIELDS = (
 )  # fmt: skip
 
 
-def _unsloth():
-    try:
-        return importlib.import_module("unsloth")
-    except ImportError as err:
-        raise ImportError(
-            "load_with_unsloth needs unsloth: pip install 'peft-swift-ext[unsloth]' on a CUDA machine, or on CPU "
-            "`pip install --no-deps unsloth unsloth_zoo` next to the pinned torch (see docs/techniques/unsloth.md)"
-        ) from err
-
-
 def lora_config_to_unsloth_kwargs(config: LoraConfig) -> dict:
     """unsloth `get_peft_model` keyword arguments equivalent to a PEFT `LoraConfig`; refuses what unsloth lacks.
 
@@ -68,7 +58,13 @@ def load_with_unsloth(
         `(model, tokenizer)`; `model` is a `peft.PeftModel` when `lora_config` is given.
     """
     lora_kwargs = lora_config_to_unsloth_kwargs(lora_config) if lora_config is not None else None
-    fast_model = _unsloth().FastLanguageModel
+    try:
+        fast_model = importlib.import_module("unsloth").FastLanguageModel
+    except ImportError as err:
+        raise ImportError(
+            "load_with_unsloth needs unsloth: pip install 'peft-swift-ext[unsloth]' on a CUDA machine, or on CPU "
+            "`pip install --no-deps unsloth unsloth_zoo` next to the pinned torch (see docs/techniques/unsloth.md)"
+        ) from err
     model, tokenizer = fast_model.from_pretrained(
         model_name_or_path,
         max_seq_length=max_seq_length,
