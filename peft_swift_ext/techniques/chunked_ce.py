@@ -1,8 +1,7 @@
 """Linear layer + cross-entropy that never holds the full logits, in plain torch (CPU or any GPU).
 
-The forward pass computes the logits of `chunk_size` tokens at a time and keeps only each token's
-log-sum-exp; the backward pass recomputes the chunk's logits to form the gradient. Peak memory of the loss
-is then about `chunk_size × vocab` instead of several `tokens × vocab` tensors (logits, log-softmax, grad).
+The forward pass keeps only each token's log-sum-exp, `chunk_size` tokens at a time; the backward pass recomputes
+the chunk's logits to form the gradient (see docs/techniques/chunked_ce.md).
 """
 
 from __future__ import annotations

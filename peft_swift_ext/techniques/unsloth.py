@@ -1,8 +1,5 @@
-"""Optional unsloth backend: load a causal LM through unsloth and add LoRA through it.
-
-unsloth returns a regular `peft.PeftModel`, so saving, loading and the SWIFT shim work on the result as on any
-PEFT model. unsloth patches transformers globally when imported, and its normal install replaces torch; on a
-machine without a GPU it falls back to plain transformers code (see docs/techniques/unsloth.md).
+"""Optional unsloth backend: load a causal LM through unsloth and add LoRA through it (the result is a regular
+`peft.PeftModel`). Install caveats and what runs on CPU: docs/techniques/unsloth.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """NEFTune as a PEFT tuner: noise on the input embeddings, and the base weights that train beside it.
 
-NEFTune has no weights of its own: used alone it regularises full fine-tuning, where the base model's own weights
-train. PEFT's ``save_pretrained`` writes only a tuner's tensors, so this tuner makes the trained base weights its
-own at save time: each base parameter that is trainable when a checkpoint is written is registered, under the same
-tensor, as ``neftune_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by every NEFTune adapter name. The
-adapter's weights file then holds them (nothing when the base model is frozen, e.g. beside a LoRA trained with
-PEFT's ``modules_to_save``), and ``PeftModel.from_pretrained`` / ``load_adapter`` copy them back into the base
-tensors. A base weight stays in later checkpoints once it has been saved or loaded, even if frozen since.
+PEFT's ``save_pretrained`` writes only a tuner's tensors, so at save time each trainable base parameter is
+registered, under the same tensor, as ``neftune_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by every
+NEFTune adapter name; loading copies them back into the base tensors (see docs/tuners/neftune.md).
 """
 
 from __future__ import annotations
