@@ -114,5 +114,5 @@ class QGaLoreProjector:
         """Bytes held by this projector (matrix and leading vector)."""
         if self.matrix is None:
             return 0
-        matrix = self.matrix.numel() * self.matrix.element_size() if self.bits is None else self.matrix.nbytes()
-        return matrix + self.leading_vector.numel() * self.leading_vector.element_size()
+        matrix = self.matrix.nbytes if self.bits is None else self.matrix.nbytes()
+        return matrix + self.leading_vector.nbytes
