@@ -160,9 +160,7 @@ def plain_copy(module: nn.Module, on_meta: bool = False) -> nn.Module:
 
 
 def _original_of(wrapper: nn.Module) -> nn.Module:
-    if isinstance(wrapper, BaseTunerLayer):
-        return wrapper.get_base_layer()
-    return wrapper.original_module
+    return wrapper.get_base_layer() if isinstance(wrapper, BaseTunerLayer) else wrapper.original_module
 
 
 def output_projection_names(layer: nn.Module, output_projections: list[str]) -> list[str]:
