@@ -1,13 +1,6 @@
-"""Helpers for training PEFT / SWIFT adapters with DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``).
-
-DDP needs nothing from this module: wrap the ``PeftModel`` (or ``SwiftModel``) in
-``DistributedDataParallel`` as usual and save from rank 0. FSDP2 turns every parameter into a sharded
-``DTensor``, which PEFT's ``save_pretrained`` cannot write; :func:`save_pretrained_full` gathers the adapter
-tensors first. :func:`fully_shard_peft_model` shards a model with one FSDP unit per decoder layer and per
-module that a tuner adds (Res-Tuning bypass, Side network, SCEdit and Adapter blocks, LLaMA-PRO blocks);
-:func:`wrap_class_names` gives the same choice as class names for ``accelerate``'s
-``fsdp_transformer_layer_cls_to_wrap``. For DeepSpeed, :func:`vectorize_scalar_parameters` gives 0-d
-parameters (Side's alpha) the shape its broadcast needs. See ``docs/guides/distributed.md``.
+"""Helpers for training PEFT / SWIFT adapters with DDP, FSDP2 (``torch.distributed.fsdp.fully_shard``) and
+DeepSpeed: sharding with one unit per decoder layer and per added module, saving the gathered full adapters, and
+0-d parameters. See ``docs/guides/distributed.md``.
 """
 
 from __future__ import annotations
@@ -15,21 +8,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+import torch.distributed as dist
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .core.contract import TunerHost
 from .core.decoder_layers import repeated_block_lists
 from .core.keys import adapter_tensors
 from .core.layer import SwiftTunerLayer
 from .core.sharding import full_numel, is_sharded
-
-
-def _tuner_layers(model: nn.Module) -> Iterable[nn.Module]:
-    return (module for module in model.modules() if isinstance(module, BaseTunerLayer))
 
 
 def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -42,7 +34,7 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def _added_networks(model: nn.Module) -> list[nn.Module]:
     """The per-adapter modules of this package's tuner layers that own parameters and are called as modules."""
     networks = []
-    for layer in _tuner_layers(model):
+    for layer in model.modules():
         if not isinstance(layer, SwiftTunerLayer):
             continue
         for attr in layer.adapter_layer_names:
@@ -123,22 +115,16 @@ def fully_shard_peft_model(
 
 def _average_grad(param: torch.Tensor, group=None) -> None:
     """Average a replicated parameter's gradient over the ranks (FSDP2 leaves scalar parameters alone)."""
-    import torch.distributed as dist
-
     dist.all_reduce(param.grad, group=group)
     param.grad.div_(dist.get_world_size(group))
 
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
     wrapped = isinstance(model, DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
     return model.module if wrapped else model
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -152,9 +138,6 @@ def full_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         model: a ``PeftModel``, possibly FSDP2-sharded, ZeRO-3 partitioned, or inside
             ``DistributedDataParallel`` / a DeepSpeed engine.
     """
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
     model = _unwrap_ddp(model)
     if not isinstance(model, PeftModel) or isinstance(model, TunerHost):
         raise TypeError(
@@ -208,9 +191,6 @@ def save_pretrained_full(model: nn.Module, save_directory: str | os.PathLike, **
         save_directory: the checkpoint folder (written by rank 0 only).
         kwargs: passed to ``save_pretrained`` (e.g. ``selected_adapters``, ``safe_serialization``).
     """
-    import torch.distributed as dist
-    from peft import PeftModel
-
     model = _unwrap_ddp(model)
     if isinstance(model, PeftModel) and not isinstance(model, TunerHost):
         state = full_adapter_state_dict(model)

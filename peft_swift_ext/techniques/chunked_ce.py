@@ -1,8 +1,7 @@
 """Linear layer + cross-entropy that never holds the full logits, in plain torch (CPU or any GPU).
 
-The forward pass computes the logits of `chunk_size` tokens at a time and keeps only each token's
-log-sum-exp; the backward pass recomputes the chunk's logits to form the gradient. Peak memory of the loss
-is then about `chunk_size × vocab` instead of several `tokens × vocab` tensors (logits, log-softmax, grad).
+The forward pass keeps only each token's log-sum-exp, `chunk_size` tokens at a time; the backward pass recomputes
+the chunk's logits to form the gradient (see docs/techniques/chunked_ce.md).
 """
 
 from __future__ import annotations
@@ -42,12 +41,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         compute_dtype = log_sum_exp.dtype
         grad_output = grad_output.to(compute_dtype)
         # d loss_i / d logits_i = softmax_i - onehot(label_i), scaled by each token's share of the output.
-        if ctx.reduction == "none":
-            token_scale = grad_output * valid
-        elif ctx.reduction == "mean":
-            token_scale = valid * (grad_output / valid.sum().clamp(min=1))
-        else:
-            token_scale = valid * grad_output
+        token_scale = valid * (grad_output / valid.sum().clamp(min=1) if ctx.reduction == "mean" else grad_output)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=compute_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = (

@@ -42,13 +42,6 @@ def select_galore_parameters(
     return list(unique.values())
 
 
-def _galore_module():
-    try:
-        return importlib.import_module("galore_torch")
-    except ImportError as err:
-        raise ImportError("create_galore_optimizer needs galore-torch: pip install 'peft-swift-ext[galore]'") from err
-
-
 def create_galore_optimizer(
     model: nn.Module,
     target_modules: str | list[str] | None = None,
@@ -103,7 +96,10 @@ def create_galore_optimizer(
             "optim='adamw8bit' runs bitsandbytes' 8-bit kernels, which need the model on a CUDA GPU; "
             "use optim='adamw' or 'adafactor' here, or QGaLoreAdamW for low-memory states on any device"
         )
-    optimizer_cls = getattr(_galore_module(), _OPTIMIZERS[optim])
+    try:
+        optimizer_cls = getattr(importlib.import_module("galore_torch"), _OPTIMIZERS[optim])
+    except ImportError as err:
+        raise ImportError("create_galore_optimizer needs galore-torch: pip install 'peft-swift-ext[galore]'") from err
     if optim == "adafactor":
         # A given lr means a fixed schedule, not Adafactor's relative step size.
         optim_kwargs = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **optim_kwargs}

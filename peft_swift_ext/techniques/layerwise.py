@@ -97,7 +97,6 @@ class LayerwiseStandIn(torch.optim.Optimizer):
         Args:
             closure: ignored.
         """
-        return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing: the hooks free each gradient right after its step.
@@ -105,7 +104,6 @@ class LayerwiseStandIn(torch.optim.Optimizer):
         Args:
             set_to_none: ignored.
         """
-        return None
 
 
 class LayerwiseStandInScheduler(torch.optim.lr_scheduler.LRScheduler):

@@ -30,23 +30,19 @@ class _AttributeSnapshot:
 
     def restore(self) -> None:
         current = vars(self.owner)
+        # a class's attribute dict is read-only; other owners' entries are written directly, bypassing
+        # nn.Module's attribute routing
         for name in [n for n in current if n not in self.saved]:
-            self._delete(name)
+            if isinstance(self.owner, type):
+                delattr(self.owner, name)
+            else:
+                del current[name]
         for name, value in self.saved.items():
             if current.get(name, _MISSING) is not value:
-                self._set(name, value)
-
-    def _delete(self, name):
-        if isinstance(self.owner, nn.Module):
-            del self.owner.__dict__[name]  # plain dict entry, bypassing nn.Module's attribute routing
-        else:
-            delattr(self.owner, name)
-
-    def _set(self, name, value):
-        if isinstance(self.owner, nn.Module):
-            self.owner.__dict__[name] = value
-        else:
-            setattr(self.owner, name, value)
+                if isinstance(self.owner, type):
+                    setattr(self.owner, name, value)
+                else:
+                    current[name] = value
 
 
 _MISSING = object()
@@ -79,20 +75,9 @@ class LigerPatch:
         self.undo()
 
 
-def _liger_functions() -> dict:
-    try:
-        monkey_patch = importlib.import_module("liger_kernel.transformers.monkey_patch")
-    except ImportError as err:
-        raise ImportError("apply_liger_kernel needs liger-kernel: pip install 'peft-swift-ext[liger]'") from err
-    return monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN
-
-
-def _on_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _resolve_options(apply_fn, options: dict, on_gpu: bool) -> dict:
-    accepted = {name for name in inspect.signature(apply_fn).parameters if name != "model"}
+    parameters = inspect.signature(apply_fn).parameters
+    accepted = {name for name in parameters if name != "model"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"{apply_fn.__name__} has no options {unknown}; it accepts {sorted(accepted)}")
@@ -104,11 +89,7 @@ def _resolve_options(apply_fn, options: dict, on_gpu: bool) -> dict:
         raise ValueError(
             f"kernels {unsupported} do not run under TRITON_INTERPRET=1; only {list(INTERPRETER_KERNELS)} do"
         )
-    defaults = {
-        name: False
-        for name, parameter in inspect.signature(apply_fn).parameters.items()
-        if parameter.default is True and name not in INTERPRETER_KERNELS
-    }
+    defaults = {n: False for n, p in parameters.items() if p.default is True and n not in INTERPRETER_KERNELS}
     return {**defaults, **options}
 
 
@@ -140,11 +121,14 @@ def apply_liger_kernel(model: nn.Module, **options) -> LigerPatch:
     """
     base = unwrap_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    functions = _liger_functions()
+    try:
+        functions = importlib.import_module("liger_kernel.transformers.monkey_patch").MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as err:
+        raise ImportError("apply_liger_kernel needs liger-kernel: pip install 'peft-swift-ext[liger]'") from err
     if model_type not in functions:
         raise ValueError(f"liger-kernel has no kernels for model type {model_type!r}; it covers {sorted(functions)}")
     on_gpu = torch.cuda.is_available() and any(p.is_cuda for p in base.parameters())
-    if not on_gpu and not _on_interpreter():
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "liger-kernel's Triton kernels need the model on a CUDA GPU; on CPU set TRITON_INTERPRET=1 (slow, "
             f"kernels {list(INTERPRETER_KERNELS)} only) or use causal_lm_chunked_loss for a memory-light loss"
@@ -152,11 +136,10 @@ def apply_liger_kernel(model: nn.Module, **options) -> LigerPatch:
     apply_fn = functions[model_type]
     options = _resolve_options(apply_fn, options, on_gpu)
     importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    snapshots = _snapshots(base)
+    patch = LigerPatch(base, options, _snapshots(base))
     try:
         apply_fn(model=base, **options)
     except BaseException:
-        for snapshot in reversed(snapshots):
-            snapshot.restore()
+        patch.undo()
         raise
-    return LigerPatch(base, options, snapshots)
+    return patch

@@ -31,10 +31,8 @@ def lisa_config_of(model: nn.Module) -> LisaConfig | None:
         model: any model or wrapper.
     """
     configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return None
-    lisa = [config for config in configs.values() if isinstance(config, LisaConfig)]
-    return lisa[0] if lisa else None
+    configs = configs.values() if isinstance(configs, dict) else ()
+    return next((config for config in configs if isinstance(config, LisaConfig)), None)
 
 
 def lisa_tuner_of(model: nn.Module) -> LisaModel | None:
@@ -44,14 +42,14 @@ def lisa_tuner_of(model: nn.Module) -> LisaModel | None:
         model: any model or wrapper (a `SwiftModel` inside DDP-style `.module` wrappers is found).
     """
     seen = set()
-    while not isinstance(model, TunerHost) and isinstance(getattr(model, "module", None), nn.Module):
-        if id(model) in seen:
-            return None
+    while (
+        id(model) not in seen
+        and not isinstance(model, TunerHost)
+        and isinstance(getattr(model, "module", None), nn.Module)
+    ):
         seen.add(id(model))
         model = model.module
-    if not isinstance(model, TunerHost):
-        return None
-    tuner = model.tuner_for(PeftType.LISA)
+    tuner = model.tuner_for(PeftType.LISA) if isinstance(model, TunerHost) else None
     return tuner if isinstance(tuner, LisaModel) else None
 
 
@@ -84,8 +82,7 @@ class LisaScheduler:
         own = lisa_config_of(model)
         if own is None and tuner is not None:  # a SwiftModel inside a DDP-style wrapper
             own = tuner.peft_config[tuner.adapter_name]
-        if config is None:
-            config = own
+        config = own if config is None else config
         if config is None:
             raise ValueError("LisaScheduler needs a LisaConfig: pass config=, or a model made with get_peft_model")
         if own is not None and own is not config:
@@ -175,9 +172,7 @@ class LisaScheduler:
         if self.tuner is not None:
             self.tuner.set_active_layers(self.active_layers)  # kept by SwiftModel's trainability refresh
         # One decision per parameter: a head tied to the embeddings trains if either option asks for it.
-        trainable = {}
-        for param in self.embedding_params:
-            trainable[param] = self.config.train_embeddings
+        trainable = dict.fromkeys(self.embedding_params, self.config.train_embeddings)
         for param in self.head_params:
             trainable[param] = trainable.get(param, False) or self.config.train_head
         for index, params in enumerate(self.layer_params):
@@ -204,9 +199,6 @@ class _CheckpointedForward:
 
     Only the layer's inputs are kept; its activations are recomputed when the backward pass reaches it. Outside
     training, or without gradients, the layer runs as usual.
-
-    Args:
-        layer: the decoder layer.
     """
 
     def __init__(self, layer: nn.Module):

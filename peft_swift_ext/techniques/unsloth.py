@@ -1,8 +1,5 @@
-"""Optional unsloth backend: load a causal LM through unsloth and add LoRA through it.
-
-unsloth returns a regular `peft.PeftModel`, so saving, loading and the SWIFT shim work on the result as on any
-PEFT model. unsloth patches transformers globally when imported, and its normal install replaces torch; on a
-machine without a GPU it falls back to plain transformers code (see docs/techniques/unsloth.md).
+"""Optional unsloth backend: load a causal LM through unsloth and add LoRA through it (the result is a regular
+`peft.PeftModel`). Install caveats and what runs on CPU: docs/techniques/unsloth.md.
 """
 
 from __future__ import annotations
@@ -18,16 +15,6 @@ _LORA_FIELDS = (
     "r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
     "use_rslora", "modules_to_save", "init_lora_weights",
 )  # fmt: skip
-
-
-def _unsloth():
-    try:
-        return importlib.import_module("unsloth")
-    except ImportError as err:
-        raise ImportError(
-            "load_with_unsloth needs unsloth: pip install 'peft-swift-ext[unsloth]' on a CUDA machine, or on CPU "
-            "`pip install --no-deps unsloth unsloth_zoo` next to the pinned torch (see docs/techniques/unsloth.md)"
-        ) from err
 
 
 def lora_config_to_unsloth_kwargs(config: LoraConfig) -> dict:
@@ -68,7 +55,13 @@ def load_with_unsloth(
         `(model, tokenizer)`; `model` is a `peft.PeftModel` when `lora_config` is given.
     """
     lora_kwargs = lora_config_to_unsloth_kwargs(lora_config) if lora_config is not None else None
-    fast_model = _unsloth().FastLanguageModel
+    try:
+        fast_model = importlib.import_module("unsloth").FastLanguageModel
+    except ImportError as err:
+        raise ImportError(
+            "load_with_unsloth needs unsloth: pip install 'peft-swift-ext[unsloth]' on a CUDA machine, or on CPU "
+            "`pip install --no-deps unsloth unsloth_zoo` next to the pinned torch (see docs/techniques/unsloth.md)"
+        ) from err
     model, tokenizer = fast_model.from_pretrained(
         model_name_or_path,
         max_seq_length=max_seq_length,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.paths import name_matches
+from ...core.paths import name_matches, parent_of
 from ...core.unwrap import get_output_embeddings, unwrap_model
 from .quantization import QuantizedTensor, dequantize, pick_group_size, quantize
 
@@ -132,8 +132,7 @@ def quantize_linear_weights(
         raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear in {type(base).__name__}")
     weights = []
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = base.get_submodule(parent_name) if parent_name else base
+        parent, child = parent_of(base, name)
         layer = Int8WeightLinear(getattr(parent, child), group_size)
         setattr(parent, child, layer)
         weights.append(layer.weight)

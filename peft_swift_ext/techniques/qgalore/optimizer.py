@@ -151,9 +151,7 @@ class QGaLoreAdamW(torch.optim.Optimizer):
         """Bytes of optimizer state: moments, projection matrices (as stored) and leading vectors."""
         total = 0
         for state in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    total += state[key].numel() * state[key].element_size()
+            total += sum(state[key].nbytes for key in ("exp_avg", "exp_avg_sq") if key in state)
             if "projector" in state:
                 total += state["projector"].state_nbytes()
         return total
@@ -161,6 +159,4 @@ class QGaLoreAdamW(torch.optim.Optimizer):
 
 def _gradient_of(param: torch.Tensor) -> torch.Tensor | None:
     """`param.grad`, or the float gradient of an INT8 weight."""
-    if int8_layer_of(param) is not None:
-        return getattr(param, FLOAT_GRAD, None)
-    return param.grad
+    return getattr(param, FLOAT_GRAD, None) if int8_layer_of(param) is not None else param.grad

@@ -82,9 +82,7 @@ class QGaLoreProjector:
         Args:
             dtype: dtype of the returned matrix.
         """
-        if self.bits is None:
-            return self.matrix.to(dtype)
-        return dequantize(self.matrix, dtype)
+        return self.matrix.to(dtype) if self.bits is None else dequantize(self.matrix, dtype)
 
     def refresh(self, grad: torch.Tensor, step: int) -> None:
         """SVD of `grad`, the lazy-refresh bookkeeping, and the next refresh step.
@@ -116,5 +114,5 @@ class QGaLoreProjector:
         """Bytes held by this projector (matrix and leading vector)."""
         if self.matrix is None:
             return 0
-        matrix = self.matrix.numel() * self.matrix.element_size() if self.bits is None else self.matrix.nbytes()
-        return matrix + self.leading_vector.numel() * self.leading_vector.element_size()
+        matrix = self.matrix.nbytes if self.bits is None else self.matrix.nbytes()
+        return matrix + self.leading_vector.nbytes

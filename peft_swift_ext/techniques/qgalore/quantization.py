@@ -34,7 +34,7 @@ class QuantizedTensor:
 
     def nbytes(self) -> int:
         """Bytes of the codes, scales and zero points."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+        return sum(t.nbytes for t in (self.codes, self.scales, self.zeros))
 
 
 def quantize(tensor: torch.Tensor, bits: int = 4, group_size: int = 256, stochastic: bool = False) -> QuantizedTensor:
@@ -88,7 +88,4 @@ def pick_group_size(numel: int, preferred: int) -> int:
         numel: number of values to quantise.
         preferred: the group size wanted.
     """
-    for size in range(min(preferred, numel), 0, -1):
-        if numel % size == 0:
-            return size
-    return 1
+    return next((size for size in range(min(preferred, numel), 0, -1) if numel % size == 0), 1)

@@ -7,9 +7,6 @@ from peft.utils import PeftType
 
 from ...core import validators as check
 
-# ms-swift fields that carry no meaning here: the layer list is found structurally, not by model type.
-_SWIFT_BOOKKEEPING = ("swift_type", "peft_type", "model_type", "model_key_mapping", "num_new_blocks", "num_groups")
-
 
 @dataclass
 class LlamaProConfig(PeftConfig):

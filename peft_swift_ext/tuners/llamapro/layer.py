@@ -63,7 +63,8 @@ class LlamaProLayer(SwiftTunerLayer):
         adapter's blocks run on the whole batch and each row keeps its own adapter's result.
         """
         hidden = output[0] if isinstance(output, tuple) else output
-        plan = plan_rows(rows, self.llamapro_blocks, hidden.shape[0], "a LLaMA-PRO layer")
+        batch = hidden.shape[0]
+        plan = plan_rows(rows, self.llamapro_blocks, batch, "a LLaMA-PRO layer")
         whole_batch = any(isinstance(value, Cache) for value in (*args, *kwargs.values()))
         result = hidden
         for k, name in enumerate(plan.adapters):
@@ -71,9 +72,7 @@ class LlamaProLayer(SwiftTunerLayer):
             if whole_batch:
                 continued, block_args, block_kwargs, pick = output, args, kwargs, chosen
             else:
-                batch = hidden.shape[0]
-                continued = _rows_of(output, chosen, batch)
-                block_args, block_kwargs = _rows_of(args, chosen, batch), _rows_of(kwargs, chosen, batch)
+                continued, block_args, block_kwargs = _rows_of((output, args, kwargs), chosen, batch)
                 pick = slice(None)
             for block in self.llamapro_blocks[name]:
                 continued = _run_block(block, continued, block_args, block_kwargs)
@@ -87,16 +86,21 @@ class LlamaProLayer(SwiftTunerLayer):
 _NOT_BATCHED = frozenset({"cache_position"})
 
 
-def _rows_of(value, rows: torch.Tensor, batch: int):
-    """``value`` (a decoder layer's output, arguments or keyword arguments) cut to ``rows``: every tensor whose
-    first dimension is the batch; broadcast tensors (first dimension 1) and other values as they are."""
+def _map_tensors(value, fn):
+    """``fn`` applied to every tensor of ``value`` (a decoder layer's output, arguments or keyword arguments)."""
     if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() and value.shape[0] == batch else value
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_rows_of(item, rows, batch) for item in value)
+        return tuple(_map_tensors(item, fn) for item in value)
     if isinstance(value, dict):
-        return {key: item if key in _NOT_BATCHED else _rows_of(item, rows, batch) for key, item in value.items()}
+        return {key: item if key in _NOT_BATCHED else _map_tensors(item, fn) for key, item in value.items()}
     return value
+
+
+def _rows_of(value, rows: torch.Tensor, batch: int):
+    """``value`` cut to ``rows``: every tensor whose first dimension is the batch; broadcast tensors (first
+    dimension 1) and other values as they are."""
+    return _map_tensors(value, lambda t: t[rows] if t.dim() and t.shape[0] == batch else t)
 
 
 def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):
@@ -110,13 +114,7 @@ def _run_block(block: nn.Module, previous, args: tuple, kwargs: dict):
 
 
 def _cast_floats(value, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_cast_floats(item, dtype) for item in value)
-    if isinstance(value, dict):
-        return {key: _cast_floats(item, dtype) for key, item in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def new_block(layer: nn.Module, output_projections: list[str], on_meta: bool = False) -> nn.Module:
@@ -162,9 +160,7 @@ def plain_copy(module: nn.Module, on_meta: bool = False) -> nn.Module:
 
 
 def _original_of(wrapper: nn.Module) -> nn.Module:
-    if isinstance(wrapper, BaseTunerLayer):
-        return wrapper.get_base_layer()
-    return wrapper.original_module
+    return wrapper.get_base_layer() if isinstance(wrapper, BaseTunerLayer) else wrapper.original_module
 
 
 def output_projection_names(layer: nn.Module, output_projections: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from ...core.decoder_layers import find_decoder_layers
 from ...core.layer import SwiftTunerLayer
+from ...core.paths import parent_of
 from ...core.tuner import SwiftBaseTuner
 from .config import LlamaProConfig
 from .layer import LlamaProLayer, output_projection_names, set_layer_index
@@ -30,11 +31,6 @@ class LlamaProModel(SwiftBaseTuner):
 
         Also records the model config's original ``num_hidden_layers`` / ``layer_types`` so that unloading
         restores them.
-
-        Args:
-            model: the model to add the adapter to.
-            adapter_name: the new adapter.
-            config: its config.
         """
         path, layers = find_layer_list(model, config)
         plan = expansion_plan(len(layers), config)
@@ -73,24 +69,25 @@ class LlamaProModel(SwiftBaseTuner):
     def _renumber_blocks(self, model: nn.Module) -> None:
         """Give every new block a KV-cache slot after the original layers and make the config count them."""
         layers = model.get_submodule(self._layers_path)
-        original_types = self._original_text_config["layer_types"]
-        slot = len(layers)
-        extra_types = []
+        origins = list(range(len(layers)))  # the original layer each KV-cache slot belongs to
         for index, layer in enumerate(layers):
-            if not isinstance(layer, LlamaProLayer):
-                continue
-            for blocks in layer.llamapro_blocks.values():
-                for block in blocks:
-                    set_layer_index(block, slot)
-                    slot += 1
-                    extra_types.append(original_types[index] if original_types else None)
-        text_config = _text_config(model)
-        if slot == len(layers):
+            if isinstance(layer, LlamaProLayer):
+                for blocks in layer.llamapro_blocks.values():
+                    for block in blocks:
+                        set_layer_index(block, len(origins))
+                        origins.append(index)
+        if len(origins) == len(layers):
             self._restore_text_config(model)
-            return
-        text_config.num_hidden_layers = slot
+        else:
+            self._count_layers(model, origins)
+
+    def _count_layers(self, model: nn.Module, origins: list[int]) -> None:
+        """Make the text config count one layer per entry of ``origins``, each of its original layer's type."""
+        text_config = _text_config(model)
+        text_config.num_hidden_layers = len(origins)
+        original_types = self._original_text_config["layer_types"]
         if original_types:
-            text_config.layer_types = original_types + extra_types
+            text_config.layer_types = [original_types[index] for index in origins]
 
     def _restore_text_config(self, model: nn.Module) -> None:
         text_config = _text_config(model)
@@ -117,25 +114,19 @@ class LlamaProModel(SwiftBaseTuner):
                     layers[index] = layer.base_layer
             self._restore_text_config(self.model)
             return
-        original_types = self._original_text_config["layer_types"]
-        expanded, types = [], []
+        expanded, origins = [], []
         for index, layer in enumerate(layers):
-            layer_type = original_types[index] if original_types else None
-            expanded.append(layer.base_layer if isinstance(layer, LlamaProLayer) else layer)
-            types.append(layer_type)
             if isinstance(layer, LlamaProLayer):
-                for name in layer.merged_adapters:
-                    expanded.extend(layer.llamapro_blocks[name])
-                    types.extend([layer_type] * len(layer.llamapro_blocks[name]))
+                blocks = [block for name in layer.merged_adapters for block in layer.llamapro_blocks[name]]
+                expanded += [layer.base_layer, *blocks]
+            else:
+                expanded.append(layer)
+            origins += [index] * (len(expanded) - len(origins))
         for index, layer in enumerate(expanded):
             set_layer_index(layer, index)
-        parent_path, _, attr = self._layers_path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        parent, attr = parent_of(self.model, self._layers_path)
         setattr(parent, attr, nn.ModuleList(expanded))
-        text_config = _text_config(self.model)
-        text_config.num_hidden_layers = len(expanded)
-        if original_types:
-            text_config.layer_types = types
+        self._count_layers(self.model, origins)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter as PEFT does, then tidy what the tuner changed outside its layers.
@@ -155,14 +146,10 @@ def find_layer_list(model: nn.Module, config: LlamaProConfig) -> tuple[str, nn.M
         model: the model to expand.
         config: the adapter's config.
     """
-
-    def has_projections(layers: nn.ModuleList) -> bool:
-        return bool(output_projection_names(layers[-1], config.output_projections))
-
     return find_decoder_layers(
         model,
         config.layers_path,
-        accept=has_projections,
+        accept=lambda layers: bool(output_projection_names(layers[-1], config.output_projections)),
         field="LlamaProConfig.layers_path",
         accept_description=f"whose layers hold LlamaProConfig.output_projections={config.output_projections}",
     )

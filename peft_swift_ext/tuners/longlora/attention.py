@@ -1,16 +1,9 @@
 """Shifted sparse attention (S²-Attn) as attention functions of transformers' ``AttentionInterface``.
 
 LongLoRA switches a model's ``config._attn_implementation`` to ``longlora_sdpa`` or ``longlora_eager``. Those
-functions ask the model's :class:`S2Switch` (found through the attention module's config) whether an adapter is
-active and the module is training; if not they call plain sdpa / eager attention unchanged.
-
-In training, tokens are split into groups of ``g``; the first half of the heads attends within groups
-``[0, g), [g, 2g), ...`` and the second half within groups shifted by ``g / 2`` (``[g/2, 3g/2), ...``, the last
-one wrapping around to the start). Inside a group a query sees the keys it would see in full attention (its
-own and earlier positions, minus padding). ⚠ ms-swift and the original LongLoRA code mask by position inside
-the rolled group, which lets the first ``g / 2`` tokens of the shifted heads see the last tokens of the
-sequence (the future); masking by original position avoids that leak. A length that is not a multiple of
-``g`` is padded to one with keys nobody attends to.
+functions ask the model's registered switch (found through the attention module's config) whether an adapter is
+active and the module is training; if not they call plain sdpa / eager attention unchanged. Groups, padding and
+the causal mask by original position (unlike ms-swift's) are described in docs/tuners/longlora.md.
 """
 
 from __future__ import annotations

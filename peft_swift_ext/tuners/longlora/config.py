@@ -7,10 +7,6 @@ from peft.utils import PeftType
 
 from ...core import validators as check
 
-# ms-swift LongLoRA fields with no effect here: the model family is detected from the attention interface, and
-# LoRA+ learning rates are not part of LongLoRA (build LoRA+ groups separately if wanted).
-_SWIFT_IGNORED = ("model_type", "lorap_lr_ratio", "lorap_emb_lr")
-
 
 @dataclass
 class LongLoraConfig(LoraConfig):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...compat import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from ...core.lora_rows import ScopedLoraAdapters, install_row_hooks
-from ...core.paths import PatternMatcher
+from ...core.paths import PatternMatcher, parent_of
 from ...core.rows import RowCountCheck, mixed_batch_call
 from ...core.tuner import forget_adapter_configs
 from . import attention
@@ -88,16 +88,9 @@ class LongLoraModel(RowCountCheck, ScopedLoraAdapters, LoraModel):
 
     def _probe_layer(self) -> LoraLayer | None:
         # Any LoRA layer holding one of our adapters tells which are active; found once, not on every attention call.
-        probe = self.__dict__.get("_probe")
-        if probe is None or not any(name in probe.lora_A for name in self.peft_config):
-            probe = next(
-                (
-                    m
-                    for m in self.model.modules()
-                    if isinstance(m, LoraLayer) and set(m.lora_A) & set(self.peft_config)
-                ),
-                None,
-            )
+        probe, ours = self.__dict__.get("_probe"), set(self.peft_config)
+        if probe is None or not ours & set(probe.lora_A):
+            probe = next((m for m in self.model.modules() if isinstance(m, LoraLayer) and ours & set(m.lora_A)), None)
             self.__dict__["_probe"] = probe  # a plain attribute, not a registered submodule
         return probe
 
@@ -133,8 +126,7 @@ class LongLoraModel(RowCountCheck, ScopedLoraAdapters, LoraModel):
             # back, embeddings and norms included.
             for path, module in list(self.model.named_modules()):
                 if isinstance(module, ModulesToSaveWrapper):
-                    parent_path, _, child = path.rpartition(".")
-                    setattr(self.model.get_submodule(parent_path), child, module.original_module)
+                    setattr(*parent_of(self.model, path), module.original_module)
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         self._restore_attention()
         forget_adapter_configs(model)  # peft < 0.19 leaves them on the unloaded model
@@ -171,10 +163,7 @@ def _base_modules(model: nn.Module):
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in wrappers):
             continue
-        if isinstance(module, BaseTunerLayer):
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
             wrappers.append(name + ".")
-            module = module.get_base_layer()
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            wrappers.append(name + ".")
-            module = module.original_module
+            module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module
         yield name, module

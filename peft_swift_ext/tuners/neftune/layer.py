@@ -75,7 +75,12 @@ class NEFTuneEmbedding(SwiftTunerLayer):
         return output
 
     def _refuse_trainer_noise(self, names: list[str]) -> None:
-        for module in self._wrapped_chain():
+        # This layer and every module it wraps, followed through ``base_layer`` children only: ``get_base_layer()``
+        # asks each module for ``base_layer`` with ``hasattr``, which PEFT's ``modules_to_save`` wrapper (LongLoRA's
+        # trained embedding copy) answers by indexing its active adapters; on peft < 0.21 that raises IndexError
+        # when none of its adapters is active.
+        module = self
+        while module is not None:
             alpha = module.__dict__.get(TRAINER_NEFTUNE_ATTR)
             if alpha is not None:
                 raise ValueError(
@@ -83,16 +88,4 @@ class NEFTuneEmbedding(SwiftTunerLayer):
                     f"neftune_noise_alpha={alpha} would add it a second time; set neftune_noise_alpha=None in the "
                     "TrainingArguments / SFTConfig, or remove the NEFTune adapter"
                 )
-
-    def _wrapped_chain(self) -> list[nn.Module]:
-        """This layer and every module it wraps, down to the embedding, followed through ``base_layer`` children only.
-
-        ``get_base_layer()`` asks each module for ``base_layer`` with ``hasattr``, which PEFT's ``modules_to_save``
-        wrapper (LongLoRA's trained embedding copy) answers by indexing its active adapters; on peft < 0.21 that raises
-        IndexError when none of its adapters is active.
-        """
-        chain, module = [], self
-        while module is not None:
-            chain.append(module)
             module = module._modules.get("base_layer")
-        return chain

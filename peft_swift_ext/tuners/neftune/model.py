@@ -1,12 +1,8 @@
 """NEFTune as a PEFT tuner: noise on the input embeddings, and the base weights that train beside it.
 
-NEFTune has no weights of its own: used alone it regularises full fine-tuning, where the base model's own weights
-train. PEFT's ``save_pretrained`` writes only a tuner's tensors, so this tuner makes the trained base weights its
-own at save time: each base parameter that is trainable when a checkpoint is written is registered, under the same
-tensor, as ``neftune_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by every NEFTune adapter name. The
-adapter's weights file then holds them (nothing when the base model is frozen, e.g. beside a LoRA trained with
-PEFT's ``modules_to_save``), and ``PeftModel.from_pretrained`` / ``load_adapter`` copy them back into the base
-tensors. A base weight stays in later checkpoints once it has been saved or loaded, even if frozen since.
+PEFT's ``save_pretrained`` writes only a tuner's tensors, so at save time each trainable base parameter is
+registered, under the same tensor, as ``neftune_<its path with '-' for '.'>`` in a ``ParameterDict`` keyed by every
+NEFTune adapter name; loading copies them back into the base tensors (see docs/tuners/neftune.md).
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from torch import nn
 
 from ...core.paths import adapter_parameter_ids, canonical_path
 from ...core.tuner import SwiftBaseTuner
+from ...core.unwrap import get_input_embeddings
 from .config import NEFTuneConfig
 from .layer import NEFTuneEmbedding
 
@@ -176,10 +173,9 @@ def _load_base_weights(module: NEFTuneModel, state_dict, prefix: str, metadata, 
 
 def _input_embeddings_name(model: nn.Module) -> str:
     """The module path of ``model.get_input_embeddings()``, with a clear error when there is none."""
-    getter = getattr(model, "get_input_embeddings", None)
-    embeddings = getter() if getter is not None else None
+    embeddings = get_input_embeddings(model)
     for name, module in model.named_modules():
-        if embeddings is not None and module is embeddings:
+        if module is embeddings:
             return name
     raise ValueError(
         f"NEFTuneConfig.target_modules is None and {type(model).__name__} has no get_input_embeddings(); "
