@@ -38,8 +38,10 @@ def add_peft_type(name: str) -> PeftType:
     """Return ``PeftType[NAME]``, adding the member to PEFT's enum if it is missing.
 
     PEFT only accepts methods whose upper-case name is a member of its ``PeftType`` enum and has no plugin hook
-    for adding members, so the member is added at run time. Idempotent. The member's name and value are ``name``
-    upper-cased.
+    for adding members, so the member is added at run time. Idempotent.
+
+    Args:
+        name: the method name; the member's name and value are its upper-case form.
     """
     value = name.upper()
     if value in PeftType._value2member_map_:
@@ -61,6 +63,10 @@ def set_active_adapters_view(module: nn.Module, view: Sequence[str]) -> None:
 
     PEFT's layers only iterate their private ``_active_adapter`` list, so a live view there switches every
     tuner type at once.
+
+    Args:
+        module: a ``BaseTunerLayer`` or PEFT ``AuxiliaryTrainingWrapper``.
+        view: a sequence of adapter names that reflects the current activation.
     """
     module._active_adapter = view
     module._disable_adapters = False
@@ -68,14 +74,22 @@ def set_active_adapters_view(module: nn.Module, view: Sequence[str]) -> None:
 
 def wrap_active_adapters(module: nn.Module, wrap) -> None:
     """Replace a tuner layer's or auxiliary wrapper's active-adapter list by ``wrap(current list)``, leaving its
-    enabled/disabled state alone (``wrap`` may return the list unchanged; a one-name string is passed as a list).
+    enabled/disabled state alone (``wrap`` may return the list unchanged).
+
+    Args:
+        module: a ``BaseTunerLayer`` or PEFT ``AuxiliaryTrainingWrapper``.
+        wrap: called with the current list (a one-name string becomes a one-item list).
     """
     current = module._active_adapter
     module._active_adapter = wrap([current] if isinstance(current, str) else current)
 
 
 def adapter_names_in(module: nn.Module) -> set[str]:
-    """Names of the adapters that have weights in a tuner layer or auxiliary wrapper."""
+    """Names of the adapters that have weights in a tuner layer or auxiliary wrapper.
+
+    Args:
+        module: a ``BaseTunerLayer`` or PEFT ``AuxiliaryTrainingWrapper``.
+    """
     if isinstance(module, BaseTunerLayer):
         return set(module._all_available_adapter_names())
     if isinstance(module, AuxiliaryTrainingWrapper):
@@ -84,7 +98,11 @@ def adapter_names_in(module: nn.Module) -> set[str]:
 
 
 def has_adapters(module: nn.Module) -> bool:
-    """Whether a tuner layer or auxiliary wrapper still holds any adapter."""
+    """Whether a tuner layer or auxiliary wrapper still holds any adapter.
+
+    Args:
+        module: a ``BaseTunerLayer`` or PEFT ``AuxiliaryTrainingWrapper``.
+    """
     if isinstance(module, BaseTunerLayer):
         return bool(module._get_available_adapters())
     return bool(adapter_names_in(module))
@@ -104,8 +122,13 @@ def freeze_non_trainable(layer: BaseTunerLayer) -> None:
 
 
 def cast_adapter_dtype(tuner, adapter_name: str, autocast_adapter_dtype: bool) -> None:
-    """What ``PeftModel`` does after ``tuner`` injected an adapter: upcast its float16/bfloat16 weights to float32,
-    unless ``autocast_adapter_dtype`` (PEFT's flag) is False."""
+    """What ``PeftModel`` does after injecting an adapter: upcast its float16/bfloat16 weights to float32 (or not).
+
+    Args:
+        tuner: the ``BaseTuner`` that injected the adapter.
+        adapter_name: the adapter.
+        autocast_adapter_dtype: PEFT's flag; False keeps the dtype the weights were made in.
+    """
     cast = getattr(type(tuner), "_cast_adapter_dtype", None)
     if cast is not None:
         cast(tuner, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -36,8 +36,15 @@ Translation = Callable[[dict], tuple[type[PeftConfig], dict]]
 
 
 def swift_fields(config: dict, config_name: str) -> dict:
-    """An ms-swift config dict without ``swift_type`` / ``peft_type``; ``ValueError`` (naming ``config_name``) when
-    it relies on SWIFT's ``model_key_mapping``, which is not supported."""
+    """An ms-swift config dict without ``swift_type`` / ``peft_type`` and the unused ``model_key_mapping``.
+
+    Args:
+        config: the ``adapter_config.json`` of an ms-swift checkpoint, as a dict.
+        config_name: the config class's name, for the error message.
+
+    Raises:
+        ValueError: when the checkpoint relies on SWIFT's ``model_key_mapping``, which is not supported.
+    """
     if config.get("model_key_mapping") is not None:
         raise ValueError(f"{config_name}: SWIFT's model_key_mapping is not supported; set target_modules instead")
     return {k: v for k, v in config.items() if k not in _BOOKKEEPING}
@@ -48,6 +55,9 @@ def lora_fields(config: dict) -> tuple[type[LoraConfig], dict]:
 
     Plain LoRA when ``lorap_lr_ratio`` is unset, LoRA+ otherwise; SWIFT-only options that change the adapter
     (e.g. ``lora_dtype``) raise ``ValueError``.
+
+    Args:
+        config: the ``adapter_config.json`` of an ms-swift LoRA checkpoint.
     """
     set_options = {
         key: config[key] for key, default in _SWIFT_ONLY_LORA_FIELDS.items() if config.get(key, default) != default
@@ -174,8 +184,11 @@ def check_untrusted_fields(config_cls: type, fields: dict, source: Path | str) -
 
 def check_lora_scale(config: PeftConfig, source: Path | str) -> None:
     """Refuse a LoRA config whose scale ``lora_alpha / r`` (and that of each ``alpha_pattern`` entry) is 0 (the
-    adapter would neither act nor train) or beyond :data:`MAX_LORA_SCALE`; configs without ``lora_alpha`` and ``r``
-    pass. Errors name the file ``source``.
+    adapter would neither act nor train) or beyond :data:`MAX_LORA_SCALE`.
+
+    Args:
+        config: a built config; those without ``lora_alpha`` and ``r`` pass.
+        source: the file, for the message.
     """
     rank, alpha = getattr(config, "r", None), getattr(config, "lora_alpha", None)
     if not (is_number(rank) and is_number(alpha)) or rank <= 0:

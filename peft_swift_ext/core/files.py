@@ -85,8 +85,14 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def write_adapter_files(folder: Path, config_dict: dict, tensors: dict[str, torch.Tensor], safe: bool) -> None:
-    """Write one adapter's config and weights (safetensors if ``safe``, else a torch pickle of plain tensors) into an
-    existing (empty, staged) ``folder``, flushed to the disk."""
+    """Write one adapter's config and weights into an existing (empty) ``folder``, flushed to the disk.
+
+    Args:
+        folder: the adapter's (staged) folder.
+        config_dict: its ``adapter_config.json``.
+        tensors: its weights.
+        safe: safetensors, or a torch pickle of plain tensors.
+    """
     write_config(folder / CONFIG_NAME, config_dict)
     write_weights(folder / (SAFE_WEIGHTS_NAME if safe else PICKLE_WEIGHTS_NAME), tensors, safe)
 
@@ -103,8 +109,13 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], safe: bool) -> None:
-    """Write tensors to ``path``, flushed to the disk: safetensors with ``metadata={"format": "pt"}`` (as PEFT writes
-    them) if ``safe``, else a torch pickle of plain tensors."""
+    """Write tensors to ``path`` (safetensors or a torch pickle of plain tensors), flushed to the disk.
+
+    Args:
+        path: the file to write.
+        tensors: the tensors by key.
+        safe: safetensors (``metadata={"format": "pt"}``, as PEFT writes them) or a pickle.
+    """
     contiguous = {key: tensor.detach().contiguous() for key, tensor in tensors.items()}
     if safe:
         save_file(contiguous, str(path), metadata={"format": "pt"})

@@ -68,8 +68,12 @@ def tuner_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def adapter_containers(
     modules: list[tuple[str, nn.Module]], adapter_name: str
 ) -> Iterator[tuple[str, nn.Module, str, object, bool]]:
-    """Yield ``(module path, owning module, container attribute, entry, required)`` for one adapter in ``modules``
-    (as :func:`tuner_modules` lists them)."""
+    """Yield ``(module path, owning module, container attribute, entry, required)`` for one adapter.
+
+    Args:
+        modules: the model's tuner modules, as :func:`tuner_modules` lists them.
+        adapter_name: the adapter to look for.
+    """
     for path, module in modules:
         if isinstance(module, BaseTunerLayer):
             for attr in (*module.adapter_layer_names, *module.other_param_names):

@@ -164,8 +164,11 @@ class SwiftTunerLayer(nn.Module, BaseTunerLayer):
 
 
 def in_and_out_features(module: nn.Module) -> tuple[int | None, int | None]:
-    """The input and output sizes of a module (another tuner's layer: of what it wraps), as PEFT's layers record
-    them; ``(None, None)`` where unknown."""
+    """The input and output sizes of a module, as PEFT's layers record them; ``(None, None)`` where unknown.
+
+    Args:
+        module: the wrapped module (another tuner's layer stands for the module it wraps).
+    """
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
     if isinstance(module, nn.Linear):

@@ -85,7 +85,11 @@ def parent_of(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     ``path`` may be canonical (without ``base_layer`` segments): wherever a segment is not a real child of a
     tuner layer, the walk continues in the module the layer wraps. The parent returned is the module that
     really holds the child, so ``setattr(parent, name, ...)`` replaces it where the model's own code calls
-    it (never on a wrapper, which would only shadow it). The root, ``path=""``, gives ``(model, "")``.
+    it (never on a wrapper, which would only shadow it).
+
+    Args:
+        model: the root module.
+        path: a dotted module path; ``""`` (the root) gives ``(model, "")``.
     """
     if not path:
         return model, ""
@@ -128,7 +132,11 @@ def name_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -
 
 
 def adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """Ids of the parameters that adapters added: everything in a tuner layer or wrapper but what it wraps."""
+    """Ids of the parameters that adapters added: everything in a tuner layer or wrapper but what it wraps.
+
+    Args:
+        model: a model, possibly with tuner layers and PEFT's auxiliary wrappers in it.
+    """
     wrapped = {"base_layer", "original_module"}
     return {
         id(param)
@@ -168,8 +176,12 @@ class PatternMatcher:
         self._deadline = time.monotonic() + budget
 
     def matches(self, name: str, full: bool = True) -> bool:
-        """Whether the pattern matches all of ``name`` (PEFT's target rule) or, with ``full=False``, its start (PEFT's
-        rank-pattern rule)."""
+        """Whether the pattern matches ``name`` (all of it, or from its start with ``full=False``).
+
+        Args:
+            name: a module name.
+            full: ``fullmatch`` (PEFT's target rule) or ``match`` (PEFT's rank-pattern rule).
+        """
         method = self._compiled.fullmatch if full else self._compiled.match
         try:
             return method(name, timeout=max(self._deadline - time.monotonic(), 0.001)) is not None
@@ -210,6 +222,10 @@ def literal_patterns(model: nn.Module, config: PeftConfig) -> Iterator[None]:
     names and replaced by :func:`literal_regex` of what they matched, so PEFT's unbounded ``re`` never sees a
     config's pattern. Module names that PEFT pastes into its own regexes (``modules_to_save``,
     ``layers_pattern``) must be plain names. A pattern that exceeds the budget raises ``ValueError``.
+
+    Args:
+        model: the model the config is about to be injected into.
+        config: the adapter's config (changed only inside the block).
     """
     kind = type(config).__name__
     for field in NAME_LIST_FIELDS:

@@ -95,8 +95,11 @@ class FeatureProbes:
     def take(self, adapter_name: str, consumer: str) -> list[torch.Tensor]:
         """Remove and return this thread's captured features of ``adapter_name``, in source order.
 
-        Raises ``RuntimeError`` naming the ``consumer`` (the module that needs them) and the source that has not run
-        in this forward yet.
+        Raises ``RuntimeError`` naming the source that has not run in this forward yet.
+
+        Args:
+            adapter_name: the adapter.
+            consumer: the module that needs them (for the error message).
         """
         captured = self._local.__dict__.get("features", {}).pop(adapter_name, {})
         sources = self._sources.get(adapter_name, [])

@@ -60,8 +60,16 @@ _BATCHED_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "sample", "inpu
 
 
 def check_rows_fit_batch(names: Sequence[str], call_args: tuple, call_kwargs: dict) -> None:
-    """Refuse, naming both counts, a call whose batch has another number of rows than ``names``: the batch is the
-    first of :data:`_BATCHED_INPUTS` in ``call_kwargs``, else the first tensor in ``call_args`` (if any)."""
+    """Refuse a call whose batch has another number of rows than ``names`` (when the batch can be seen).
+
+    Args:
+        names: one adapter name per row.
+        call_args: the call's positional arguments (the first tensor among them is the batch, if no keyword is).
+        call_kwargs: the call's keyword arguments (``input_ids``, ``inputs_embeds``, ``pixel_values``, ...).
+
+    Raises:
+        ValueError: naming both counts.
+    """
     batch = next((call_kwargs[key] for key in _BATCHED_INPUTS if torch.is_tensor(call_kwargs.get(key))), None)
     if batch is None:
         batch = next((value for value in call_args if torch.is_tensor(value)), None)
@@ -80,12 +88,20 @@ def checked_row_names(
     call_kwargs: dict,
     call_args: tuple = (),
 ) -> tuple[str, ...]:
-    """Check a call's ``adapter_names`` (one adapter name or ``"__base__"`` per row) before anything runs, and
-    repeat each ``num_beams`` times for beam search.
+    """Check a call's ``adapter_names`` before anything runs, and repeat each for beam search.
 
-    ``ValueError`` names adapters not among ``known``, a row count that differs from the batch's (found in the
-    call's arguments), or why mixed batches are refused now: ``training`` (they are for inference, as in PEFT) or
-    ``merged`` adapters (no row could run without them).
+    Args:
+        adapter_names: what the caller passed: one adapter name (or ``"__base__"``) per row.
+        known: the adapters rows may name.
+        training: whether the model is in training mode (mixed batches are for inference, as in PEFT).
+        merged: the adapters merged into the base weights (then no row could run without them).
+        call_kwargs: the call's other arguments (``num_beams`` repeats each row's name; the inputs give the
+            batch's row count, which must match).
+        call_args: the call's positional arguments (the batch, when it is passed positionally).
+
+    Raises:
+        ValueError: naming the unknown adapters, a row count that differs from the batch's, or why mixed batches
+            are refused now.
     """
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
         raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
@@ -115,7 +131,11 @@ def mixed_batch_call(
     """A PEFT tuner's ``_enable_peft_forward_hooks``: with ``adapter_names`` in the call, check the names (before
     anything runs) and run the block as a mixed batch; without, run it as it is.
 
-    ``prepare`` is called with the tuner's model before the batch runs (LoRA layers' row hooks).
+    Args:
+        tuner: the tuner model (its ``peft_config`` and ``model``).
+        args: the call's positional arguments.
+        kwargs: the call's keyword arguments (``adapter_names``, ``num_beams``, the inputs).
+        prepare: called with the model before the batch runs (LoRA layers' row hooks).
     """
     names = kwargs.get("adapter_names")
     if names is None:
@@ -179,8 +199,13 @@ class RowPlan:
 
 
 def split_plan(plan: RowPlan, key) -> list[RowPlan]:
-    """``plan`` split into the groups of adapters with equal (hashable) ``key(adapter name)``: settings or network
-    shapes that must agree for one vectorised pass."""
+    """``plan`` split into the groups of adapters with equal ``key(adapter)`` (settings or network shapes that
+    must agree for one vectorised pass).
+
+    Args:
+        plan: the layer's plan.
+        key: a function of an adapter name returning something hashable.
+    """
     groups: dict[object, list[int]] = {}
     for k, name in enumerate(plan.adapters):
         groups.setdefault(key(name), []).append(k)
@@ -209,8 +234,14 @@ def structure_key(module: nn.Module) -> tuple:
 
 
 def plan_rows(names: Sequence[str], owned: Iterable[str], batch: int, where: str) -> RowPlan:
-    """The :class:`RowPlan` of a layer (``where``, for the error) holding the adapters ``owned``, for per-row
-    ``names``; ``batch`` is the batch size the layer sees, which must match."""
+    """The :class:`RowPlan` of a layer holding the adapters ``owned``, for per-row ``names``.
+
+    Args:
+        names: the per-row adapter names of the batch.
+        owned: the adapters this layer holds (and may apply).
+        batch: the batch size the layer sees.
+        where: the layer, for the error message.
+    """
     if len(names) != batch:
         raise ValueError(f"adapter_names has {len(names)} entries but {where} received a batch of {batch} rows")
     owned = frozenset(owned)

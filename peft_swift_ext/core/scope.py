@@ -40,8 +40,11 @@ def scoped(token: ScopeToken, names: Sequence[str]) -> Iterator[None]:
 
 
 def scoped_adapters(token: ScopeToken | None) -> tuple[str, ...] | None:
-    """The adapters chosen for ``token`` (None: a layer in no tuner that scopes) in the calling context, or None when
-    no scope chose them."""
+    """The adapters chosen for ``token`` in the calling context, or None when no scope chose them.
+
+    Args:
+        token: a layer's token (None: the layer is in no tuner that scopes).
+    """
     if token is None or not token.used:
         return None
     scopes = _SCOPES.get()

@@ -20,8 +20,12 @@ Position = int | str
 
 
 class ArgumentSlot:
-    """One parameter of ``module.forward``, addressed by SWIFT's ``position``: an int (positional index) or a str
-    (parameter name)."""
+    """One parameter of ``module.forward``, addressed by SWIFT's int-or-str position.
+
+    Args:
+        module: the module whose ``forward`` is called.
+        position: an int (positional index) or a str (parameter name).
+    """
 
     def __init__(self, module: nn.Module, position: Position) -> None:
         params = forward_parameters(module)
@@ -167,8 +171,14 @@ def first_argument(module: nn.Module, args: tuple, kwargs: dict) -> object:
 
 
 def replace_first_tensor(output, tensor: torch.Tensor):
-    """``output`` (a tensor, tuple/list or mapping) with its hidden states replaced by ``tensor``: itself, or its
-    first element / value, recursively; the other elements are kept (blocks may return several values)."""
+    """``output`` with its hidden states (itself, or its first element / value, recursively) replaced.
+
+    The other elements are kept (blocks may return several values).
+
+    Args:
+        output: a tensor, a tuple/list, or a mapping such as ``ModelOutput``.
+        tensor: the new hidden states.
+    """
     if isinstance(output, torch.Tensor):
         return tensor
     if isinstance(output, (tuple, list)):

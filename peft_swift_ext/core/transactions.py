@@ -42,7 +42,11 @@ def fsync_path(path: Path) -> None:
 
 
 class Staging:
-    """The entries of one update, written into ``folder`` (in the staging folder) before they replace the old ones."""
+    """The entries of one update, written inside the checkpoint folder before they replace the old ones.
+
+    Args:
+        folder: where the new entries go (inside the staging folder).
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder

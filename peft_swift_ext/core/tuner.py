@@ -224,6 +224,9 @@ def follow_feature_sources(model: nn.Module) -> None:
     Res-Tuning's root and stem features and SCEdit's hints are what the model gets from those modules, i.e. the
     output of the outermost tuner layer wrapping them (a layer reading its own target reads what it wraps). Call
     this after any layer was put in or taken out.
+
+    Args:
+        model: the model whose tuner layers' source paths are relative to it.
     """
     for module in list(model.modules()):
         if isinstance(module, SwiftTunerLayer) and module.probes is not None:

@@ -27,8 +27,14 @@ def is_number(value: object) -> bool:
 
 
 def positive_int(config: object, name: str, what: str = "", minimum: int = 1) -> int:
-    """Check that ``config.<name>`` is an int of at least ``minimum`` and return it; ``what`` (e.g. "the hidden size")
-    is added to the message."""
+    """Check that ``config.<name>`` is an int of at least ``minimum`` and return it.
+
+    Args:
+        config: the config being validated.
+        name: the field.
+        what: a short description added to the message (e.g. "the hidden size").
+        minimum: the smallest value allowed.
+    """
     value = getattr(config, name)
     if not is_int(value) or value < minimum:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
@@ -75,8 +81,13 @@ def boolean(config: object, *names: str) -> None:
 
 
 def required(config: object, name: str, what: str) -> object:
-    """Check that ``config.<name>`` is set (not None) and return it; the message says to set it to ``what`` (e.g. "a
-    regex or a list of module names")."""
+    """Check that ``config.<name>`` is set (not None) and return it.
+
+    Args:
+        config: the config being validated.
+        name: the field.
+        what: what to set it to, for the message (e.g. "a regex or a list of module names").
+    """
     value = getattr(config, name)
     if value is None:
         raise ValueError(f"{type(config).__name__}.{name} must be set ({what})")

@@ -96,8 +96,9 @@ class ActivationState:
     """The active adapter names (shared by the process, per thread / task, or chosen for one block), and the lock
     that keeps forwards off half-built layers (:class:`StructureLock`).
 
-    With ``per_thread`` (SWIFT's ``USE_UNIQUE_THREAD=0``) each thread and asyncio task has its own set, and one that
-    never set it has none.
+    Args:
+        per_thread: when True each thread (and each asyncio task) has its own set, and one that never set it
+            has none (SWIFT's ``USE_UNIQUE_THREAD=0``).
     """
 
     def __init__(self, per_thread: bool = False) -> None:
@@ -126,8 +127,12 @@ class ActivationState:
         return self._local.get() if self.per_thread else self._shared
 
     def set(self, names: Iterable[str]) -> None:
-        """Replace the active set (in order, duplicates dropped): inside a :meth:`scoped` block for that block only,
-        else for the calling thread or task in per-thread mode, else for the process."""
+        """Replace the active set: inside a :meth:`scoped` block for that block only, else for the calling thread
+        or task in per-thread mode, else for the process.
+
+        Args:
+            names: the adapters to make active, in order (duplicates dropped).
+        """
         names = tuple(dict.fromkeys(names))
         if self._scopes_used and self._scope.get() is not None:
             self._scope.set(names)
@@ -172,8 +177,11 @@ class ActivationState:
 class ActiveAdapterView(Sequence):
     """A read-only list of the active adapters that always reflects an :class:`ActivationState`.
 
-    With an ``owner`` only that module's own adapters are listed: PEFT's ``modules_to_save`` wrappers fall back to
-    the original module when an active adapter has no copy.
+    Args:
+        state: the shared activation state.
+        owner: for modules that must only see their own adapters (PEFT's ``modules_to_save`` wrappers,
+            which fall back to the original module when an active adapter has no copy), the module whose
+            ``_adapters`` set filters the names.
     """
 
     __slots__ = ("state", "owner")

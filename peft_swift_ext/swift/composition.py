@@ -38,11 +38,20 @@ def inject(
     low_cpu_mem_usage: bool = False,
     autocast_adapter_dtype: bool = True,
 ) -> None:
-    """Inject one adapter into ``model`` with its type's tuner (created in ``tuners`` on first use); all or nothing.
+    """Inject one adapter into ``model`` with its type's tuner (created on first use); all or nothing.
 
     Where adapters of different types meet on one module, a later adapter's layer wraps the earlier ones. This
-    package's tuners see through other tuners' layers by themselves; for PEFT's own tuners the other types' layers
-    leave the tree during the injection (:func:`_other_layers_hidden`).
+    package's tuners see through other tuners' layers by themselves; PEFT's own tuners never inject below an
+    existing tuner layer, so for them the other types' layers leave the tree during the injection and go back
+    in afterwards, below the layers the injection created.
+
+    Args:
+        model: the shared base model.
+        tuners: the tuner of each type already in ``model``; a new one is added here.
+        adapter_name: the new adapter's name.
+        config: its config.
+        low_cpu_mem_usage: create its weights on the meta device (to be filled by a load).
+        autocast_adapter_dtype: upcast float16/bfloat16 adapter weights to float32, as ``PeftModel`` does.
     """
     if not isinstance(config, PeftConfig):
         raise TypeError(f"config for {adapter_name!r} must be a PeftConfig, got {type(config).__name__}")
@@ -145,8 +154,14 @@ def check_merge_keeps_outputs(model: nn.Module, names: list[str], active: set[st
 
 
 def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: str, peft_type: PeftType) -> None:
-    """Delete one adapter's layers and entries; modules left without adapters get their original module back, and
-    a tuner left without adapters leaves ``tuners``."""
+    """Delete one adapter's layers and entries; modules left without adapters get their original module back.
+
+    Args:
+        model: the shared base model.
+        tuners: the tuner of each type; a tuner left without adapters is dropped.
+        adapter_name: the adapter to remove.
+        peft_type: its type.
+    """
     tuner = tuners.get(peft_type)
     if tuner is None:
         return
@@ -169,7 +184,10 @@ def remove(model: nn.Module, tuners: dict[PeftType, BaseTuner], adapter_name: st
 def unwrap_all(model: nn.Module, tuners: dict[PeftType, BaseTuner], merged: bool) -> None:
     """Remove every tuner layer and wrapper; ``modules_to_save`` copies win when ``merged``.
 
-    Each tuner is told first, so that it can undo what it did outside its layers.
+    Args:
+        model: the shared base model.
+        tuners: the tuner of each type (told first, so each can undo what it did outside its layers).
+        merged: whether the adapters were merged into the base weights.
     """
     for tuner in tuners.values():
         if isinstance(tuner, StructureOwner):

@@ -44,8 +44,11 @@ class PlannedAdapter:
 
 
 def discover_adapters(root: Path) -> dict[str, Path]:
-    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder, in the order
-    the checkpoint's order file (if any) records."""
+    """Saved adapter name -> folder: PEFT's root adapter (``default``) and every adapter sub-folder.
+
+    Args:
+        root: the checkpoint folder; its order file (if any) gives the order the adapters were added in.
+    """
     found: dict[str, Path] = {}
     if (root / files.CONFIG_NAME).is_file():
         found["default"] = root
@@ -121,8 +124,12 @@ def extra_state_keys(model: SwiftModel, extra: dict[str, torch.Tensor], source: 
     """Checkpoint key -> the model's current key for every tensor of a checkpoint's extra states; raises first.
 
     Keys are matched without ``base_layer`` segments: an adapter that wraps the module (now or in the checkpoint's
-    model) moves its weights under ``base_layer``, and a key compared as written would miss them. The keys are
-    the model's as it is now: call again after injecting adapters.
+    model) moves its weights under ``base_layer``, and a key compared as written would miss them.
+
+    Args:
+        model: the model the states go into, as it is now (call again after injecting adapters).
+        extra: the saved tensors, by state-dict key.
+        source: the file they came from (named in the error).
     """
     state = model.model.state_dict(keep_vars=True)
     current = {canonical_path(key): (key, tensor) for key, tensor in state.items()}
@@ -147,6 +154,13 @@ def load_into(model: SwiftModel, root: Path, adapter_name, is_trainable: bool, l
     Everything is read under the folder's read lock (a save interrupted by a crash is finished first, see
     :mod:`~peft_swift_ext.core.transactions`). Shapes are compared with the checkpoint's on the meta device
     before anything is allocated, and forwards in other threads wait while the layers change.
+
+    Args:
+        model: the model to add the adapters to.
+        root: the checkpoint folder.
+        adapter_name: SWIFT's selection: None (all), a name, a list, or a dict ``{saved name: new name}``.
+        is_trainable: whether the loaded adapters require grad.
+        low_cpu_mem_usage: create the adapters' weights on the meta device and assign the loaded tensors.
     """
     with transactions.reading(root):
         found = discover_adapters(root)
@@ -276,6 +290,14 @@ def save(
 
     The adapters and ``configuration.json`` replace their previous versions as one unit
     (:func:`~peft_swift_ext.core.transactions.update`); everything else in the folder is kept.
+
+    Args:
+        model: the model holding the adapters.
+        save_directory: the checkpoint folder (created if needed; other content is kept).
+        names: the adapters to write.
+        safe_serialization: safetensors, or a torch pickle of plain tensors.
+        state_dict: the SwiftModel's full state dict (keys ``base_model.model.<key in the model>``) to take the
+            tensors from instead of the live parameters.
     """
     for name in names:
         files.check_adapter_name(name)
@@ -300,8 +322,13 @@ def save(
 def adapter_state_dict(
     model: SwiftModel, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under SWIFT-layout keys, read back if offloaded; from ``state_dict`` when given (the
-    SwiftModel's full state dict, keys ``base_model.model.<key in the model>``)."""
+    """One adapter's tensors under SWIFT-layout keys (the adapter name kept), read back if offloaded.
+
+    Args:
+        model: the model holding the adapter.
+        adapter_name: the adapter to read.
+        state_dict: the SwiftModel's full state dict to take the tensors from (see :func:`save`).
+    """
     with model.offload_store.restored(model.adapter_modules, adapter_name):
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
@@ -326,8 +353,17 @@ def load_adapter_weights(
     saved_as: str,
     assign: bool = False,
 ) -> None:
-    """``SwiftModel.load_adapter_weights``: copy a checkpoint's tensors into an adapter, checking keys, shapes and
-    dtypes first."""
+    """Copy a checkpoint's tensors into adapter ``adapter_name``, checking keys, shapes and dtypes first.
+
+    Args:
+        model: the model holding the (already injected) adapter.
+        adapter_name: the adapter to fill.
+        weights: the checkpoint's tensors, in SWIFT layout (keys with ``saved_as``) or PEFT layout
+            (``base_model.model.`` keys without adapter name).
+        source: the file, for error messages.
+        saved_as: the adapter name the checkpoint was saved under.
+        assign: replace the (meta) tensors instead of copying into them.
+    """
     in_place = model.in_place_tuner(adapter_name)
     by_key = _fitted(model, adapter_name, weights, source, saved_as, loading=True)
     state = {
@@ -389,7 +425,17 @@ def load_adapter(
     autocast_adapter_dtype: bool,
     low_cpu_mem_usage: bool,
 ) -> None:
-    """``SwiftModel.load_adapter``: one adapter folder into an existing adapter (weights only) or a new one."""
+    """``SwiftModel.load_adapter``: one adapter folder into an existing adapter (weights only) or a new one.
+
+    Args:
+        model: the model to load into.
+        folder: a folder holding one adapter (``adapter_config.json`` and weights).
+        adapter_name: the adapter to fill, or a new adapter's name.
+        is_trainable: for a new adapter, whether it trains.
+        torch_device: the device to read the tensors onto first.
+        autocast_adapter_dtype: for a new adapter, PEFT's float32 upcast.
+        low_cpu_mem_usage: for a new adapter, create it on the meta device and assign the loaded tensors.
+    """
     if not (folder / files.CONFIG_NAME).is_file():
         raise ValueError(
             f"{folder} holds no adapter ({files.CONFIG_NAME} is missing); load_adapter takes one adapter's folder"

@@ -76,7 +76,13 @@ class OffloadStore:
         return adapter_name in self.records
 
     def offload(self, modules: list[tuple[str, nn.Module]], adapter_name: str, target: str) -> None:
-        """Move ``adapter_name``'s tensors to ``target``; ``modules`` are the model's tuner modules."""
+        """Move ``adapter_name``'s tensors to ``target`` (``'cpu'`` or ``'meta'``).
+
+        Args:
+            modules: the model's tuner modules (:func:`~peft_swift_ext.swift.keys.tuner_modules`).
+            adapter_name: the adapter to move.
+            target: ``'cpu'`` or ``'meta'``.
+        """
         if target not in OFFLOAD_TARGETS:
             raise ValueError(f"offload must be None, 'cpu' or 'meta', got {target!r}")
         if adapter_name in self.records:

@@ -22,7 +22,12 @@ def param_groups(
 ) -> list[dict]:
     """Groups of a config's own (LoRA+), then decay / no-decay groups for every other trainable parameter.
 
-    Every layer that the tuners of trainable in-place adapters (LISA) may draw goes in, trainable now or not.
+    Args:
+        model: the shared base model.
+        configs: adapter name -> config, in order.
+        in_place: the tuners of trainable in-place adapters (LISA): the optimizer must hold every layer they may
+            draw, trainable now or not.
+        **defaults (Any): group defaults such as ``lr`` and ``weight_decay``.
     """
     lr = defaults.get("lr")
     weight_decay = defaults.get("weight_decay", 0.0)

@@ -18,11 +18,11 @@ BASE_REWRITING_INITIALISERS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 @contextlib.contextmanager
 def base_rewriting_initialisers_off(config: PeftConfig) -> Iterator[None]:
-    """Inside the block, ``config.init_lora_weights`` does not rewrite the base weights; the config keeps its value
-    for saving.
+    """Inside the block, ``config.init_lora_weights`` does not rewrite the base weights (the checkpoint's
+    weights are loaded next, so plain initial values serve); the config keeps its value for saving.
 
-    Such initialisers (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) only make sense when an adapter starts training: a
-    checkpoint's weights overwrite whatever they compute, but their change to the base model would stay.
+    Args:
+        config: the adapter's config, about to be injected for a load.
     """
     value = getattr(config, "init_lora_weights", None)
     if not (isinstance(value, str) and value.lower().startswith(BASE_REWRITING_INITIALISERS)):

@@ -13,7 +13,14 @@ from ..core.sharding import full_numel
 
 
 def refresh(model: nn.Module, trainable: set[str], in_place: list[tuple[str, InPlaceTuner]], active: set[str]) -> None:
-    """Freeze everything, then make the trainable adapters' required tensors trainable again."""
+    """Freeze everything, then make the trainable adapters' required tensors trainable again.
+
+    Args:
+        model: the shared base model.
+        trainable: the adapters that train.
+        in_place: ``(name, tuner)`` of every adapter whose tuner trains base weights in place (LISA).
+        active: the active adapters (an inactive in-place adapter trains nothing).
+    """
     for param in model.parameters():
         param.requires_grad = False
     for name in trainable:

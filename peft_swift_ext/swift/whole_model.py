@@ -32,12 +32,20 @@ _WRAPPER_SEGMENTS = ("base_layer", "original_module")
 
 
 def plain_path(key: str) -> str:
-    """A base tensor's key in the plain model: the wrappers' ``base_layer`` / ``original_module`` segments dropped."""
+    """A base tensor's key in the plain model: the wrappers' ``base_layer`` / ``original_module`` segments dropped.
+
+    Args:
+        key: a state-dict key in a model with tuner layers.
+    """
     return ".".join(part for part in key.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's own tensors (parameters and persistent buffers, no adapter's), by plain-model key."""
+    """The base model's own tensors (parameters and persistent buffers, no adapter's), by plain-model key.
+
+    Args:
+        model: the shared base model, with tuner layers in it.
+    """
     adapters = adapter_parameter_ids(model) | _adapter_buffer_ids(model)
     state: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -97,6 +105,9 @@ def write(model: SwiftModel, folder: Path) -> list[str]:
 
 def read(root: Path) -> tuple[dict[str, torch.Tensor], Path] | None:
     """The whole base model saved at the root of a checkpoint, with the file it came from; None when there is none.
+
+    Args:
+        root: the checkpoint folder.
 
     Raises:
         FileNotFoundError: the order file records a whole model, but no model weights are at the root.
@@ -175,5 +186,9 @@ def is_base_state(model: SwiftModel, state_dict: dict[str, torch.Tensor]) -> boo
     """Whether ``state_dict`` is (part of) the plain base model: every key a plain-model key of the base, none of
     the wrapping model's own. The Hugging Face ``Trainer`` hands over such a dict when it resumes a checkpoint whose
     root holds the whole model (it reads the root's ``model.safetensors`` itself and calls ``load_state_dict``).
+
+    Args:
+        model: the model being loaded into.
+        state_dict: the tensors offered to ``model.load_state_dict``.
     """
     return bool(state_dict) and set(state_dict) <= base_state_dict(model.model).keys()
