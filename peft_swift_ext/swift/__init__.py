@@ -1,4 +1,5 @@
+from .activation import ActivationState
 from .model import SwiftModel
 from .swift import Swift
 
-__all__ = ["Swift", "SwiftModel"]
+__all__ = ["ActivationState", "Swift", "SwiftModel"]
