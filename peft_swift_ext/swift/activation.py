@@ -211,6 +211,13 @@ class ActiveAdapterView(Sequence):
     def __contains__(self, name: object) -> bool:
         return name in self._names()
 
+    # PEFT concatenates its lists with the active adapters (trainable tokens: merged + active), as lists do
+    def __add__(self, other: Iterable[str]) -> list[str]:
+        return [*self._names(), *other]
+
+    def __radd__(self, other: Iterable[str]) -> list[str]:
+        return [*other, *self._names()]
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, (list, tuple, Sequence)) and list(self._names()) == list(other)
 
