@@ -32,6 +32,23 @@ def llama_inputs(batch: int = 2, length: int = 12, seed: int = 1) -> dict:
     return {"input_ids": torch.randint(0, 128, (batch, length), generator=generator)}
 
 
+def llama_deep_prompt(prompt_length: int = 4, dim: int = 32):
+    """A ``PromptConfig`` for every decoder layer of a Llama model such as :func:`tiny_llama` (hidden size ``dim``):
+    tokens added before each layer and removed after it, the layer's attention mask and rotary table extended to
+    cover them."""
+    from peft_swift_ext import PromptConfig
+
+    return PromptConfig(
+        dim=dim,
+        target_modules=r"model\.layers\.\d+",
+        embedding_pos=0,
+        attention_mask_pos="attention_mask",
+        position_embeddings_pos="position_embeddings",
+        prompt_length=prompt_length,
+        extract_embedding=True,
+    )
+
+
 def tiny_bert(seed: int = 0) -> nn.Module:
     from transformers import BertConfig, BertModel
 

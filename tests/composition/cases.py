@@ -31,6 +31,7 @@ from peft_swift_ext import (
 
 from ..tiny_models import (
     bert_inputs,
+    llama_deep_prompt,
     llama_inputs,
     main_output,
     tiny_bert,
@@ -165,15 +166,7 @@ TUNERS = {
         Tuner(
             "llama_prompt",
             "llama",
-            lambda: PromptConfig(
-                dim=32,
-                target_modules=r"model\.layers\.\d+",
-                embedding_pos=0,
-                attention_mask_pos="attention_mask",
-                position_embeddings_pos="position_embeddings",
-                prompt_length=PROMPT_LENGTH,
-                extract_embedding=True,
-            ),
+            lambda: llama_deep_prompt(PROMPT_LENGTH),
             ref.prompt(_layers("model.layers.{}"), PROMPT_LENGTH, extract=True, rotary=True),
         ),
         Tuner(

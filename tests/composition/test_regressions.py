@@ -13,12 +13,12 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from peft_swift_ext import LlamaProConfig, PromptConfig, Swift
+from peft_swift_ext import LlamaProConfig, Swift
 from peft_swift_ext.tuners.adapter.layer import AdapterLayer
 
 from ..helpers import state_hash
 from ..swift_fixtures import FIXTURES, load_case, run_case
-from ..tiny_models import tiny_llama
+from ..tiny_models import llama_deep_prompt, tiny_llama
 from .harness import ATOL, VISIBLE, build, equal, forward, randomized, reference
 
 
@@ -144,18 +144,6 @@ def test_merging_one_of_two_active_adapters_in_one_lora_layer_is_refused():
     torch.testing.assert_close(forward(model, "llama"), expected, atol=ATOL, rtol=0)
 
 
-def _deep_prompt(width: int) -> PromptConfig:
-    return PromptConfig(
-        dim=width,
-        target_modules=r"model\.layers\.\d+",
-        embedding_pos=0,
-        attention_mask_pos="attention_mask",
-        position_embeddings_pos="position_embeddings",
-        prompt_length=4,
-        extract_embedding=True,
-    )
-
-
 def test_llamapro_blocks_after_a_layer_that_passes_prompt_tokens_on_are_refused_before_any_change():
     # The blocks would run on the prompted hidden states (sequence + 4) with the model's own masks and rotary tables
     # (sequence): every forward failed deep in attention. Refused by name, with the order that works.
@@ -163,7 +151,7 @@ def test_llamapro_blocks_after_a_layer_that_passes_prompt_tokens_on_are_refused_
     width = base.config.hidden_size
     ids = torch.arange(9)[None].repeat(2, 1)
     mask = torch.ones_like(ids)
-    model = Swift.prepare_model(base, {"prompt": _deep_prompt(width)}).eval()
+    model = Swift.prepare_model(base, {"prompt": llama_deep_prompt(dim=width)}).eval()
     before, modules_before = state_hash(model), [name for name, _ in model.named_modules()]
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -175,7 +163,7 @@ def test_llamapro_blocks_after_a_layer_that_passes_prompt_tokens_on_are_refused_
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
     with pytest.raises(ValueError, match="add the LLaMA-PRO adapter before"):
         Swift.prepare_model(
-            tiny_llama(num_layers=4), {"p": _deep_prompt(width), "pro": LlamaProConfig(num_new_blocks=2)}
+            tiny_llama(num_layers=4), {"p": llama_deep_prompt(dim=width), "pro": LlamaProConfig(num_new_blocks=2)}
         )
 
 
@@ -185,7 +173,7 @@ def test_llamapro_added_before_deep_prompts_runs_its_blocks_inside_the_prompted_
     ids = torch.arange(9)[None].repeat(2, 1)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded row
-    configs = {"pro": LlamaProConfig(num_new_blocks=2), "prompt": _deep_prompt(base.config.hidden_size)}
+    configs = {"pro": LlamaProConfig(num_new_blocks=2), "prompt": llama_deep_prompt(dim=base.config.hidden_size)}
     model = Swift.prepare_model(base, configs).eval()
     torch.manual_seed(0)
     for parameter in model.parameters():

@@ -27,7 +27,7 @@ from peft_swift_ext import (
     SideConfig,
 )
 
-from ..tiny_models import llama_inputs, main_output, tiny_llama
+from ..tiny_models import llama_deep_prompt, llama_inputs, main_output, tiny_llama
 from .models import (
     MLP,
     ConvNet,
@@ -219,15 +219,7 @@ DECODER_CASES = [case for case in CASES if case.id.endswith("-llama")] + [
         "prompt",
         tiny_llama,
         llama_inputs,
-        lambda: PromptConfig(
-            dim=32,
-            target_modules=LLAMA_LAYERS,
-            embedding_pos=0,
-            attention_mask_pos="attention_mask",
-            position_embeddings_pos="position_embeddings",
-            prompt_length=4,
-            extract_embedding=True,
-        ),
+        lambda: llama_deep_prompt(),
     ),
     GenericCase("neftune-llama", "neftune", tiny_llama, llama_inputs, NEFTuneConfig, eval_effect=False),
 ]

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig
 
-from peft_swift_ext import AdapterConfig, LoraPlusConfig, PromptConfig, Swift, SwiftModel
+from peft_swift_ext import AdapterConfig, LoraPlusConfig, Swift, SwiftModel
 
 from ..helpers import randomize_adapter
-from ..tiny_models import llama_inputs, tiny_llama
+from ..tiny_models import llama_deep_prompt, llama_inputs, tiny_llama
 
 
 def _configs(index: int):
@@ -42,15 +42,7 @@ def _configs(index: int):
         lambda: AdapterConfig(dim=32, target_modules=["mlp"], adapter_length=4),
         lambda: LoraPlusConfig(r=2, target_modules=["o_proj"]),
         lambda: LoraConfig(r=2, target_modules=["down_proj"], use_dora=True, init_lora_weights=False),
-        lambda: PromptConfig(
-            dim=32,
-            target_modules=r"model\.layers\.\d+",
-            embedding_pos=0,
-            attention_mask_pos="attention_mask",
-            position_embeddings_pos="position_embeddings",
-            prompt_length=2,
-            extract_embedding=True,
-        ),
+        lambda: llama_deep_prompt(2),
     ]
     return kinds[index % len(kinds)]()
 

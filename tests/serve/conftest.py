@@ -29,10 +29,11 @@ def build_serving_files(root: Path) -> tuple[Path, Path]:
     """
     from peft import LoraConfig
 
-    from peft_swift_ext import AdapterConfig, PromptConfig, Swift
+    from peft_swift_ext import AdapterConfig, Swift
     from peft_swift_ext.demo.models import load_tiny
 
     from ..helpers import randomize_adapter
+    from ..tiny_models import llama_deep_prompt
 
     model_dir, adapters_dir = root / "model", root / "adapters"
     tiny = load_tiny(seed=0)
@@ -41,15 +42,7 @@ def build_serving_files(root: Path) -> tuple[Path, Path]:
     configs = {
         "alpha": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
         "beta": AdapterConfig(dim=32, target_modules=["mlp"], adapter_length=8),
-        "gamma": PromptConfig(
-            dim=32,
-            target_modules=r"model\.layers\.\d+",
-            embedding_pos=0,
-            attention_mask_pos="attention_mask",
-            position_embeddings_pos="position_embeddings",
-            prompt_length=3,
-            extract_embedding=True,
-        ),
+        "gamma": llama_deep_prompt(3),
     }
     model = Swift.prepare_model(load_tiny(seed=0).model, configs)
     for seed, name in enumerate(configs, start=101):

@@ -28,7 +28,7 @@ from peft_swift_ext import (
     Swift,
 )
 
-from ..tiny_models import tiny_llama, tiny_unet
+from ..tiny_models import llama_deep_prompt, tiny_llama, tiny_unet
 
 
 @dataclass
@@ -128,17 +128,7 @@ def _lm_configs() -> dict[str, dict[str, Callable[[], PeftConfig]]]:
         "loraplus": {"lora": lambda: LoraPlusConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])},
         "lora": {"lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)},
         "adapter": {"adapter": lambda: AdapterConfig(dim=32, target_modules=["mlp"], adapter_length=8)},
-        "prompt": {
-            "prompt": lambda: PromptConfig(
-                dim=32,
-                target_modules=r"model\.layers\.\d+",
-                embedding_pos=0,
-                attention_mask_pos="attention_mask",
-                position_embeddings_pos="position_embeddings",
-                prompt_length=4,
-                extract_embedding=True,
-            )
-        },
+        "prompt": {"prompt": lambda: llama_deep_prompt()},
         "longlora": {"longlora": lambda: LongLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])},
         "side": {"side": lambda: SideConfig(dim=32, target_modules=["mlp"], side_module_name="mlp")},
         # SWIFT's favourite mix: LoRA+ with an Adapter on each MLP and NEFTune noise on the embeddings

@@ -1,6 +1,6 @@
 from peft_swift_ext import PromptConfig
 
-from ...tiny_models import bert_inputs, llama_inputs, tiny_bert, tiny_llama, tiny_vit, vit_inputs
+from ...tiny_models import bert_inputs, llama_deep_prompt, llama_inputs, tiny_bert, tiny_llama, tiny_vit, vit_inputs
 from ..case import ContractCase
 
 CASES = [
@@ -29,14 +29,6 @@ CASES = [
         "prompt-llama",
         tiny_llama,
         llama_inputs,
-        lambda: PromptConfig(
-            dim=32,
-            target_modules=r"model\.layers\.\d+",
-            embedding_pos=0,
-            attention_mask_pos="attention_mask",
-            position_embeddings_pos="position_embeddings",
-            prompt_length=4,
-            extract_embedding=True,
-        ),
+        lambda: llama_deep_prompt(),
     ),
 ]
