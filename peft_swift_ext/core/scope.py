@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 _SCOPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("scoped_adapters", default=None)
 
@@ -87,10 +87,49 @@ class ScopedAdapters:
         """Make the layers able to follow a scope (nothing to do for layers that read it themselves)."""
 
 
-class ScopedActiveAdapters(Sequence):
+class LiveAdapterList(Sequence):
+    """Base of the live lists this package puts in PEFT layers' ``_active_adapter``: the names come from
+    :meth:`_names` at each use, and the list answers every way PEFT uses its plain list there (iterating, indexing,
+    slicing and then mutating the copy, ``in``, ``==``, and concatenating with lists, as the trainable-tokens layer
+    does with its merged adapters).
+    """
+
+    __slots__ = ()
+
+    def _names(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, index):
+        names = self._names()[index]
+        # PEFT copies the list with [:] and then mutates the copy
+        return list(names) if isinstance(index, slice) else names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __add__(self, other: Iterable[str]) -> list[str]:
+        return [*self._names(), *other]
+
+    def __radd__(self, other: Iterable[str]) -> list[str]:
+        return [*other, *self._names()]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self._names()) == list(other)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({list(self._names())})"
+
+
+class ScopedActiveAdapters(LiveAdapterList):
     """A PEFT layer's active-adapter list that gives the calling context's scope while one is open for ``token``,
-    and otherwise the list the layer had (``fallback``). PEFT's layers only iterate this list, so the scope reaches
-    them without changing any shared state.
+    and otherwise the list the layer had (``fallback``). PEFT's layers read it as their own list, so the scope
+    reaches them without changing any shared state.
     """
 
     __slots__ = ("token", "fallback")
@@ -99,21 +138,6 @@ class ScopedActiveAdapters(Sequence):
         self.token = token
         self.fallback = list(fallback)
 
-    def _current(self) -> Sequence[str]:
+    def _names(self) -> Sequence[str]:
         scoped_names = scoped_adapters(self.token)
         return self.fallback if scoped_names is None else scoped_names
-
-    def __getitem__(self, index):
-        return self._current()[index]
-
-    def __len__(self) -> int:
-        return len(self._current())
-
-    def __iter__(self):
-        return iter(self._current())
-
-    def __eq__(self, other: object) -> bool:
-        return list(self) == list(other) if isinstance(other, (list, tuple, Sequence)) else NotImplemented
-
-    def __repr__(self) -> str:
-        return repr(list(self))

@@ -15,12 +15,13 @@ import contextlib
 import contextvars
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..compat import AuxiliaryTrainingWrapper, adapter_names_in, set_active_adapters_view
+from ..core.scope import LiveAdapterList
 
 
 def per_thread_from_env() -> bool:
@@ -174,7 +175,7 @@ class ActivationState:
         self._local.set(state["mine"])
 
 
-class ActiveAdapterView(Sequence):
+class ActiveAdapterView(LiveAdapterList):
     """A read-only list of the active adapters that always reflects an :class:`ActivationState`.
 
     Args:
@@ -196,33 +197,6 @@ class ActiveAdapterView(Sequence):
             return names
         owned = adapter_names_in(self.owner)
         return tuple(name for name in names if name in owned)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __getitem__(self, index):
-        names = self._names()[index]
-        # PEFT copies the list with [:] and then mutates the copy
-        return list(names) if isinstance(index, slice) else names
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    # PEFT concatenates its lists with the active adapters (trainable tokens: merged + active), as lists do
-    def __add__(self, other: Iterable[str]) -> list[str]:
-        return [*self._names(), *other]
-
-    def __radd__(self, other: Iterable[str]) -> list[str]:
-        return [*other, *self._names()]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, (list, tuple, Sequence)) and list(self._names()) == list(other)
-
-    def __repr__(self) -> str:
-        return f"ActiveAdapterView({list(self._names())})"
 
 
 def install_view(model: nn.Module, state: ActivationState) -> None:

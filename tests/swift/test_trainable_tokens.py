@@ -1,8 +1,8 @@
-"""PEFT's trainable tokens (``LoraConfig(trainable_token_indices=...)``) inside a SwiftModel: the same outputs as in a
-PeftModel, and the token rows train.
+"""PEFT's trainable tokens (``LoraConfig(trainable_token_indices=...)``) under this package's live active-adapter
+lists: in a SwiftModel, and in a LoRA+ PeftModel's ``adapters(...)`` scope, the same outputs as a plain PeftModel.
 
-PEFT's trainable-tokens layer concatenates its merged adapters with the active-adapter list it is given; in a
-SwiftModel that list is a live view of the activation state, which must support the concatenation as a list does.
+PEFT's trainable-tokens layer concatenates its merged adapters with the active-adapter list it is given; both live
+lists (``core.scope.LiveAdapterList``) must support that as a plain list does.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import copy
 import torch
 from peft import LoraConfig, get_peft_model
 
-from peft_swift_ext import Swift
+from peft_swift_ext import LoraPlusConfig, Swift
 
 from ..tiny_models import llama_inputs, tiny_llama
 
@@ -55,3 +55,21 @@ def test_forward_equals_the_peft_model_and_the_token_rows_train():
     swift_model(**inputs, labels=inputs["input_ids"]).loss.backward()
     deltas = [p for n, p in swift_model.named_parameters() if "trainable_tokens_delta" in n]
     assert deltas and all(p.grad is not None and p.grad.abs().sum() > 0 for p in deltas)
+
+
+def test_a_lora_plus_scope_over_trainable_tokens_gives_the_unscoped_outputs():
+    model = get_peft_model(
+        tiny_llama(), LoraPlusConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    )
+    _with_token_rows_changed(model)
+    model.eval()
+    inputs = llama_inputs()
+    inputs["input_ids"][:, 0] = 1
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with model.adapters("default"):
+            scoped = model(**inputs).logits
+        with model.adapters():
+            base_only = model(**inputs).logits
+    torch.testing.assert_close(scoped, expected, rtol=0, atol=0)
+    assert not torch.allclose(base_only, expected)
